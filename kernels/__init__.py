@@ -1,0 +1,1 @@
+"""CUDA C sources of spark_gpu_mf, shipped as package data."""
