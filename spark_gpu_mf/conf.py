@@ -1,0 +1,90 @@
+"""Every Spark configuration key spark_gpu_mf reads, with its default, in one place.
+
+Keys are read on the driver (``spark.conf``) and passed to executor functions as plain values.
+Set them like any Spark conf: ``--conf spark.gpumf.memoryBudget=512m`` or
+``SparkSession.builder.config(...)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+T = TypeVar("T")
+
+_UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(value: str | int) -> int:
+    """Parse Spark-style sizes such as ``"256m"``, ``"1g"`` or ``"1048576"`` into bytes."""
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().lower().rstrip("b") or "0"
+    unit = _UNITS.get(text[-1]) if text[-1].isalpha() else 1
+    number = text[:-1] if text[-1].isalpha() else text
+    if unit is None or not number.replace(".", "", 1).isdigit():
+        raise ValueError(f"cannot parse a size from {value!r}; use e.g. 256m or 1g")
+    return int(float(number) * unit)
+
+
+def parse_bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false"):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return text == "true"
+
+
+@dataclass(frozen=True)
+class ConfKey(Generic[T]):
+    """A Spark conf key with its default and parser."""
+
+    key: str
+    default: str
+    parse: Callable[[str], T]
+    doc: str
+
+    def get(self, spark: "SparkSession") -> T:
+        raw = spark.conf.get(self.key, None)
+        value = self.default if raw is None else raw
+        try:
+            return self.parse(value)
+        except ValueError as e:
+            raise ValueError(f"invalid value for {self.key}: {e}") from None
+
+
+MEMORY_BUDGET = ConfKey(
+    "spark.gpumf.memoryBudget",
+    "256m",
+    parse_bytes,
+    "Largest amount of normal equations (and gathered factors) one task holds at once.",
+)
+BROADCAST_THRESHOLD = ConfKey(
+    "spark.gpumf.broadcastThreshold",
+    "256m",
+    parse_bytes,
+    "ALS sends the whole fixed-side factor matrix to every task when it is at most this size "
+    "(one stage per half-iteration); above it, each factor goes only to the blocks that need it.",
+)
+BLAS_THREADS = ConfKey(
+    "spark.gpumf.blasThreads",
+    "0",
+    int,
+    "BLAS threads per task; 0 means spark.task.cpus, so that tasks x threads = cores.",
+)
+TRAINING_RMSE = ConfKey(
+    "spark.gpumf.trainingRmse",
+    "false",
+    parse_bool,
+    "Compute the training RMSE after every ALS iteration (one extra pass over the ratings).",
+)
+CPU_FALLBACK = ConfKey(
+    "spark.gpumf.cpu.fallback.enabled",
+    "true",
+    parse_bool,
+    "With backend='auto', run on NumPy (with one warning) when a task has no usable GPU.",
+)

@@ -1,0 +1,141 @@
+"""Params spark_gpu_mf adds to Spark's ALS params, declared like ``pyspark.ml.param.shared``.
+
+One mixin per param: the ``Param`` as a class attribute, its default set in ``__init__`` and one
+getter. Spark's own ALS params come from ``pyspark.ml.recommendation._ALSParams`` unchanged.
+
+Values are checked when ``fit`` starts (as Spark's JVM validators do), by ``validate_params``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict
+
+from pyspark.errors import IllegalArgumentException
+from pyspark.ml.param import Param, Params, TypeConverters
+
+__all__ = [
+    "HasSolver",
+    "HasCgIterations",
+    "HasPrecision",
+    "HasBackend",
+    "validate_params",
+    "spark_invalid_value",
+    "SOLVERS",
+    "PRECISIONS",
+    "BACKENDS",
+]
+
+SOLVERS = ("cholesky", "cg")
+PRECISIONS = ("fp32", "fp16")
+BACKENDS = ("auto", "cupy", "numpy")
+
+
+class HasSolver(Params):
+    """Mixin for param solver: how each row's normal equations are solved."""
+
+    solver: "Param[str]" = Param(
+        Params._dummy(),
+        "solver",
+        "how each row's normal equations are solved: 'cholesky' (exact) or 'cg' (conjugate "
+        "gradient, warm-started from the previous factors).",
+        typeConverter=TypeConverters.toString,
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._setDefault(solver="cg")
+
+    def getSolver(self) -> str:
+        """Gets the value of solver or its default value."""
+        return self.getOrDefault(self.solver)
+
+
+class HasCgIterations(Params):
+    """Mixin for param cgIterations: conjugate-gradient steps per half-iteration (>= 1)."""
+
+    cgIterations: "Param[int]" = Param(
+        Params._dummy(),
+        "cgIterations",
+        "conjugate-gradient steps per row and half-iteration when solver='cg' (>= 1).",
+        typeConverter=TypeConverters.toInt,
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._setDefault(cgIterations=3)
+
+    def getCgIterations(self) -> int:
+        """Gets the value of cgIterations or its default value."""
+        return self.getOrDefault(self.cgIterations)
+
+
+class HasPrecision(Params):
+    """Mixin for param precision: storage of the matrices the solver reads."""
+
+    precision: "Param[str]" = Param(
+        Params._dummy(),
+        "precision",
+        "storage of the normal-equation matrices the CG solver reads: 'fp32' or 'fp16' "
+        "(arithmetic is float32 either way; fp16 halves the memory traffic on GPUs).",
+        typeConverter=TypeConverters.toString,
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._setDefault(precision="fp32")
+
+    def getPrecision(self) -> str:
+        """Gets the value of precision or its default value."""
+        return self.getOrDefault(self.precision)
+
+
+class HasBackend(Params):
+    """Mixin for param backend: where executor math runs."""
+
+    backend: "Param[str]" = Param(
+        Params._dummy(),
+        "backend",
+        "where executor math runs: 'auto' (the task's GPU if it has one, else NumPy), "
+        "'cupy' (GPU, fail if none) or 'numpy' (CPU).",
+        typeConverter=TypeConverters.toString,
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._setDefault(backend="auto")
+
+    def getBackend(self) -> str:
+        """Gets the value of backend or its default value."""
+        return self.getOrDefault(self.backend)
+
+
+def spark_invalid_value(instance: Params, name: str, value: Any) -> IllegalArgumentException:
+    """Spark's error for a param value its validator rejects."""
+    shown = _spark_repr(value)
+    return IllegalArgumentException(
+        desc=f"{instance.uid} parameter {name} given invalid value {shown}.", stackTrace=""
+    )
+
+
+def _spark_repr(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def validate_params(instance: Params, rules: Dict[str, Callable[[Any], bool]]) -> None:
+    """Check every param that has a rule, raising Spark's ``IllegalArgumentException`` text.
+
+    Parameters
+    ----------
+    instance : Params
+    rules : dict
+        Param name to a predicate on its value (set or default).
+    """
+    for name, ok in rules.items():
+        param = instance.getParam(name)
+        if not instance.isDefined(param):
+            continue
+        value = instance.getOrDefault(param)
+        if not ok(value):
+            raise spark_invalid_value(instance, name, value)
