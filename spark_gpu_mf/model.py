@@ -1,0 +1,354 @@
+"""``ALSModel``: the fitted factors, with the API and on-disk format of Spark's ``ALSModel``.
+
+Every estimator of this package (``ALS``, ``MascotMF``, ``PrunedMF``) produces this model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, Optional
+
+from pyspark.ml import Model
+from pyspark.ml.recommendation import _ALSModelParams
+from pyspark.ml.util import MLReadable, MLReader, MLWritable, MLWriter
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from spark_gpu_mf import conf
+from spark_gpu_mf.params import validate_params
+from spark_gpu_mf.spark import persistence
+from spark_gpu_mf.spark.recommend import recommend_for_all
+from spark_gpu_mf.summary import TrainingSummary
+from spark_gpu_mf.validation import check_numeric_column, checked_id
+
+if TYPE_CHECKING:
+    from pyspark.ml._typing import ParamMap
+
+__all__ = ["ALSModel"]
+
+COLD_START_STRATEGIES = ("nan", "drop")
+
+MODEL_PARAM_RULES = {
+    "coldStartStrategy": lambda v: str(v).lower() in COLD_START_STRATEGIES,
+    "blockSize": lambda v: v > 0,
+}
+
+
+def _predict(user_features, item_features):
+    """Spark's float dot product (accumulated in float, in feature order), NaN for unknown ids."""
+    dot = F.aggregate(
+        F.zip_with(user_features, item_features, lambda a, b: a * b),
+        F.lit(0.0).cast(T.FloatType()),
+        lambda total, x: total + x,
+    )
+    nan = F.lit(float("nan")).cast(T.FloatType())
+    missing = user_features.isNull() | item_features.isNull()
+    return F.coalesce(F.when(missing, nan).otherwise(dot), nan)
+
+
+class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
+    """Model fitted by ``ALS`` (or ``MascotMF`` / ``PrunedMF``): user and item factors.
+
+    Drop-in for ``pyspark.ml.recommendation.ALSModel``: the same params, ``transform`` output,
+    ``recommendFor*`` results and saved layout (each loads the other's saved models).
+
+    Examples
+    --------
+    >>> model = ALS(rank=10, seed=0, maxIter=5).fit(df)   # doctest: +SKIP
+    >>> model.recommendForAllUsers(3)                      # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._setDefault(userCol="user", itemCol="item", coldStartStrategy="nan")
+        self._rank: int = 0
+        self._user_factors: Optional[DataFrame] = None
+        self._item_factors: Optional[DataFrame] = None
+        self._summary: Optional[TrainingSummary] = None
+
+    @classmethod
+    def _create(
+        cls,
+        rank: int,
+        user_factors: DataFrame,
+        item_factors: DataFrame,
+        uid: Optional[str] = None,
+        summary: Optional[TrainingSummary] = None,
+    ) -> "ALSModel":
+        """A model over existing factor DataFrames ``(id int, features array<float>)``."""
+        model = cls()
+        if uid is not None:
+            model._resetUid(uid)
+        model._rank = int(rank)
+        model._user_factors = user_factors
+        model._item_factors = item_factors
+        model._summary = summary
+        return model
+
+    # ------------------------------------------------------------------ attributes
+    @property
+    def rank(self) -> int:
+        """rank of the matrix factorization model"""
+        return self._rank
+
+    @property
+    def userFactors(self) -> DataFrame:
+        """a DataFrame that stores user factors in two columns: `id` and `features`"""
+        return self._user_factors
+
+    @property
+    def itemFactors(self) -> DataFrame:
+        """a DataFrame that stores item factors in two columns: `id` and `features`"""
+        return self._item_factors
+
+    @property
+    def hasSummary(self) -> bool:
+        """Whether a training summary exists (only right after fit; it is not saved)."""
+        return self._summary is not None
+
+    @property
+    def summary(self) -> TrainingSummary:
+        """Per-iteration training record of the fit that produced this model."""
+        if self._summary is None:
+            raise RuntimeError(
+                f"No training summary available for this {type(self).__name__}: summaries exist "
+                "only on freshly fitted models, not loaded ones."
+            )
+        return self._summary
+
+    # ------------------------------------------------------------------ setters
+    def setUserCol(self, value: str) -> "ALSModel":
+        """Sets the value of :py:attr:`userCol`."""
+        return self._set(userCol=value)
+
+    def setItemCol(self, value: str) -> "ALSModel":
+        """Sets the value of :py:attr:`itemCol`."""
+        return self._set(itemCol=value)
+
+    def setColdStartStrategy(self, value: str) -> "ALSModel":
+        """Sets the value of :py:attr:`coldStartStrategy`."""
+        return self._set(coldStartStrategy=value)
+
+    def setPredictionCol(self, value: str) -> "ALSModel":
+        """Sets the value of :py:attr:`predictionCol`."""
+        return self._set(predictionCol=value)
+
+    def setBlockSize(self, value: int) -> "ALSModel":
+        """Sets the value of :py:attr:`blockSize`."""
+        return self._set(blockSize=value)
+
+    # ------------------------------------------------------------------ transform
+    def _spark(self) -> SparkSession:
+        return self._user_factors.sparkSession
+
+    def transformSchema(self, schema: T.StructType) -> T.StructType:
+        """Spark's ``ALSModel.transformSchema``: numeric id columns, a new float prediction."""
+        check_numeric_column(schema, self.getUserCol())
+        check_numeric_column(schema, self.getItemCol())
+        prediction = self.getPredictionCol()
+        if prediction in schema.names:
+            from pyspark.errors import IllegalArgumentException
+
+            raise IllegalArgumentException(
+                desc=f"requirement failed: Column {prediction} already exists.", stackTrace=""
+            )
+        return T.StructType(schema.fields + [T.StructField(prediction, T.FloatType(), False)])
+
+    def _transform(self, dataset: DataFrame) -> DataFrame:
+        validate_params(self, MODEL_PARAM_RULES)
+        self.transformSchema(dataset.schema)
+        user_col, item_col = self.getUserCol(), self.getItemCol()
+        validated = dataset.withColumns(
+            {user_col: checked_id(dataset, user_col), item_col: checked_id(dataset, item_col)}
+        )
+        tag = self.uid.replace("-", "_")
+        user_id, user_features = f"__als_user_id_{tag}", f"__als_user_features_{tag}"
+        item_id, item_features = f"__als_item_id_{tag}", f"__als_item_features_{tag}"
+        users = self._user_factors.select(
+            F.col("id").alias(user_id), F.col("features").alias(user_features)
+        )
+        items = self._item_factors.select(
+            F.col("id").alias(item_id), F.col("features").alias(item_features)
+        )
+        joined = validated.join(users, validated[user_col] == users[user_id], "left").join(
+            items, validated[item_col] == items[item_id], "left"
+        )
+        predictions = joined.select(
+            *[validated[c] for c in validated.columns],
+            _predict(F.col(user_features), F.col(item_features)).alias(self.getPredictionCol()),
+        )
+        if self.getColdStartStrategy().lower() == "drop":
+            return predictions.na.drop("all", subset=[self.getPredictionCol()])
+        return predictions
+
+    # ------------------------------------------------------------------ recommendations
+    def _recommend(self, src: DataFrame, dst: DataFrame, src_col: str, dst_col: str, num: int):
+        validate_params(self, MODEL_PARAM_RULES)
+        spark = self._spark()
+        return recommend_for_all(
+            spark,
+            src,
+            dst,
+            src_col,
+            dst_col,
+            num,
+            self.getBlockSize(),
+            conf.BROADCAST_THRESHOLD.get(spark),
+        )
+
+    def recommendForAllUsers(self, numItems: int) -> DataFrame:
+        """
+        Returns top `numItems` items recommended for each user, for all users.
+
+        Parameters
+        ----------
+        numItems : int
+            max number of recommendations for each user
+
+        Returns
+        -------
+        :py:class:`pyspark.sql.DataFrame`
+            a DataFrame of (userCol, recommendations), where recommendations are
+            stored as an array of (itemCol, rating) Rows.
+        """
+        return self._recommend(
+            self._user_factors, self._item_factors, self.getUserCol(), self.getItemCol(), numItems
+        )
+
+    def recommendForAllItems(self, numUsers: int) -> DataFrame:
+        """
+        Returns top `numUsers` users recommended for each item, for all items.
+
+        Parameters
+        ----------
+        numUsers : int
+            max number of recommendations for each item
+
+        Returns
+        -------
+        :py:class:`pyspark.sql.DataFrame`
+            a DataFrame of (itemCol, recommendations), where recommendations are
+            stored as an array of (userCol, rating) Rows.
+        """
+        return self._recommend(
+            self._item_factors, self._user_factors, self.getItemCol(), self.getUserCol(), numUsers
+        )
+
+    def _subset(self, dataset: DataFrame, factors: DataFrame, column: str) -> DataFrame:
+        # Spark: left_semi join, so duplicate ids collapse and unknown ids are left out.
+        return factors.join(dataset.select(column), factors["id"] == dataset[column], "left_semi")
+
+    def recommendForUserSubset(self, dataset: DataFrame, numItems: int) -> DataFrame:
+        """
+        Returns top `numItems` items recommended for each user id in the input data set. Note that
+        if there are duplicate ids in the input dataset, only one set of recommendations per unique
+        id will be returned.
+
+        Parameters
+        ----------
+        dataset : :py:class:`pyspark.sql.DataFrame`
+            a DataFrame containing a column of user ids. The column name must match `userCol`.
+        numItems : int
+            max number of recommendations for each user
+
+        Returns
+        -------
+        :py:class:`pyspark.sql.DataFrame`
+            a DataFrame of (userCol, recommendations), where recommendations are
+            stored as an array of (itemCol, rating) Rows.
+        """
+        subset = self._subset(dataset, self._user_factors, self.getUserCol())
+        return self._recommend(
+            subset, self._item_factors, self.getUserCol(), self.getItemCol(), numItems
+        )
+
+    def recommendForItemSubset(self, dataset: DataFrame, numUsers: int) -> DataFrame:
+        """
+        Returns top `numUsers` users recommended for each item id in the input data set. Note that
+        if there are duplicate ids in the input dataset, only one set of recommendations per unique
+        id will be returned.
+
+        Parameters
+        ----------
+        dataset : :py:class:`pyspark.sql.DataFrame`
+            a DataFrame containing a column of item ids. The column name must match `itemCol`.
+        numUsers : int
+            max number of recommendations for each item
+
+        Returns
+        -------
+        :py:class:`pyspark.sql.DataFrame`
+            a DataFrame of (itemCol, recommendations), where recommendations are
+            stored as an array of (userCol, rating) Rows.
+        """
+        subset = self._subset(dataset, self._item_factors, self.getItemCol())
+        return self._recommend(
+            subset, self._user_factors, self.getItemCol(), self.getUserCol(), numUsers
+        )
+
+    # ------------------------------------------------------------------ persistence & misc
+    def copy(self, extra: Optional["ParamMap"] = None) -> "ALSModel":
+        """Creates a copy of this model with the same uid, factors and some extra params."""
+        return super().copy(extra)
+
+    def write(self) -> "ALSModelWriter":
+        """Returns an MLWriter instance for this ML instance."""
+        return ALSModelWriter(self)
+
+    @classmethod
+    def read(cls) -> "ALSModelReader":
+        """Returns an MLReader instance for this class."""
+        return ALSModelReader(cls)
+
+    def __repr__(self) -> str:
+        return f"ALSModel: uid={self.uid}, rank={self._rank}"
+
+
+class ALSModelWriter(MLWriter):
+    """Writes an ``ALSModel`` in Spark's layout (see ``spark_gpu_mf.spark.persistence``)."""
+
+    def __init__(self, instance: ALSModel):
+        super().__init__()
+        self.instance = instance
+
+    def save(self, path: str) -> None:
+        """Save the model to ``path``; overwriting needs ``.overwrite()``, as in Spark."""
+        if not isinstance(path, str):
+            raise TypeError("path should be a string, got type %s" % type(path))
+        self.saveImpl(path)
+
+    def saveImpl(self, path: str) -> None:
+        model = self.instance
+        persistence.save_model(
+            self.sparkSession,
+            model,
+            model.rank,
+            model.userFactors,
+            model.itemFactors,
+            path,
+            overwrite=self.shouldOverwrite,
+        )
+
+
+class ALSModelReader(MLReader[ALSModel]):
+    """Reads models saved by this package or by Spark's ``ALSModel``."""
+
+    def __init__(self, cls: type):
+        super().__init__()
+        self.model_class = cls
+
+    def load(self, path: str) -> ALSModel:
+        metadata, rank, users, items = persistence.load_model_parts(self.sparkSession, path)
+        model = self.model_class._create(rank, users, items, uid=metadata["uid"])
+        _set_params_from_metadata(model, metadata)
+        return model
+
+
+def _set_params_from_metadata(model: ALSModel, metadata: Dict[str, Any]) -> None:
+    """``DefaultParamsReader.getAndSetParams``: set params, then defaults Spark saved."""
+    for name, value in metadata.get("paramMap", {}).items():
+        if model.hasParam(name):
+            model._set(**{name: value})
+    for name, value in metadata.get("defaultParamMap", {}).items():
+        if model.hasParam(name):
+            model._setDefault(**{name: value})

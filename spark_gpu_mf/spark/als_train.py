@@ -1,0 +1,491 @@
+"""Driver side of ALS training: blocks, the iteration loop, and the model's factor DataFrames.
+
+The math runs on executors (``spark_gpu_mf.executor``); this module only builds DataFrames,
+chooses the dataflow and keeps the loop's state. Order and semantics follow Spark's ``ALS.train``:
+items are solved first from the users' starting factors, ``maxIter`` full iterations, the same
+starting factors for the same seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from spark_gpu_mf.executor.binding import bind, bind_pair
+from typing import Dict, List, Optional
+
+import numpy as np
+from pyspark import StorageLevel
+from pyspark.errors import IllegalArgumentException
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from spark_gpu_mf import conf
+from spark_gpu_mf.backends.numpy_backend import SolveConfig
+from spark_gpu_mf.backends.spark_random import factor_seeds, initial_factors
+from spark_gpu_mf.executor import als_tasks
+from spark_gpu_mf.executor.als_tasks import OUTBOX_SCHEMA, OWN, SOLVED_SCHEMA, SourceFactors, TaskSettings
+from spark_gpu_mf.executor.blocks import BLOCK_SCHEMA, build_partition_blocks, from_bytes
+from spark_gpu_mf.spark.factors import FACTORS_SCHEMA, factors_dataframe
+from spark_gpu_mf.spark.partitioning import key_of_block, partition_keys
+from spark_gpu_mf.summary import TrainingSummary
+
+logger = logging.getLogger("spark_gpu_mf")
+
+
+
+@dataclass(frozen=True)
+class AlsJob:
+    """Everything one fit needs, resolved from params and confs on the driver."""
+
+    rank: int
+    max_iter: int
+    reg_param: float
+    implicit: bool
+    alpha: float
+    nonnegative: bool
+    num_user_blocks: int
+    num_item_blocks: int
+    seed: int
+    checkpoint_interval: int
+    intermediate_level: StorageLevel
+    final_level: Optional[StorageLevel]
+    solver: str
+    cg_iterations: int
+    precision: str
+    backend: str
+    memory_budget: int = conf.parse_bytes(conf.MEMORY_BUDGET.default)
+    broadcast_threshold: int = conf.parse_bytes(conf.BROADCAST_THRESHOLD.default)
+    blas_threads: int = 0
+    training_rmse: bool = False
+
+    def solve_config(self) -> SolveConfig:
+        return SolveConfig(
+            rank=self.rank,
+            reg_param=self.reg_param,
+            implicit=self.implicit,
+            alpha=self.alpha,
+            nonnegative=self.nonnegative,
+            solver=self.solver,
+            cg_iterations=self.cg_iterations,
+            precision=self.precision,
+            memory_budget_bytes=self.memory_budget,
+        )
+
+    @property
+    def warm_start(self) -> bool:
+        return self.solver == "cg" and not self.nonnegative
+
+
+@dataclass
+class Side:
+    """One side (users or items) of the factorization: its cached blocks and their layout."""
+
+    name: str
+    blocks: DataFrame
+    num_blocks: int
+    num_partitions: int
+    block_ids: List[int]
+    num_rows: Dict[int, int]
+    nnz: int
+    seed: int
+    ids: Optional[Dict[int, np.ndarray]] = None
+
+    @property
+    def keys(self) -> tuple:
+        return partition_keys(self.num_partitions)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.num_rows.values())
+
+
+@dataclass
+class TrainResult:
+    user_factors: DataFrame
+    item_factors: DataFrame
+    summary: TrainingSummary
+    cached: List[DataFrame] = field(default_factory=list)
+
+
+def _blas_threads(spark: SparkSession, requested: int, num_partitions: int) -> int:
+    """Threads per task so that concurrent tasks x threads stay within the cores."""
+    if requested > 0:
+        return requested
+    sc = spark.sparkContext
+    task_cpus = int(sc.getConf().get("spark.task.cpus", "1"))
+    spare = max(1, sc.defaultParallelism // max(1, num_partitions))
+    return max(1, task_cpus * spare)
+
+
+class _Trainer:
+    def __init__(self, spark: SparkSession, ratings: DataFrame, job: AlsJob):
+        self.spark = spark
+        self.sc = spark.sparkContext
+        self.ratings = ratings
+        self.job = job
+        self.cached: List[DataFrame] = []
+        self.summary = TrainingSummary(algorithm="als")
+        self.checkpoint_paths: List[str] = []
+
+    # ---------------------------------------------------------------- setup
+    def _describe(self, text: str) -> None:
+        self.sc.setJobDescription(f"spark_gpu_mf ALS: {text}")
+
+    def _persist(self, df: DataFrame, level: StorageLevel) -> DataFrame:
+        df = df.persist(level)
+        self.cached.append(df)
+        return df
+
+    def _unpersist(self, df: Optional[DataFrame]) -> None:
+        if df is not None:
+            df.unpersist()
+            if df in self.cached:
+                self.cached.remove(df)
+
+    def _build_side(
+        self, name: str, key: str, other: str, num_blocks: int, num_other: int, seed: int,
+        keep_partitioning: bool,
+    ) -> Side:
+        parallelism = max(1, self.sc.defaultParallelism)
+        num_partitions = min(num_blocks, parallelism)
+        keyed = self.ratings.select(
+            key_of_block(F.pmod(F.col(key), F.lit(num_blocks)), num_partitions).alias("pkey"),
+            F.col(key).alias("key"),
+            F.col(other).alias("other"),
+            "rating",
+        ).repartition(num_partitions, "pkey")
+        blocks = keyed.groupBy("pkey").applyInPandas(
+            bind(
+                build_partition_blocks,
+                key_col="key",
+                other_col="other",
+                num_blocks=num_blocks,
+                num_other_blocks=num_other,
+            ),
+            BLOCK_SCHEMA,
+        )
+        if keep_partitioning:
+            # Cached with a partitioning Spark knows, so that cogroups on pkey reuse it.
+            blocks = blocks.repartition(num_partitions, "pkey")
+        blocks = self._persist(blocks, self.job.intermediate_level)
+        self._describe(f"build {name} blocks")
+        meta = blocks.select("block", "num_rows", "nnz").collect()
+        return Side(
+            name=name,
+            blocks=blocks,
+            num_blocks=num_blocks,
+            num_partitions=num_partitions,
+            block_ids=sorted(int(r.block) for r in meta),
+            num_rows={int(r.block): int(r.num_rows) for r in meta},
+            nnz=sum(int(r.nnz) for r in meta),
+            seed=seed,
+        )
+
+    def _settings(self, side: Side) -> TaskSettings:
+        return TaskSettings(
+            config=self.job.solve_config(),
+            backend=self.job.backend,
+            blas_threads=_blas_threads(self.spark, self.job.blas_threads, side.num_partitions),
+        )
+
+    # ---------------------------------------------------------------- main loop
+    def run(self) -> TrainResult:
+        job = self.job
+        started = time.perf_counter()
+        user_seed, item_seed = factor_seeds(job.seed)
+        self.ratings = self._persist(self.ratings, job.intermediate_level)
+        estimated = None
+        users = self._build_side(
+            "user", "user", "item", job.num_user_blocks, job.num_item_blocks, user_seed,
+            keep_partitioning=True,
+        )
+        if users.nnz == 0:
+            raise IllegalArgumentException(
+                desc=f"requirement failed: No ratings available from {self.ratings}", stackTrace=""
+            )
+        items = self._build_side(
+            "item", "item", "user", job.num_item_blocks, job.num_user_blocks, item_seed,
+            keep_partitioning=True,
+        )
+        self._unpersist(self.ratings)
+        estimated = max(users.total_rows, items.total_rows) * job.rank * 4
+        broadcast = estimated <= job.broadcast_threshold
+        self.summary.details.update(
+            {
+                "dataflow": "broadcast" if broadcast else "messages",
+                "numUsers": users.total_rows,
+                "numItems": items.total_rows,
+                "numRatings": users.nnz,
+                "userPartitions": users.num_partitions,
+                "itemPartitions": items.num_partitions,
+            }
+        )
+        self.summary.setup_seconds = time.perf_counter() - started
+        logger.info(
+            "ALS: %d users, %d items, %d ratings, rank %d; %s dataflow; setup %.2fs",
+            users.total_rows, items.total_rows, users.nnz, job.rank,
+            self.summary.details["dataflow"], self.summary.setup_seconds,
+        )
+        if broadcast:
+            user_df, item_df = self._run_broadcast(users, items)
+        else:
+            user_df, item_df = self._run_messages(users, items)
+        self.summary.total_seconds = time.perf_counter() - started
+        self.sc.setJobDescription(None)
+        return TrainResult(user_df, item_df, self.summary, self.cached)
+
+    def _record(self, iteration: int, seconds: float, metrics: Optional[dict] = None) -> None:
+        entry = {"iteration": iteration, "seconds": seconds}
+        entry.update(metrics or {})
+        self.summary.iterations.append(entry)
+        extra = "".join(f", {k} {v:.6g}" for k, v in (metrics or {}).items())
+        logger.info("ALS iteration %d/%d: %.3fs%s", iteration, self.job.max_iter, seconds, extra)
+
+    # ---------------------------------------------------------------- broadcast dataflow
+    def _collect_ids(self, side: Side) -> None:
+        rows = side.blocks.select("block", "ids").collect()
+        side.ids = {int(r.block): from_bytes(r.ids, np.int32) for r in rows}
+
+    def _source(self, side: Side, factors: Dict[int, np.ndarray], yty) -> SourceFactors:
+        """Factors of one side laid out block after block, with empty slots for absent blocks."""
+        offsets = np.zeros(side.num_blocks + 1, np.int64)
+        for b in range(side.num_blocks):
+            offsets[b + 1] = offsets[b] + side.num_rows.get(b, 0)
+        ids = np.concatenate([side.ids[b] for b in side.block_ids])
+        matrix = np.concatenate([factors[b] for b in side.block_ids]).reshape(-1, self.job.rank)
+        return SourceFactors(ids=ids, offsets=offsets, factors=matrix, yty=yty)
+
+    def _initial(self, side: Side) -> Dict[int, np.ndarray]:
+        return {
+            b: initial_factors(side.num_rows[b], self.job.rank, side.seed, b)
+            for b in side.block_ids
+        }
+
+    def _half_broadcast(self, dst: Side, src: Side, src_factors, src_yty, previous, label):
+        job = self.job
+        source = self.sc.broadcast(self._source(src, src_factors, src_yty))
+        warm = self.sc.broadcast(self._source(dst, previous, None)) if job.warm_start else None
+        self._describe(label)
+        try:
+            solved = (
+                dst.blocks.mapInPandas(
+                    bind(
+                        als_tasks.solve_with_broadcast,
+                        source=source,
+                        previous=warm,
+                        settings=self._settings(dst),
+                    ),
+                    SOLVED_SCHEMA,
+                )
+                .toArrow()
+                .to_pylist()
+            )
+        finally:
+            source.destroy()
+            if warm is not None:
+                warm.destroy()
+        factors = {
+            r["block"]: from_bytes(r["factors"], np.float32).reshape(-1, job.rank) for r in solved
+        }
+        if sorted(factors) != dst.block_ids:
+            raise RuntimeError(f"ALS lost {dst.name} blocks: got {sorted(factors)}")
+        yty = None
+        if job.implicit:
+            yty = sum(from_bytes(r["gram"], np.float64).reshape(job.rank, job.rank) for r in solved)
+        return factors, yty
+
+    def _gram(self, factors: Dict[int, np.ndarray]):
+        if not self.job.implicit:
+            return None
+        y = np.concatenate(list(factors.values())).astype(np.float64)
+        return y.T @ y
+
+    def _run_broadcast(self, users: Side, items: Side):
+        job = self.job
+        self._collect_ids(users)
+        self._collect_ids(items)
+        user_factors, item_factors = self._initial(users), self._initial(items)
+        user_yty = self._gram(user_factors)
+        for iteration in range(1, job.max_iter + 1):
+            started = time.perf_counter()
+            item_factors, item_yty = self._half_broadcast(
+                items, users, user_factors, user_yty, item_factors,
+                f"iteration {iteration}/{job.max_iter}: solve items",
+            )
+            user_factors, user_yty = self._half_broadcast(
+                users, items, item_factors, item_yty, user_factors,
+                f"iteration {iteration}/{job.max_iter}: solve users",
+            )
+            metrics = None
+            if job.training_rmse:
+                metrics = {"trainRmse": self._train_rmse_broadcast(users, items, user_factors,
+                                                                   item_factors)}
+            self._record(iteration, time.perf_counter() - started, metrics)
+        return (
+            self._final_broadcast(users, user_factors),
+            self._final_broadcast(items, item_factors),
+        )
+
+    def _train_rmse_broadcast(self, users: Side, items: Side, user_factors, item_factors) -> float:
+        source = self.sc.broadcast(self._source(items, item_factors, None))
+        own = self.sc.broadcast(self._source(users, user_factors, None))
+        self._describe("training RMSE")
+        try:
+            rows = users.blocks.mapInPandas(
+                bind(als_tasks.squared_error, source=source, own=own, rank=self.job.rank),
+                "sse double, count long",
+            ).collect()
+        finally:
+            source.destroy()
+            own.destroy()
+        return float(np.sqrt(sum(r.sse for r in rows) / max(1, sum(r["count"] for r in rows))))
+
+    def _final_broadcast(self, side: Side, factors) -> DataFrame:
+        ids = np.concatenate([side.ids[b] for b in side.block_ids])
+        matrix = np.concatenate([factors[b] for b in side.block_ids])
+        return self._finalize(factors_dataframe(self.spark, ids, matrix), side)
+
+    def _finalize(self, df: DataFrame, side: Side) -> DataFrame:
+        if self.job.final_level is not None:
+            df = df.persist(self.job.final_level)
+            self._describe(f"materialize {side.name} factors")
+            df.count()
+        return df
+
+    # ---------------------------------------------------------------- message dataflow
+    def _checkpoint_dir(self) -> Optional[str]:
+        jdir = self.sc._jsc.sc().getCheckpointDir()
+        return jdir.get() if jdir.isDefined() else None
+
+    def _maybe_checkpoint(self, outbox: DataFrame, iteration: int) -> DataFrame:
+        """Cut the lineage every ``checkpointInterval`` iterations, as Spark's ALS does.
+
+        The outbox is written as Parquet under the checkpoint directory and read back; the
+        previous checkpoint is deleted once the new one is in place.
+        """
+        interval = self.job.checkpoint_interval
+        directory = self._checkpoint_dir()
+        if directory is None or interval == -1 or iteration % interval != 0:
+            return outbox
+        path = f"{directory.rstrip('/')}/spark-gpu-mf-als-{uuid.uuid4().hex}"
+        self._describe(f"checkpoint iteration {iteration}")
+        outbox.write.parquet(path)
+        reread = self._persist(self.spark.read.parquet(path), self.job.intermediate_level)
+        reread.count()
+        self._unpersist(outbox)
+        for old in self.checkpoint_paths:
+            _delete_path(self.spark, old)
+        self.checkpoint_paths = [path]
+        return reread
+
+    def _initial_outbox(self, side: Side, other: Side) -> DataFrame:
+        job = self.job
+        outbox = side.blocks.mapInPandas(
+            bind(
+                als_tasks.initial_outbox,
+                rank=job.rank,
+                side_seed=side.seed,
+                other_keys=other.keys,
+                other_blocks=other.block_ids,
+                implicit=job.implicit,
+            ),
+            OUTBOX_SCHEMA,
+        )
+        outbox = self._persist(outbox, job.intermediate_level)
+        self._describe(f"initialize {side.name} factors")
+        outbox.count()
+        return outbox
+
+    def _half_messages(self, dst: Side, src: Side, src_outbox, dst_outbox, label) -> DataFrame:
+        job = self.job
+        messages = src_outbox.filter(F.col("kind") != OWN)
+        if job.warm_start:
+            messages = messages.unionByName(dst_outbox.filter(F.col("kind") == OWN))
+        messages = messages.repartition(dst.num_partitions, "pkey")
+        solved = messages.groupBy("pkey").cogroup(dst.blocks.groupBy("pkey")).applyInPandas(
+            bind_pair(
+                als_tasks.solve_from_messages,
+                settings=self._settings(dst),
+                other_keys=src.keys,
+                other_blocks=src.block_ids,
+                num_gram_parts=len(src.block_ids) if job.implicit else 0,
+            ),
+            OUTBOX_SCHEMA,
+        )
+        solved = self._persist(solved, job.intermediate_level)
+        self._describe(label)
+        solved.count()
+        return solved
+
+    def _run_messages(self, users: Side, items: Side):
+        job = self.job
+        if job.checkpoint_interval != -1 and self._checkpoint_dir() is None and (
+            job.max_iter >= job.checkpoint_interval
+        ):
+            logger.warning(
+                "ALS checkpointing is off: no checkpoint directory is set "
+                "(SparkContext.setCheckpointDir), so checkpointInterval=%d is ignored and the "
+                "lineage grows with every iteration.",
+                job.checkpoint_interval,
+            )
+        user_outbox = self._initial_outbox(users, items)
+        item_outbox = self._initial_outbox(items, users)
+        for iteration in range(1, job.max_iter + 1):
+            started = time.perf_counter()
+            new_items = self._half_messages(
+                items, users, user_outbox, item_outbox,
+                f"iteration {iteration}/{job.max_iter}: solve items",
+            )
+            self._unpersist(item_outbox)
+            item_outbox = self._maybe_checkpoint(new_items, iteration)
+            new_users = self._half_messages(
+                users, items, item_outbox, user_outbox,
+                f"iteration {iteration}/{job.max_iter}: solve users",
+            )
+            self._unpersist(user_outbox)
+            user_outbox = new_users
+            self._record(iteration, time.perf_counter() - started)
+        explode = bind(als_tasks.explode_outbox, rank=job.rank)
+        user_df = self._finalize(
+            user_outbox.filter(F.col("kind") == OWN).mapInPandas(explode, FACTORS_SCHEMA), users
+        )
+        item_df = self._finalize(
+            item_outbox.filter(F.col("kind") == OWN).mapInPandas(explode, FACTORS_SCHEMA), items
+        )
+        return user_df, item_df
+
+    def release(self, keep: List[DataFrame]) -> None:
+        """Unpersist everything cached during training except the model's factor DataFrames."""
+        for df in list(self.cached):
+            if df not in keep:
+                self._unpersist(df)
+        for path in self.checkpoint_paths:
+            _delete_path(self.spark, path)
+
+
+def _delete_path(spark: SparkSession, path: str) -> None:
+    jvm = spark.sparkContext._jvm
+    hpath = jvm.org.apache.hadoop.fs.Path(path)
+    fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    try:
+        fs.delete(hpath, True)
+    except Exception:  # a leftover checkpoint is harmless; never fail a fit for it
+        logger.warning("could not delete checkpoint %s", path)
+
+
+def train(spark: SparkSession, ratings: DataFrame, job: AlsJob) -> TrainResult:
+    """Fit ALS factors for validated ``(user int, item int, rating float)`` ratings."""
+    trainer = _Trainer(spark, ratings, job)
+    try:
+        result = trainer.run()
+    except BaseException:
+        trainer.release(keep=[])
+        trainer.sc.setJobDescription(None)
+        raise
+    if job.final_level is not None:
+        trainer.release(keep=[result.user_factors, result.item_factors])
+    # With finalStorageLevel NONE the factors stay lazy and need the cached state, as in Spark.
+    return result

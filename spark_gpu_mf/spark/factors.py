@@ -1,0 +1,47 @@
+"""Factor DataFrames ``(id int, features array<float>)``: the model's storage, as in Spark.
+
+Conversions go through Arrow with one flat float32 buffer, never a Python object per row.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
+
+FACTORS_SCHEMA = T.StructType(
+    [
+        T.StructField("id", T.IntegerType(), False),
+        T.StructField("features", T.ArrayType(T.FloatType(), False), True),
+    ]
+)
+
+
+def factor_table(ids: np.ndarray, factors: np.ndarray) -> pa.Table:
+    """Arrow table of ``ids`` (n,) and float32 ``factors`` (n, rank)."""
+    factors = np.ascontiguousarray(factors, dtype=np.float32)
+    n, rank = factors.shape
+    offsets = pa.array(np.arange(0, (n + 1) * rank, rank, dtype=np.int32))
+    features = pa.ListArray.from_arrays(offsets, pa.array(factors.reshape(-1)))
+    return pa.table({"id": pa.array(np.asarray(ids, np.int32)), "features": features})
+
+
+def factors_dataframe(spark: SparkSession, ids: np.ndarray, factors: np.ndarray) -> DataFrame:
+    """A Spark factor DataFrame holding ``factors`` for ``ids``, with Spark ALS's schema."""
+    return spark.createDataFrame(factor_table(ids, factors), schema=FACTORS_SCHEMA)
+
+
+def collect_factors(df: DataFrame) -> Tuple[np.ndarray, np.ndarray]:
+    """``(ids int32 (n,), factors float32 (n, rank))`` of a factor DataFrame, sorted by id."""
+    table = df.select("id", "features").toArrow()
+    ids = table.column("id").to_numpy().astype(np.int32)
+    features = table.column("features").combine_chunks()
+    if len(ids) == 0:
+        return ids, np.zeros((0, 0), np.float32)
+    flat = features.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    factors = flat.reshape(len(ids), -1)
+    order = np.argsort(ids, kind="stable")
+    return ids[order], factors[order]

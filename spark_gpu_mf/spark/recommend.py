@@ -1,0 +1,173 @@
+"""Top-k recommendation for every row of one factor DataFrame against another (``recommendFor*``).
+
+Spark's ALSModel blockifies both sides, cross-joins the blocks and runs a GEMV per source row. Here
+each executor scores a whole block of ``blockSize`` source rows with one GEMM and keeps the top
+``k`` by partial selection. When the destination factors fit under
+``spark.gpumf.broadcastThreshold`` they are broadcast and each source partition is done in one
+pass with no shuffle; otherwise destination blocks are cross-joined and the per-block top-k lists
+are merged.
+
+Results follow Spark's order: rating descending, equal ratings by larger id first.
+"""
+
+from __future__ import annotations
+
+from spark_gpu_mf.executor.binding import bind
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from pyspark.sql.window import Window
+
+from spark_gpu_mf.executor.runtime import executor_backend
+from spark_gpu_mf.spark.factors import collect_factors
+
+
+def recommendation_schema(src_col: str, dst_col: str) -> T.StructType:
+    """Spark's output schema: ``(src int, recommendations array<struct<dst int, rating float>>)``."""
+    entry = T.StructType(
+        [T.StructField(dst_col, T.IntegerType(), True), T.StructField("rating", T.FloatType(), True)]
+    )
+    return T.StructType(
+        [
+            T.StructField(src_col, T.IntegerType(), False),
+            T.StructField("recommendations", T.ArrayType(entry, True), True),
+        ]
+    )
+
+
+def _recommendation_batch(
+    src_ids: np.ndarray, top_ids: np.ndarray, top_scores: np.ndarray, src_col: str, dst_col: str
+) -> pa.RecordBatch:
+    n, k = top_ids.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    entries = pa.StructArray.from_arrays(
+        [pa.array(top_ids.reshape(-1).astype(np.int32)), pa.array(top_scores.reshape(-1))],
+        names=[dst_col, "rating"],
+    )
+    return pa.RecordBatch.from_arrays(
+        [pa.array(src_ids.astype(np.int32)), pa.ListArray.from_arrays(offsets, entries)],
+        names=[src_col, "recommendations"],
+    )
+
+
+def _factor_batch(batch: pa.RecordBatch):
+    ids = batch.column("id").to_numpy().astype(np.int32)
+    flat = batch.column("features").flatten().to_numpy(zero_copy_only=False)
+    rank = len(flat) // max(1, len(ids))
+    return ids, np.asarray(flat, np.float32).reshape(len(ids), rank)
+
+
+def top_k_against_broadcast(
+    batches: Iterator[pa.RecordBatch],
+    candidates,
+    num: int,
+    block_size: int,
+    src_col: str,
+    dst_col: str,
+    backend: str,
+) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: top ``num`` broadcast candidates for each source row, ``block_size`` at
+    a time."""
+    dst_ids, dst_factors = candidates.value
+    compute = executor_backend(backend)
+    for batch in batches:
+        ids, factors = _factor_batch(batch)
+        for start in range(0, len(ids), block_size):
+            stop = start + block_size
+            top_ids, top_scores = compute.top_k(factors[start:stop], dst_factors, dst_ids, num)
+            yield _recommendation_batch(ids[start:stop], top_ids, top_scores, src_col, dst_col)
+
+
+def _blockify(batches: Iterator[pa.RecordBatch], block_size: int) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: factor rows to ``(ids binary, factors binary)`` blocks."""
+    for batch in batches:
+        ids, factors = _factor_batch(batch)
+        for start in range(0, len(ids), block_size):
+            part_ids = ids[start : start + block_size]
+            part = np.ascontiguousarray(factors[start : start + block_size])
+            yield pa.RecordBatch.from_arrays(
+                [pa.array([part_ids.tobytes()], pa.binary()), pa.array([part.tobytes()], pa.binary()),
+                 pa.array([part.shape[1] if part.size else 0], pa.int32())],
+                names=["ids", "factors", "rank"],
+            )
+
+
+def _block_top_k(batches, num: int, backend: str) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: top ``num`` of one destination block for each source row of a block."""
+    compute = executor_backend(backend)
+    for batch in batches:
+        for row in batch.to_pylist():
+            src_ids = np.frombuffer(row["src_ids"], np.int32)
+            rank = row["rank"]
+            src = np.frombuffer(row["src_factors"], np.float32).reshape(len(src_ids), rank)
+            dst_ids = np.frombuffer(row["dst_ids"], np.int32)
+            dst = np.frombuffer(row["dst_factors"], np.float32).reshape(len(dst_ids), rank)
+            top_ids, top_scores = compute.top_k(src, dst, dst_ids, num)
+            kk = top_ids.shape[1]
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(np.repeat(src_ids, kk)), pa.array(top_ids.reshape(-1)),
+                 pa.array(top_scores.reshape(-1))],
+                names=["src", "dst", "rating"],
+            )
+
+
+def recommend_for_all(
+    spark: SparkSession,
+    src: DataFrame,
+    dst: DataFrame,
+    src_col: str,
+    dst_col: str,
+    num: int,
+    block_size: int,
+    broadcast_threshold: int,
+    backend: str = "auto",
+) -> DataFrame:
+    """Top ``num`` destination ids for every source id, as Spark's ``ALSModel.recommendForAll``."""
+    schema = recommendation_schema(src_col, dst_col)
+    src = src.select("id", "features")
+    dst = dst.select("id", "features")
+    dst_count = dst.count()
+    first = dst.select(F.size("features").alias("rank")).first()
+    rank = first["rank"] if first is not None else 0
+    if dst_count * max(rank, 1) * 4 <= broadcast_threshold:
+        candidates = spark.sparkContext.broadcast(collect_factors(dst))
+        body = bind(
+            top_k_against_broadcast,
+            candidates=candidates,
+            num=num,
+            block_size=block_size,
+            src_col=src_col,
+            dst_col=dst_col,
+            backend=backend,
+        )
+        return src.mapInArrow(body, schema)
+    return _recommend_cross_join(src, dst, src_col, dst_col, num, block_size, backend, schema)
+
+
+def _recommend_cross_join(src, dst, src_col, dst_col, num, block_size, backend, schema):
+    block_schema = "ids binary, factors binary, rank int"
+    src_blocks = src.mapInArrow(bind(_blockify, block_size=block_size), block_schema)
+    dst_blocks = dst.mapInArrow(bind(_blockify, block_size=block_size), block_schema)
+    pairs = src_blocks.select(
+        F.col("ids").alias("src_ids"), F.col("factors").alias("src_factors"), "rank"
+    ).crossJoin(dst_blocks.select(F.col("ids").alias("dst_ids"), F.col("factors").alias("dst_factors")))
+    partial_top = pairs.mapInArrow(
+        bind(_block_top_k, num=num, backend=backend), "src int, dst int, rating float"
+    )
+    by_score = Window.partitionBy("src").orderBy(F.col("rating").desc(), F.col("dst").desc())
+    top = partial_top.withColumn("_rank", F.row_number().over(by_score)).filter(F.col("_rank") <= num)
+    # sort_array on (rating, dst) structs descending is Spark's (score, id) order.
+    grouped = top.groupBy("src").agg(
+        F.sort_array(F.collect_list(F.struct("rating", "dst")), asc=False).alias("entries")
+    )
+    recommendations = F.transform(
+        "entries", lambda e: F.struct(e["dst"].alias(dst_col), e["rating"].alias("rating"))
+    )
+    return grouped.select(
+        F.col("src").alias(src_col),
+        recommendations.cast(schema["recommendations"].dataType).alias("recommendations"),
+    )
