@@ -88,3 +88,18 @@ CPU_FALLBACK = ConfKey(
     parse_bool,
     "With backend='auto', run on NumPy (with one warning) when a task has no usable GPU.",
 )
+# Spark's own resource-scheduling keys, read by the driver-side GPU check
+# (spark_gpu_mf.backends.check_gpu_backend_available); conf/spark-gpu.conf sets them.
+EXECUTOR_GPU_AMOUNT = ConfKey(
+    "spark.executor.resource.gpu.amount",
+    "0",
+    float,
+    "GPUs per executor (Spark resource scheduling); backend='cupy' on a cluster needs it > 0.",
+)
+TASK_GPU_AMOUNT = ConfKey(
+    "spark.task.resource.gpu.amount",
+    "0",
+    float,
+    "GPUs per task (a fraction shares a GPU between tasks); backend='cupy' on a cluster needs "
+    "it > 0.",
+)
