@@ -747,8 +747,9 @@ def to_dataframe(
         Column names (those of ALS's ``userCol``, ``itemCol``, ``ratingCol``).
     num_partitions : int, optional
         Partitions of the result. Default: Spark's default parallelism for ``"arrow"``,
-        whatever the Parquet reader chooses for ``"parquet"`` (set it there and the data is
-        repartitioned, a shuffle).
+        whatever the Parquet reader chooses for ``"parquet"``. When Spark does not produce
+        exactly this many by itself (Parquet, or Arrow data under 48 MB, which Spark keeps as
+        a local relation), the result is repartitioned (a shuffle).
     via : {"auto", "arrow", "parquet"}
         ``"arrow"``: ``createDataFrame`` from a pyarrow Table, one Arrow batch per partition
         (10M rows in under a second; the batches live in the driver JVM while the DataFrame is
@@ -780,14 +781,23 @@ def to_dataframe(
     schema = _schema(user_col, item_col, rating_col)
     if via == "parquet":
         df = spark.read.schema(schema).parquet(_write_parquet(table, tmp_dir))
-        if num_partitions is not None and df.rdd.getNumPartitions() != num_partitions:
-            df = df.repartition(num_partitions)
-        return df
-    if num_partitions is None:
-        num_partitions = _default_parallelism(spark)
-    rows_per_batch = max(1, math.ceil(len(table) / num_partitions))
-    # createDataFrame makes one partition per Arrow batch of maxRecordsPerBatch rows (10,000 by
-    # default: 1,000 partitions for 10M rows), so the batch size is set for this call only.
+    else:
+        df = _create_from_arrow(spark, table, schema, num_partitions)
+    if num_partitions is not None and df.rdd.getNumPartitions() != num_partitions:
+        df = df.repartition(num_partitions)
+    return df
+
+
+def _create_from_arrow(spark: SparkSession, table, schema, num_partitions: int | None):
+    """``createDataFrame(table)`` with about ``num_partitions`` (or default parallelism) batches.
+
+    Above ``spark.sql.execution.arrow.localRelationThreshold`` bytes (48 MB by default, 4M rows)
+    Spark makes one partition per Arrow batch of ``maxRecordsPerBatch`` rows (10,000 by
+    default: 1,000 partitions for 10M rows), so the batch size is set for this call only.
+    Below it the data becomes a local relation with default-parallelism partitions.
+    """
+    batches = num_partitions or _default_parallelism(spark)
+    rows_per_batch = max(1, math.ceil(len(table) / batches))
     key = "spark.sql.execution.arrow.maxRecordsPerBatch"
     previous = spark.conf.get(key, None)
     spark.conf.set(key, str(rows_per_batch))
