@@ -64,7 +64,7 @@ def build_library(
     flags = ["-std=c++20", "-fPIC", "-shared", *MODES[mode], *[f"-D{d}" for d in defines]]
     include_dirs = [SHIM_DIR, kernel_dir]
     digest = hashlib.sha256()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([cxx, "--version"], check=False, capture_output=True, text=True).stdout
     for part in (version, " ".join(flags)):
         digest.update(part.encode())
     inputs = [*sources, *kernel_dir.glob("*.cuh"), *(SHIM_DIR / f for f in SHIM_FILES)]
@@ -86,7 +86,7 @@ def build_library(
         main.write_text("\n".join(lines) + "\n")
         built = Path(tmp) / "libcudashim.so"
         cmd = [cxx, *flags, *[f"-I{d}" for d in include_dirs], str(main), "-o", str(built)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"shim build failed:\n{' '.join(cmd)}\n{result.stderr}")
         shutil.copy(main, out_dir / "library.cpp")
@@ -98,7 +98,7 @@ def tsan_environment() -> dict[str, str]:
     """Environment for a Python process that loads a ``mode="tsan"`` library."""
     cxx = compiler()
     runtime = subprocess.run(
-        [cxx, "-print-file-name=libtsan.so"], capture_output=True, text=True
+        [cxx, "-print-file-name=libtsan.so"], check=False, capture_output=True, text=True
     ).stdout.strip()
     env = dict(os.environ)
     env["LD_PRELOAD"] = runtime
@@ -109,7 +109,7 @@ def tsan_environment() -> dict[str, str]:
 class ShimKernel:
     """One kernel of a ``ShimModule``; called like ``cupy.RawKernel``."""
 
-    def __init__(self, module: "ShimModule", name: str):
+    def __init__(self, module: ShimModule, name: str):
         self._module = module
         self.name = name
         self.attributes = {}
@@ -133,7 +133,8 @@ class ShimKernel:
                 )
             keep.append(holder)
             pointers[i] = (
-                ctypes.addressof(holder) if isinstance(holder, ctypes.c_void_p)
+                ctypes.addressof(holder)
+                if isinstance(holder, ctypes.c_void_p)
                 else holder.ctypes.data
             )
         rc = self._module.lib.cudashim_launch(
@@ -151,10 +152,14 @@ class ShimModule:
     def __init__(self, library: Path):
         self.lib = ctypes.CDLL(str(library))
         self.lib.cudashim_launch.restype = ctypes.c_int
-        self.lib.cudashim_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [
-            ctypes.c_size_t,
-            ctypes.POINTER(ctypes.c_void_p),
-        ]
+        self.lib.cudashim_launch.argtypes = (
+            [ctypes.c_char_p]
+            + [ctypes.c_uint] * 6
+            + [
+                ctypes.c_size_t,
+                ctypes.POINTER(ctypes.c_void_p),
+            ]
+        )
         self.lib.cudashim_kernel_names.restype = ctypes.c_char_p
 
     @property
