@@ -129,6 +129,7 @@ class _Trainer:
         self.cached: List[DataFrame] = []
         self.summary = TrainingSummary(algorithm="als")
         self.checkpoint_paths: List[str] = []
+        self.truncated_from: Dict[int, DataFrame] = {}
 
     # ---------------------------------------------------------------- setup
     def _describe(self, text: str) -> None:
@@ -140,10 +141,12 @@ class _Trainer:
         return df
 
     def _unpersist(self, df: Optional[DataFrame]) -> None:
-        if df is not None:
-            df.unpersist()
-            if df in self.cached:
-                self.cached.remove(df)
+        if df is None:
+            return
+        df = self.truncated_from.pop(id(df), df)
+        df.unpersist()
+        if df in self.cached:
+            self.cached.remove(df)
 
     def _build_side(
         self, name: str, key: str, other: str, num_blocks: int, num_other: int, seed: int,
@@ -397,7 +400,7 @@ class _Trainer:
         outbox = self._persist(outbox, job.intermediate_level)
         self._describe(f"initialize {side.name} factors")
         outbox.count()
-        return outbox
+        return self._truncated(outbox)
 
     def _half_messages(self, dst: Side, src: Side, src_outbox, dst_outbox, label) -> DataFrame:
         job = self.job
@@ -418,7 +421,24 @@ class _Trainer:
         solved = self._persist(solved, job.intermediate_level)
         self._describe(label)
         solved.count()
-        return solved
+        return self._truncated(solved)
+
+    def _truncated(self, persisted: DataFrame) -> DataFrame:
+        """The same rows as ``persisted`` under a one-node logical plan.
+
+        Each half-iteration reads both the other side's and its own previous outbox, so the
+        logical plan of iteration t would hold the whole history as a tree twice as large as the
+        one before; Spark would spend memory and time on it in every later query. Reading the
+        persisted rows through ``queryExecution.toRdd`` keeps the RDD lineage (recomputable if an
+        executor is lost) while the plan stays a single scan. Every consumer of the outbox streams
+        its rows into a shuffle, Arrow or Parquet, so reused row buffers are safe.
+        """
+        jdf = persisted._jdf
+        rows = jdf.queryExecution().toRdd()
+        flat = DataFrame(self.spark._jsparkSession.internalCreateDataFrame(rows, jdf.schema(), False),
+                         self.spark)
+        self.truncated_from[id(flat)] = persisted
+        return flat
 
     def _run_messages(self, users: Side, items: Side):
         job = self.job
