@@ -1,0 +1,1 @@
+"""Stochastic-gradient matrix factorization on Spark: MascotMF and PrunedMF share this package."""
