@@ -350,6 +350,14 @@ def test_to_dataframe_has_the_als_schema_and_the_same_rows(spark, tmp_path, via)
     assert spark.conf.get(batch_size_key) == batch_size
 
 
+def test_large_data_goes_through_parquet_in_the_given_directory(spark, tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "ARROW_MAX_ROWS", 100)
+    data = generate_ratings(500, num_users=20, num_items=40, seed=2)
+    df = to_dataframe(spark, data, tmp_dir=str(tmp_path / "scratch"))
+    assert os.listdir(tmp_path / "scratch")
+    assert sorted_rows(df) == expected_rows(data)
+
+
 def test_to_dataframe_accepts_arrays_and_column_names(spark):
     df = to_dataframe(
         spark,
