@@ -337,8 +337,11 @@ def expected_rows(data: Ratings):
 @pytest.mark.parametrize("via", ["arrow", "parquet"])
 def test_to_dataframe_has_the_als_schema_and_the_same_rows(spark, tmp_path, via):
     data = generate_ratings(3_000, ids="sparse", seed=9)
-    batch_size_key = "spark.sql.execution.arrow.maxRecordsPerBatch"
-    batch_size = spark.conf.get(batch_size_key)
+    arrow_keys = [
+        "spark.sql.execution.arrow.maxRecordsPerBatch",
+        "spark.sql.execution.arrow.localRelationThreshold",
+    ]
+    arrow_conf = [spark.conf.get(key) for key in arrow_keys]
     df = to_dataframe(spark, data, via=via, tmp_dir=str(tmp_path), num_partitions=3)
 
     assert df.schema.simpleString() == "struct<user:int,item:int,rating:float>"
@@ -346,8 +349,8 @@ def test_to_dataframe_has_the_als_schema_and_the_same_rows(spark, tmp_path, via)
     assert sorted_rows(df) == expected_rows(data)
     if via == "parquet":
         assert any(name.endswith(".parquet") for name in os.listdir(tmp_path))
-    # The temporary Arrow batch size must not leak into the session.
-    assert spark.conf.get(batch_size_key) == batch_size
+    # The Arrow settings changed for the call must not leak into the session.
+    assert [spark.conf.get(key) for key in arrow_keys] == arrow_conf
 
 
 def test_large_data_goes_through_parquet_in_the_given_directory(spark, tmp_path, monkeypatch):
