@@ -136,8 +136,11 @@ __device__ __forceinline__ void cg_solve_row(const AT* __restrict__ A_all,
 }  // namespace gpumf
 
 // One extern "C" entry point per (storage type, components per thread, where A lives).
+// __launch_bounds__(256, 1): with the default minimum of blocks, ptxas (13.0) trades a few bytes
+// of spills for occupancy in some variants; occupancy here is set by shared memory anyway.
 #define GPUMF_CG_ENTRY(AT, suffix, PER_THREAD, A_IN_SMEM, where)                                \
-    extern "C" __global__ void __launch_bounds__(256) cg_solve_##suffix##_p##PER_THREAD##_##where( \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                         \
+        cg_solve_##suffix##_p##PER_THREAD##_##where(                                             \
         const AT* __restrict__ A, const float* __restrict__ scale,                              \
         const float* __restrict__ diag, const float* __restrict__ b,                            \
         const float* __restrict__ x0, float* __restrict__ x_out, int n_rows, int rank,          \
