@@ -39,3 +39,11 @@ class DamagedModelError(ValueError):
 
 class BackendUnavailableError(RuntimeError):
     """``backend="cupy"`` was asked for but no usable GPU or CuPy installation was found."""
+
+
+def illegal_argument(message: str) -> Exception:
+    """``pyspark.errors.IllegalArgumentException`` with Spark's text: what Spark's JVM-side checks
+    raise in PySpark, so ``except IllegalArgumentException`` catches ours and Spark's alike."""
+    from pyspark.errors import IllegalArgumentException
+
+    return IllegalArgumentException(message=message)

@@ -15,6 +15,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from spark_gpu_mf import conf
+from spark_gpu_mf.errors import illegal_argument
 from spark_gpu_mf.params import validate_params
 from spark_gpu_mf.spark import persistence
 from spark_gpu_mf.spark.recommend import recommend_for_all
@@ -147,11 +148,7 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
         check_numeric_column(schema, self.getItemCol())
         prediction = self.getPredictionCol()
         if prediction in schema.names:
-            from pyspark.errors import IllegalArgumentException
-
-            raise IllegalArgumentException(
-                desc=f"requirement failed: Column {prediction} already exists.", stackTrace=""
-            )
+            raise illegal_argument(f"requirement failed: Column {prediction} already exists.")
         return T.StructType(schema.fields + [T.StructField(prediction, T.FloatType(), False)])
 
     def _transform(self, dataset: DataFrame) -> DataFrame:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict
 
-from pyspark.errors import IllegalArgumentException
 from pyspark.ml.param import Param, Params, TypeConverters
+
+from spark_gpu_mf.errors import illegal_argument
 
 __all__ = [
     "HasSolver",
@@ -109,12 +110,10 @@ class HasBackend(Params):
         return self.getOrDefault(self.backend)
 
 
-def spark_invalid_value(instance: Params, name: str, value: Any) -> IllegalArgumentException:
+def spark_invalid_value(instance: Params, name: str, value: Any) -> Exception:
     """Spark's error for a param value its validator rejects."""
     shown = _spark_repr(value)
-    return IllegalArgumentException(
-        desc=f"{instance.uid} parameter {name} given invalid value {shown}.", stackTrace=""
-    )
+    return illegal_argument(f"{instance.uid} parameter {name} given invalid value {shown}.")
 
 
 def _spark_repr(value: Any) -> str:

@@ -8,10 +8,11 @@ silently dropped or truncated.
 
 from __future__ import annotations
 
-from pyspark.errors import IllegalArgumentException
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
+
+from spark_gpu_mf.errors import illegal_argument
 
 __all__ = [
     "require_column",
@@ -25,15 +26,11 @@ __all__ = [
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def _illegal(message: str) -> IllegalArgumentException:
-    return IllegalArgumentException(desc=message, stackTrace="")
-
-
 def require_column(schema: T.StructType, name: str) -> T.DataType:
     """The column's type, or Spark's ``FIELD_NOT_FOUND`` error when it is missing."""
     if name not in schema.names:
         fields = ", ".join(f"`{n}`" for n in schema.names)
-        raise _illegal(
+        raise illegal_argument(
             f"[FIELD_NOT_FOUND] No such struct field `{name}` in {fields}. SQLSTATE: 42704"
         )
     return schema[name].dataType
@@ -43,7 +40,7 @@ def check_numeric_column(schema: T.StructType, name: str) -> None:
     """Spark's ``SchemaUtils.checkNumericType``: the column exists and is numeric."""
     dtype = require_column(schema, name)
     if not isinstance(dtype, T.NumericType):
-        raise _illegal(
+        raise illegal_argument(
             f"requirement failed: Column {name} must be of type numeric but was actually of "
             f"type {dtype.simpleString()}."
         )
@@ -72,7 +69,7 @@ def checked_id(dataset: DataFrame, name: str) -> Column:
                 )
             ),
         ).otherwise(casted)
-    raise _illegal(
+    raise illegal_argument(
         f"ALS only supports values in Integer range for column {name}, but got type "
         f"{dtype.simpleString()}."
     )

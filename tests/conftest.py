@@ -24,6 +24,7 @@ def spark(tmp_path_factory):
         SparkSession.builder.master("local[2]")
         .appName("spark_gpu_mf-tests")
         .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.shuffle.partitions", "4")
         .config("spark.default.parallelism", "2")
         .config("spark.driver.memory", "2g")

@@ -17,7 +17,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 from pyspark import StorageLevel
-from pyspark.errors import IllegalArgumentException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -25,6 +24,7 @@ from pyspark.sql import types as T
 from spark_gpu_mf import conf
 from spark_gpu_mf.backends.numpy_backend import SolveConfig
 from spark_gpu_mf.backends.spark_random import factor_seeds, initial_factors
+from spark_gpu_mf.errors import illegal_argument
 from spark_gpu_mf.executor import als_tasks
 from spark_gpu_mf.executor.als_tasks import OUTBOX_SCHEMA, OWN, SOLVED_SCHEMA, SourceFactors, TaskSettings
 from spark_gpu_mf.executor.blocks import BLOCK_SCHEMA, build_partition_blocks, from_bytes
@@ -206,9 +206,7 @@ class _Trainer:
             keep_partitioning=True,
         )
         if users.nnz == 0:
-            raise IllegalArgumentException(
-                desc=f"requirement failed: No ratings available from {self.ratings}", stackTrace=""
-            )
+            raise illegal_argument(f"requirement failed: No ratings available from {self.ratings}")
         items = self._build_side(
             "item", "item", "user", job.num_item_blocks, job.num_user_blocks, item_seed,
             keep_partitioning=True,
