@@ -37,9 +37,14 @@ pytestmark = pytest.mark.skipif(shim.compiler() is None, reason="needs g++ for t
 RANKS = (7, 13, 50, 64, 100)
 
 
+def als_sources(kernel_dir: Path = shim.KERNEL_DIR) -> list[Path]:
+    """The ALS kernels (cuda_kernels.KERNEL_FILES); other kernels/*.cu have their own tests."""
+    return [kernel_dir / name for name in cuda_kernels.KERNEL_FILES]
+
+
 @pytest.fixture(scope="module")
 def module():
-    return shim.ShimModule(shim.build_library(mode="fibers"))
+    return shim.ShimModule(shim.build_library(als_sources(), mode="fibers"))
 
 
 @pytest.fixture(scope="module")
@@ -391,7 +396,7 @@ needs_tsan = pytest.mark.skipif(not _tsan_works(), reason="g++ has no ThreadSani
 
 @needs_tsan
 def test_threadsanitizer_finds_no_race():
-    result = _run_under_tsan(shim.build_library(mode="tsan"))
+    result = _run_under_tsan(shim.build_library(als_sources(), mode="tsan"))
     assert "ThreadSanitizer" not in result.stderr, result.stderr[-4000:]
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
 
@@ -406,18 +411,14 @@ def test_threadsanitizer_finds_no_race():
 )
 def test_a_deleted_barrier_is_caught(tmp_path, source, barrier):
     """The checks have teeth: without one __syncthreads, TSan reports a race."""
-    for path in cuda_kernels_dir().iterdir():
+    for path in shim.KERNEL_DIR.iterdir():
         if path.suffix in (".cu", ".cuh"):
             text = path.read_text()
             if path.name == source:
                 assert text.count(barrier) == 1
                 text = text.replace(barrier, "/* barrier deleted by the test */")
             (tmp_path / path.name).write_text(text)
-    library = shim.build_library(mode="tsan", kernel_dir=tmp_path)
+    library = shim.build_library(als_sources(tmp_path), mode="tsan", kernel_dir=tmp_path)
     result = _run_under_tsan(library)
     assert "WARNING: ThreadSanitizer: data race" in result.stderr
     assert result.returncode != 0
-
-
-def cuda_kernels_dir() -> Path:
-    return shim.KERNEL_DIR
