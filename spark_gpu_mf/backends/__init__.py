@@ -35,6 +35,13 @@ def _cupy_problem() -> str | None:
         return f"CuPy is not installed ({error}); install spark-gpu-mf[gpu] on the executors"
     if not cupy.cuda.is_available():
         return "CuPy finds no usable CUDA device (no GPU, or no NVIDIA driver)"
+    try:  # gram, top_k and the Cholesky solver go through cuBLAS and cuSOLVER
+        from cupy.cuda import cublas, cusolver  # noqa: F401
+    except ImportError as error:
+        return (
+            f"CUDA libraries are missing ({error}); install cuda-toolkit[cublas,cusolver] "
+            "matching CuPy's CUDA version"
+        )
     return None
 
 
