@@ -145,7 +145,7 @@ class ALS(
         coldStartStrategy: str = "nan",
         blockSize: int = 4096,
         solver: str = "cg",
-        cgIterations: int = 3,
+        cgIterations: int = 5,
         precision: str = "fp32",
         backend: str = "auto",
     ):
@@ -175,7 +175,7 @@ class ALS(
         coldStartStrategy: str = "nan",
         blockSize: int = 4096,
         solver: str = "cg",
-        cgIterations: int = 3,
+        cgIterations: int = 5,
         precision: str = "fp32",
         backend: str = "auto",
     ) -> "ALS":

@@ -63,7 +63,7 @@ class HasCgIterations(Params):
 
     def __init__(self) -> None:
         super().__init__()
-        self._setDefault(cgIterations=3)
+        self._setDefault(cgIterations=5)
 
     def getCgIterations(self) -> int:
         """Gets the value of cgIterations or its default value."""
