@@ -1,0 +1,611 @@
+"""Stratified SGD (DSGD) on Spark: the machinery ``MascotMF`` and ``PrunedMF`` share.
+
+Gemulla et al., "Large-scale matrix factorization with distributed stochastic gradient descent"
+(KDD 2011): users and items are cut into ``b`` blocks each, so the ratings form ``b x b`` cells.
+The ``b`` cells ``(p, (p + s) mod b)`` of a *stratum* ``s`` share no user block and no item block,
+so ``b`` tasks can run SGD on them at the same time without two tasks ever writing the same row.
+An epoch runs all ``b`` strata one after the other (``b`` sub-epochs); every rating is visited once
+per epoch.
+
+Dataflow (measured and justified in ``docs/mascot.md``)
+-------------------------------------------------------
+* **Cells, built once.** :func:`build_strata` counts ratings per user and item, deals the rows to
+  blocks on the driver (balanced by rating count), maps ids to (block, row) with a broadcast join,
+  and builds one row per non-empty cell (``cells.CELL_SCHEMA``: block-local row numbers and
+  ratings as binary columns, in a fixed seeded order), cached and partitioned so that partition
+  ``p`` holds the cells of user block ``p``. A sub-epoch is then one stage of ``b`` tasks:
+  ``cells.filter(stratum == s).mapInArrow(...)``, one cell per task.
+* **Row state lives on the driver** between sub-epochs, as NumPy arrays per block: factors and any
+  optimizer state an estimator keeps per row. Before a sub-epoch every block that will change is
+  broadcast (one broadcast per block, reused until the block changes); each task unpacks the two
+  blocks of its cell, runs the estimator's update on private copies and returns both blocks with
+  its statistics; the driver collects them (Arrow) and the next sub-epoch starts. This keeps every
+  sub-epoch to one Spark job with no shuffle, and lets the estimator change any state between
+  epochs in plain NumPy. It suits factor matrices up to a few hundred MB (they cross the network
+  twice per sub-epoch).
+* **Determinism.** Rows are assigned to blocks by (count, id), cells are sorted canonically and
+  shuffled with a seed derived from ``(seed, kind, user block, item block)``, the order of strata
+  in epoch ``e`` is a permutation seeded by ``(seed, e)``, and statistics are summed in cell order.
+  Same seed, data and ``b`` => identical factors, whatever Spark's scheduling.
+
+API for estimators
+------------------
+Executor side (``spark_gpu_mf.sgd.cells``), module-level functions::
+
+    def update(cell: Cell, users: RowState, items: RowState, settings) -> dict[str, ndarray]
+
+``cell`` has ``users``/``items`` (int32 block-local rows), ``ratings`` (float32) in visiting order;
+``users``/``items`` are ``{name: array}`` with the blocks' rows on axis 0 (private copies, update
+them in place; new arrays may be added); ``settings`` is the estimator's mapping of plain values
+plus ``epoch``, ``sub_epoch`` and ``stratum``. The returned arrays (e.g. MASCOT's per-group sums,
+PrunedMF's multiply-add counts) are summed over all cells of the epoch on the driver.
+
+Driver side::
+
+    strata = build_strata(spark, ratings, num_blocks=b, seed=seed)   # ratings: user, item, rating
+    runner = StratifiedRunner(strata, update, user_state=[...], item_state=[...], label="PrunedMF")
+    for epoch in range(max_iter):
+        run = runner.run_epoch(epoch, {"lr": ..., ...})     # b sub-epochs; run.statistics summed
+        runner.state("user")[b]  -> RowState of user block b (read)
+        runner.set_state("item", [...])                     # between epochs: any NumPy change
+        stats, seconds = runner.evaluate(evaluate_fn, settings)  # read-only pass, VALIDATION cells
+    runner.close(); strata.release()
+
+``strata.users`` / ``strata.items`` (:class:`BlockLayout`) give each block's ids and per-row
+rating counts, for initialization, grouping and the final factor DataFrames.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pyspark import StorageLevel
+from pyspark.errors import IllegalArgumentException
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from spark_gpu_mf.executor.binding import bind
+from spark_gpu_mf.sgd import cells as cells_module
+from spark_gpu_mf.sgd.cells import (
+    CELL_SCHEMA,
+    RESULT_SCHEMA,
+    TRAIN,
+    VALIDATION,
+    CellFunction,
+    RowState,
+    pack_arrays,
+    sum_statistics,
+    unpack_arrays,
+)
+from spark_gpu_mf.spark.partitioning import key_of_block
+
+__all__ = [
+    "BlockLayout",
+    "EpochRun",
+    "Strata",
+    "StratifiedRunner",
+    "SubEpochRun",
+    "assign_blocks",
+    "build_strata",
+    "default_num_blocks",
+    "strata_order",
+]
+
+logger = logging.getLogger("spark_gpu_mf")
+
+# Above this many rows, an id -> (block, row) map is joined by a shuffle instead of a broadcast.
+_BROADCAST_MAP_ROWS = 20_000_000
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass
+class BlockLayout:
+    """The rows of one side (users or items) cut into blocks.
+
+    Attributes
+    ----------
+    name : str
+        ``"user"`` or ``"item"``.
+    ids : list of numpy.ndarray
+        ``ids[b]``: int32 ids of block ``b``'s rows, ascending; row ``r`` of the block is
+        ``ids[b][r]``.
+    counts : list of numpy.ndarray
+        ``counts[b]``: int64 training ratings of each row of block ``b``.
+    """
+
+    name: str
+    ids: list[np.ndarray]
+    counts: list[np.ndarray]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_rows(self) -> list[int]:
+        return [len(ids) for ids in self.ids]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.num_rows)
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(block, row)`` of each id (int32 arrays), ``(-1, -1)`` for ids not in the layout."""
+        ids = np.asarray(ids, dtype=np.int32)
+        block = np.full(len(ids), -1, np.int32)
+        row = np.full(len(ids), -1, np.int32)
+        for b, block_ids in enumerate(self.ids):
+            if len(block_ids) == 0:
+                continue
+            position = np.minimum(np.searchsorted(block_ids, ids), len(block_ids) - 1)
+            found = block_ids[position] == ids
+            block[found] = b
+            row[found] = position[found]
+        return block, row
+
+
+def assign_blocks(name: str, ids: np.ndarray, counts: np.ndarray, num_blocks: int) -> BlockLayout:
+    """Deal rows to ``num_blocks`` blocks so that every block gets a similar rating count.
+
+    Rows are sorted by count (descending; ties by id) and dealt in snake order (0, 1, .., b-1,
+    b-1, .., 0, ...), so each block gets one of the heaviest rows of every round: the blocks' total
+    counts differ by at most the largest count, and the result depends only on (ids, counts, b).
+    """
+    ids = np.asarray(ids, dtype=np.int32)
+    counts = np.asarray(counts, dtype=np.int64)
+    order = np.lexsort((ids, -counts))
+    rounds = np.arange(len(order)) // num_blocks
+    position = np.arange(len(order)) % num_blocks
+    block_of_rank = np.where(rounds % 2 == 0, position, num_blocks - 1 - position)
+    block_ids, block_counts = [], []
+    for b in range(num_blocks):
+        members = order[block_of_rank == b]
+        members = members[np.argsort(ids[members], kind="stable")]
+        block_ids.append(ids[members])
+        block_counts.append(counts[members])
+    return BlockLayout(name, block_ids, block_counts)
+
+
+def default_num_blocks(spark: SparkSession) -> int:
+    """One block per task slot: each sub-epoch is one wave of tasks."""
+    return max(1, spark.sparkContext.defaultParallelism)
+
+
+def strata_order(num_blocks: int, seed: int, epoch: int) -> list[int]:
+    """The order in which epoch ``epoch`` visits the strata: a permutation seeded by both."""
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x5D5, int(epoch)])
+    return [int(s) for s in rng.permutation(num_blocks)]
+
+
+# --------------------------------------------------------------------------- strata
+
+
+@dataclass
+class Strata:
+    """Ratings of one fit, cut into cached cells.
+
+    Attributes
+    ----------
+    num_blocks : int
+    seed : int
+    users, items : BlockLayout
+    cells : DataFrame
+        Cached ``CELL_SCHEMA`` rows (training and validation cells).
+    train_sizes, validation_sizes : numpy.ndarray
+        int64 ``(b, b)``: ratings per cell.
+    num_validation_unknown : int
+        Validation ratings left out because their user or item has no training rating.
+    """
+
+    spark: SparkSession
+    num_blocks: int
+    seed: int
+    users: BlockLayout
+    items: BlockLayout
+    cells: DataFrame
+    train_sizes: np.ndarray
+    validation_sizes: np.ndarray
+    num_validation_unknown: int = 0
+    setup_seconds: float = 0.0
+
+    @property
+    def num_ratings(self) -> int:
+        return int(self.train_sizes.sum())
+
+    @property
+    def num_validation(self) -> int:
+        return int(self.validation_sizes.sum())
+
+    def kind(self, kind: int) -> DataFrame:
+        return self.cells.filter(F.col("kind") == kind)
+
+    def release(self) -> None:
+        """Unpersist the cached cells."""
+        self.cells.unpersist()
+
+
+def _counts(ratings: DataFrame, key: str, has_validation: bool) -> tuple[np.ndarray, ...]:
+    """``(ids, training counts, validation counts)`` per distinct id, collected through Arrow."""
+    is_validation = F.col("is_validation") if has_validation else F.lit(False)
+    table = (
+        ratings.groupBy(F.col(key).alias("id"))
+        .agg(
+            F.sum(F.when(is_validation, 0).otherwise(1)).cast("long").alias("train"),
+            F.sum(F.when(is_validation, 1).otherwise(0)).cast("long").alias("validation"),
+        )
+        .toArrow()
+    )
+    ids = table.column("id").to_numpy().astype(np.int32)
+    train = table.column("train").to_numpy().astype(np.int64)
+    validation = table.column("validation").to_numpy().astype(np.int64)
+    return ids, train, validation
+
+
+def _row_map(spark: SparkSession, layout: BlockLayout, prefix: str) -> DataFrame:
+    block = np.concatenate(
+        [np.full(n, b, np.int32) for b, n in enumerate(layout.num_rows)] or [np.zeros(0, np.int32)]
+    )
+    row = np.concatenate([np.arange(n, dtype=np.int32) for n in layout.num_rows] or [block])
+    ids = np.concatenate(layout.ids) if layout.ids else np.zeros(0, np.int32)
+    table = pa.table({prefix: ids, f"{prefix[0]}b": block, f"{prefix[0]}l": row})
+    frame = spark.createDataFrame(table)
+    return F.broadcast(frame) if len(ids) <= _BROADCAST_MAP_ROWS else frame
+
+
+def build_strata(
+    spark: SparkSession,
+    ratings: DataFrame,
+    *,
+    num_blocks: int,
+    seed: int,
+    has_validation: bool = False,
+    storage_level: StorageLevel = StorageLevel.MEMORY_AND_DISK,
+    label: str = "SGD",
+) -> Strata:
+    """Cut validated ratings into the cached cells of ``num_blocks x num_blocks`` strata.
+
+    Parameters
+    ----------
+    ratings : DataFrame
+        ``user int, item int, rating float`` (see ``validation.validated_ratings``), plus a
+        non-null boolean ``is_validation`` column when ``has_validation``: those rows are held
+        out of training and cut into validation cells with the same blocks.
+    num_blocks : int
+        ``b``; partitions of the cached cells and tasks per sub-epoch.
+    seed : int
+        Seeds the visiting order inside every cell.
+
+    Raises
+    ------
+    IllegalArgumentException
+        When there is no training rating (Spark ALS's message).
+    """
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    started = time.perf_counter()
+    sc = spark.sparkContext
+    sc.setJobDescription(f"spark_gpu_mf {label}: count ratings per user and item")
+    ratings = ratings.persist(storage_level)
+    try:
+        user_ids, user_train, user_val = _counts(ratings, "user", has_validation)
+        item_ids, item_train, _ = _counts(ratings, "item", has_validation)
+        if user_train.sum() == 0:
+            raise IllegalArgumentException(
+                desc=f"requirement failed: No ratings available from {ratings}", stackTrace=""
+            )
+        known_users, known_items = user_train > 0, item_train > 0
+        users = assign_blocks("user", user_ids[known_users], user_train[known_users], num_blocks)
+        items = assign_blocks("item", item_ids[known_items], item_train[known_items], num_blocks)
+        total_validation = int(user_val.sum())
+
+        joined = ratings.join(_row_map(spark, users, "user"), "user").join(
+            _row_map(spark, items, "item"), "item"
+        )
+        kind = (
+            F.when(F.col("is_validation"), VALIDATION).otherwise(TRAIN)
+            if has_validation
+            else F.lit(TRAIN)
+        )
+        keyed = joined.select(
+            key_of_block(F.col("ub"), num_blocks).alias("pkey"),
+            kind.alias("kind"),
+            (F.col("ub") * num_blocks + F.col("ib")).alias("cell"),
+            "ub",
+            "ul",
+            "ib",
+            "il",
+            "rating",
+        ).repartition(num_blocks, "pkey")
+        cells = keyed.groupBy("pkey", "kind", "cell").applyInPandas(
+            bind(cells_module.build_cells, num_blocks=num_blocks, seed=seed), CELL_SCHEMA
+        )
+        cells = cells.persist(storage_level)
+        sc.setJobDescription(f"spark_gpu_mf {label}: build rating cells")
+        meta = cells.select("kind", "user_block", "item_block", "size").toArrow()
+    except BaseException:
+        ratings.unpersist()
+        sc.setJobDescription(None)
+        raise
+    ratings.unpersist()
+    sizes = np.zeros((2, num_blocks, num_blocks), np.int64)
+    np.add.at(
+        sizes,
+        (
+            meta.column("kind").to_numpy(),
+            meta.column("user_block").to_numpy(),
+            meta.column("item_block").to_numpy(),
+        ),
+        meta.column("size").to_numpy(),
+    )
+    sc.setJobDescription(None)
+    return Strata(
+        spark=spark,
+        num_blocks=num_blocks,
+        seed=seed,
+        users=users,
+        items=items,
+        cells=cells,
+        train_sizes=sizes[TRAIN],
+        validation_sizes=sizes[VALIDATION],
+        num_validation_unknown=total_validation - int(sizes[VALIDATION].sum()),
+        setup_seconds=time.perf_counter() - started,
+    )
+
+
+# --------------------------------------------------------------------------- running epochs
+
+
+@dataclass
+class SubEpochRun:
+    """One sub-epoch: its stratum, wall time, and the time tasks spent in the update function
+    (the rest of ``seconds`` is Spark and data movement)."""
+
+    stratum: int
+    seconds: float
+    cells: int
+    max_task_seconds: float
+    sum_task_seconds: float
+
+    @property
+    def overhead_seconds(self) -> float:
+        return max(0.0, self.seconds - self.max_task_seconds)
+
+
+@dataclass
+class EpochRun:
+    """One epoch: summed statistics of all its cells, and its sub-epochs."""
+
+    epoch: int
+    statistics: dict[str, np.ndarray]
+    seconds: float
+    sub_epochs: list[SubEpochRun] = field(default_factory=list)
+
+    @property
+    def overhead_seconds(self) -> float:
+        return sum(s.overhead_seconds for s in self.sub_epochs)
+
+
+_SIDES = ("user", "item")
+
+
+class StratifiedRunner:
+    """Runs sub-epochs of an estimator's per-cell update over :class:`Strata`.
+
+    Parameters
+    ----------
+    strata : Strata
+    update : CellFunction
+        Module-level executor function (see the module docstring).
+    user_state, item_state : list of RowState
+        Initial per-row state of every block (``len == num_blocks``; arrays with the block's rows
+        on axis 0). The runner owns the lists; read them with :meth:`state` and replace blocks
+        with :meth:`set_state` / :meth:`set_block` so that stale broadcasts are dropped.
+    label : str
+        Estimator name for Spark job descriptions and log lines.
+    """
+
+    def __init__(
+        self,
+        strata: Strata,
+        update: CellFunction,
+        *,
+        user_state: Sequence[RowState],
+        item_state: Sequence[RowState],
+        label: str = "SGD",
+    ):
+        self.strata = strata
+        self.spark = strata.spark
+        self.sc = strata.spark.sparkContext
+        self.update = update
+        self.label = label
+        b = strata.num_blocks
+        self._state: dict[str, list[RowState]] = {"user": [], "item": []}
+        self._broadcasts: dict[tuple[str, int], Any] = {}
+        self.set_state("user", user_state)
+        self.set_state("item", item_state)
+        self._train = strata.kind(TRAIN)
+        self._strata_cells = [
+            [(p, (p + s) % b) for p in range(b) if strata.train_sizes[p, (p + s) % b] > 0]
+            for s in range(b)
+        ]
+
+    # ------------------------------------------------------------------ state
+    def state(self, side: str) -> list[RowState]:
+        """The current row state of every block of ``side`` (``"user"`` or ``"item"``)."""
+        return self._state[side]
+
+    def set_state(self, side: str, blocks: Sequence[RowState]) -> None:
+        """Replace the state of every block of ``side``."""
+        if side not in _SIDES:
+            raise ValueError(f"side must be 'user' or 'item', got {side!r}")
+        if len(blocks) != self.strata.num_blocks:
+            raise ValueError(f"expected {self.strata.num_blocks} {side} blocks, got {len(blocks)}")
+        self._state[side] = [dict(block) for block in blocks]
+        for b in range(self.strata.num_blocks):
+            self._drop_broadcast(side, b)
+
+    def set_block(self, side: str, block: int, arrays: RowState) -> None:
+        """Replace the state of one block."""
+        self._state[side][block] = dict(arrays)
+        self._drop_broadcast(side, block)
+
+    def _drop_broadcast(self, side: str, block: int) -> None:
+        handle = self._broadcasts.pop((side, block), None)
+        if handle is not None:
+            handle.destroy(blocking=False)
+
+    def _handle(self, side: str, block: int):
+        handle = self._broadcasts.get((side, block))
+        if handle is None:
+            handle = self.sc.broadcast(pack_arrays(self._state[side][block]))
+            self._broadcasts[(side, block)] = handle
+        return handle
+
+    def _handles(self, pairs: Sequence[tuple[int, int]]):
+        b = self.strata.num_blocks
+        users: list[Any] = [None] * b
+        items: list[Any] = [None] * b
+        for user_block, item_block in pairs:
+            users[user_block] = self._handle("user", user_block)
+            items[item_block] = self._handle("item", item_block)
+        return users, items
+
+    # ------------------------------------------------------------------ epochs
+    def _describe(self, text: str) -> None:
+        self.sc.setJobDescription(f"spark_gpu_mf {self.label}: {text}")
+
+    def run_epoch(
+        self, epoch: int, settings: Mapping[str, Any] | None = None, *, max_iter: int = 0
+    ) -> EpochRun:
+        """Run the ``b`` sub-epochs of ``epoch`` (0-based) and return their summed statistics.
+
+        ``settings`` (plain, picklable values) reach every task together with ``epoch``,
+        ``sub_epoch`` and ``stratum``.
+        """
+        started = time.perf_counter()
+        b = self.strata.num_blocks
+        results: list[tuple[tuple[int, int], dict[str, np.ndarray]]] = []
+        sub_epochs = []
+        total = f"/{max_iter}" if max_iter else ""
+        for sub_epoch, stratum in enumerate(strata_order(b, self.strata.seed, epoch)):
+            pairs = self._strata_cells[stratum]
+            if not pairs:
+                continue
+            sub_started = time.perf_counter()
+            users, items = self._handles(pairs)
+            task_settings = cells_module.settings_for(
+                settings, epoch=epoch, sub_epoch=sub_epoch, stratum=stratum
+            )
+            self._describe(f"epoch {epoch + 1}{total}, sub-epoch {sub_epoch + 1}/{b}")
+            table = (
+                self._train.filter(F.col("stratum") == stratum)
+                .mapInArrow(
+                    bind(
+                        cells_module.update_cells,
+                        update=self.update,
+                        user_blocks=users,
+                        item_blocks=items,
+                        settings=task_settings,
+                    ),
+                    RESULT_SCHEMA,
+                )
+                .toArrow()
+            )
+            task_seconds = self._absorb(table, pairs, results)
+            sub_epochs.append(
+                SubEpochRun(
+                    stratum=stratum,
+                    seconds=time.perf_counter() - sub_started,
+                    cells=len(pairs),
+                    max_task_seconds=max(task_seconds, default=0.0),
+                    sum_task_seconds=float(sum(task_seconds)),
+                )
+            )
+        self.sc.setJobDescription(None)
+        results.sort(key=lambda item: item[0])
+        statistics = sum_statistics([stats for _, stats in results])
+        return EpochRun(epoch, statistics, time.perf_counter() - started, sub_epochs)
+
+    def _absorb(self, table: pa.Table, pairs, results) -> list[float]:
+        """Take the updated blocks of a sub-epoch's result rows; check every cell came back."""
+        rows = table.to_pylist()
+        returned = sorted((r["user_block"], r["item_block"]) for r in rows)
+        if returned != sorted(pairs):
+            raise RuntimeError(
+                f"{self.label}: a sub-epoch returned cells {returned}, expected {sorted(pairs)}"
+            )
+        seconds = []
+        for row in rows:
+            user_block, item_block = row["user_block"], row["item_block"]
+            self.set_block("user", user_block, unpack_arrays(row["user_state"], copy=False))
+            self.set_block("item", item_block, unpack_arrays(row["item_state"], copy=False))
+            results.append(((user_block, item_block), unpack_arrays(row["stats"], copy=False)))
+            seconds.append(row["seconds"])
+        return seconds
+
+    def evaluate(
+        self,
+        evaluate: CellFunction,
+        settings: Mapping[str, Any] | None = None,
+        *,
+        kind: int = VALIDATION,
+        label: str = "evaluate",
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """Run a read-only ``evaluate`` function over all cells of ``kind`` in one job.
+
+        Returns the statistics summed in cell order and the wall time. Blocks are broadcast as
+        for a sub-epoch (the broadcasts are then reused by the next sub-epoch).
+        """
+        started = time.perf_counter()
+        sizes = self.strata.validation_sizes if kind == VALIDATION else self.strata.train_sizes
+        pairs = [tuple(int(x) for x in p) for p in np.argwhere(sizes > 0)]
+        if not pairs:
+            return {}, 0.0
+        users, items = self._handles(pairs)
+        self._describe(label)
+        table = (
+            self.strata.kind(kind)
+            .mapInArrow(
+                bind(
+                    cells_module.evaluate_cells,
+                    evaluate=evaluate,
+                    user_blocks=users,
+                    item_blocks=items,
+                    settings=dict(settings or {}),
+                ),
+                RESULT_SCHEMA,
+            )
+            .toArrow()
+        )
+        self.sc.setJobDescription(None)
+        rows = sorted(table.to_pylist(), key=lambda r: (r["user_block"], r["item_block"]))
+        statistics = sum_statistics([unpack_arrays(r["stats"], copy=False) for r in rows])
+        return statistics, time.perf_counter() - started
+
+    def close(self) -> None:
+        """Destroy every broadcast the runner made."""
+        for key in list(self._broadcasts):
+            self._drop_broadcast(*key)
+
+
+def merged_ids(layout: BlockLayout) -> np.ndarray:
+    """All ids of a layout, block after block (the row order of :func:`merged_rows`)."""
+    return np.concatenate(layout.ids) if layout.ids else np.zeros(0, np.int32)
+
+
+def merged_rows(blocks: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-block arrays stacked block after block (matching :func:`merged_ids`)."""
+    return np.concatenate(list(blocks)) if len(blocks) else np.zeros((0,))
+
+
+def epochs_log_line(label: str, epoch: int, max_iter: int, seconds: float, metrics: Mapping) -> str:
+    extra = "".join(f", {k} {v:.6g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+    return f"{label} epoch {epoch}/{max_iter}: {seconds:.3f}s{extra}"
