@@ -323,21 +323,22 @@ class _FailingModule:
 
 
 def test_out_of_memory_halves_the_batch_then_falls_back_to_numpy(module, monkeypatch):
-    monkeypatch.setattr(cupy_backend, "_MIN_BUDGET", 1 << 20)
+    monkeypatch.setattr(cupy_backend, "_MIN_BUDGET", 1 << 16)
     rng = np.random.default_rng(9)
-    indptr, indices, ratings, src = make_block(rng, rng.integers(1, 30, 400), 300, 100)
-    # 16 MiB holds 399 rows of rank 100; the failing module accepts batches of 200 rows.
-    config = SolveConfig(rank=100, reg_param=0.1, solver="cg", memory_budget_bytes=16 << 20)
+    indptr, indices, ratings, src = make_block(rng, rng.integers(1, 30, 120), 300, 32)
+    # A batch row of rank 32 takes 4752 bytes: 600 kB holds 126 rows, 150 kB holds 31; the
+    # failing module accepts CG launches of at most 40 rows (one block per row).
+    config = SolveConfig(rank=32, reg_param=0.1, solver="cg", memory_budget_bytes=600_000)
     args = (indptr, indices, ratings, src, None, config, None)
     reference = numpy_backend.update_block(*args)
     unlimited = cupy_backend._update_block(cupy_backend.Device(module), *args)
 
-    shrinking_module = _FailingModule(module, limit=200)
+    shrinking_module = _FailingModule(module, limit=40)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # shrinking alone must not warn
         x = cupy_backend._update_block(cupy_backend.Device(shrinking_module), *args)
     np.testing.assert_array_equal(x, unlimited)  # rows are independent of the batching
-    assert shrinking_module.calls > 4  # failed launches, then two batches of two kernels
+    assert shrinking_module.calls > 4  # failed launches, then batches of two kernels each
 
     hopeless = cupy_backend.Device(_FailingModule(module, limit=0))
     with pytest.warns(RuntimeWarning, match="NumPy backend"):
