@@ -255,3 +255,21 @@ def test_the_driver_never_imports_cupy():
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_cupy_backend_has_numpy_backends_functions_and_signatures():
+    """Executors call either module the same way; CuPy is not needed to check that."""
+    import inspect
+
+    from spark_gpu_mf.backends import cupy_backend
+
+    assert sorted(cupy_backend.__all__) == sorted(numpy_backend.__all__)
+    assert cupy_backend.SolveConfig is numpy_backend.SolveConfig
+    for name in numpy_backend.__all__:
+        if name == "SolveConfig":
+            continue
+        ours = inspect.signature(getattr(cupy_backend, name)).parameters.values()
+        theirs = inspect.signature(getattr(numpy_backend, name)).parameters.values()
+        assert [(p.name, p.kind, p.default) for p in ours] == [
+            (p.name, p.kind, p.default) for p in theirs
+        ], name

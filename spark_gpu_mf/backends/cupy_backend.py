@@ -209,24 +209,30 @@ def normal_equations(
     yty=None,
     rows=None,
     memory_budget_bytes: int = 256 * _MIB,
+    accumulate: str = "float64",
 ):
-    """``numpy_backend.normal_equations`` on the GPU: float64 ``A`` and ``b`` of ``rows``."""
+    """``numpy_backend.normal_equations`` on the GPU: ``A`` and float64 ``b`` of ``rows``.
+
+    The kernel always accumulates in compensated float32 and finishes in float64 (see the
+    module docstring); ``accumulate`` only chooses the dtype of the returned ``A``, as in NumPy.
+    """
     return _normal_equations(
         _device(), indptr, indices, ratings, src_factors, reg_param=reg_param,
         implicit=implicit, alpha=alpha, yty=yty, rows=rows,
-        memory_budget_bytes=memory_budget_bytes,
+        memory_budget_bytes=memory_budget_bytes, accumulate=accumulate,
     )  # fmt: skip
 
 
 def _normal_equations(
     dev, indptr, indices, ratings, src_factors, *, reg_param, implicit=False, alpha=1.0,
-    yty=None, rows=None, memory_budget_bytes=256 * _MIB,
+    yty=None, rows=None, memory_budget_bytes=256 * _MIB, accumulate="float64",
 ):  # fmt: skip
     if implicit and yty is None:
         raise ValueError("implicit normal equations need the Gram matrix yty")
+    dtype = {"float64": np.float64, "float32": np.float32}[accumulate]
     rank = np.shape(src_factors)[1]
     rows = np.arange(len(indptr) - 1) if rows is None else np.asarray(rows)
-    A_out = np.empty((len(rows), rank, rank))
+    A_out = np.empty((len(rows), rank, rank), dtype=dtype)
     b_out = np.empty((len(rows), rank))
     if len(rows) == 0:
         return A_out, b_out
@@ -234,7 +240,7 @@ def _normal_equations(
     for part in _row_batches(len(rows), 8 * rank * rank + 16 * rank, memory_budget_bytes):
         rows_d = dev.xp.asarray(rows[part].astype(np.int64))
         A, _, _, b = _build(
-            dev, block, rows_d, np.float64, reg_param=reg_param, implicit=implicit, alpha=alpha
+            dev, block, rows_d, dtype, reg_param=reg_param, implicit=implicit, alpha=alpha
         )
         A_out[part] = dev.to_host(A)
         b_out[part] = dev.to_host(b)
