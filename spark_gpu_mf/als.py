@@ -283,8 +283,7 @@ class ALS(
         """Spark's schema check: numeric user, item and rating columns."""
         check_numeric_column(schema, self.getUserCol())
         check_numeric_column(schema, self.getItemCol())
-        if self.getRatingCol():
-            check_numeric_column(schema, self.getRatingCol())
+        check_numeric_column(schema, self.getRatingCol())
         return schema
 
     def _job(self, spark) -> AlsJob:

@@ -100,15 +100,10 @@ def validated_ratings(
     errors are raised by the first job that reads the result.
     """
     schema = dataset.schema
-    check_numeric_column(schema, user_col)
-    check_numeric_column(schema, item_col)
-    if rating_col:
-        check_numeric_column(schema, rating_col)
-        rating = checked_rating(dataset, rating_col)
-    else:
-        rating = F.lit(1.0).cast(T.FloatType())
+    for column in (user_col, item_col, rating_col):
+        check_numeric_column(schema, column)
     return dataset.select(
         checked_id(dataset, user_col).alias("user"),
         checked_id(dataset, item_col).alias("item"),
-        rating.alias("rating"),
+        checked_rating(dataset, rating_col).alias("rating"),
     )

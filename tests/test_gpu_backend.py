@@ -273,3 +273,19 @@ def test_cupy_backend_has_numpy_backends_functions_and_signatures():
         assert [(p.name, p.kind, p.default) for p in ours] == [
             (p.name, p.kind, p.default) for p in theirs
         ], name
+
+
+def test_auto_on_a_cpu_cluster_is_numpy_without_a_warning(monkeypatch, fresh_warning_state):
+    """A cluster that schedules no GPUs is a CPU cluster: 'auto' is NumPy, silently."""
+    monkeypatch.setattr(backends, "_task_gpu_address", lambda: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.select_backend("auto", local_mode=False) is numpy_backend
+
+
+def test_auto_in_local_mode_without_cupy_is_numpy_without_a_warning(monkeypatch, fresh_warning_state):
+    monkeypatch.setattr(backends, "_task_gpu_address", lambda: None)
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.select_backend("auto", local_mode=True) is numpy_backend

@@ -95,6 +95,12 @@ def _local_ordinal(device_count: int) -> int:
     return partition % max(device_count, 1)
 
 
+def _numpy() -> ModuleType:
+    from spark_gpu_mf.backends import numpy_backend
+
+    return numpy_backend
+
+
 def _fallback(reason: str) -> ModuleType:
     global _warned_fallback
     with _warn_lock:
@@ -103,9 +109,7 @@ def _fallback(reason: str) -> ModuleType:
             warnings.warn(
                 f"backend='auto' runs on NumPy (CPU): {reason}", RuntimeWarning, stacklevel=3
             )
-    from spark_gpu_mf.backends import numpy_backend
-
-    return numpy_backend
+    return _numpy()
 
 
 def select_backend(
@@ -129,19 +133,20 @@ def select_backend(
         like ``"cupy"`` instead of running on NumPy.
     """
     if requested == "numpy":
-        from spark_gpu_mf.backends import numpy_backend
-
-        return numpy_backend
+        return _numpy()
     if requested not in ("auto", "cupy"):
         raise ValueError(f"unknown backend {requested!r}; expected 'auto', 'cupy' or 'numpy'")
     strict = requested == "cupy" or not cpu_fallback
     address = _task_gpu_address()
     use_local_rule = address is None and (local_mode or (local_mode is None and strict))
     if address is None and not use_local_rule:
-        reason = f"this Spark task was given no GPU ({_CONF_HINT})"
         if strict:
+            reason = f"this Spark task was given no GPU ({_CONF_HINT})"
             raise BackendUnavailableError(f"backend={requested!r} cannot run: {reason}")
-        return _fallback(reason)
+        # A cluster that schedules no GPUs is a CPU cluster: NumPy is the expected backend.
+        return _numpy()
+    if address is None and not strict and importlib.util.find_spec("cupy") is None:
+        return _numpy()  # local mode without the gpu extra: a CPU setup, nothing to warn about
     problem = _cupy_problem()
     if problem is not None:
         if strict:

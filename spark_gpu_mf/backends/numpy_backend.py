@@ -288,12 +288,12 @@ def solve_cg(
     else:
         raise ValueError(f"unknown precision {precision!r}")
     diag = np.einsum("bii->bi", A).astype(np.float32)
-    inv_diag = np.float32(1.0) / diag
+    # An all-zero row (no ratings, no regularization) keeps its start value instead of NaN.
+    inv_diag = np.divide(1.0, diag, out=np.zeros_like(diag), where=diag != 0)
 
     def matvec(v):
-        return np.matmul(stored, v[:, :, None].astype(stored.dtype), dtype=np.float32)[
-            :, :, 0
-        ] * scale[:, None]
+        # The stored matrix may be float16; the vector and the products stay float32.
+        return np.matmul(stored, v[:, :, None], dtype=np.float32)[:, :, 0] * scale[:, None]
 
     b32 = b.astype(np.float32)
     x = x0.astype(np.float32).copy()

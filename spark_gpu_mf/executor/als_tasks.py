@@ -31,7 +31,7 @@ from spark_gpu_mf.backends.numpy_backend import SolveConfig
 from spark_gpu_mf.backends.spark_random import initial_factors
 from spark_gpu_mf.errors import InconsistentBlocksError
 from spark_gpu_mf.executor.blocks import Block, from_bytes, to_bytes
-from spark_gpu_mf.executor.runtime import executor_backend, limit_blas_threads
+from spark_gpu_mf.executor.runtime import BackendChoice, executor_backend, limit_blas_threads
 
 FACTORS, GRAM, OWN = 0, 1, 2
 
@@ -45,7 +45,7 @@ class TaskSettings:
     """Plain values every half-iteration task needs."""
 
     config: SolveConfig
-    backend: str
+    backend: BackendChoice
     blas_threads: int
 
 

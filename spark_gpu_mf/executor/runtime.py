@@ -3,22 +3,43 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Optional, Union
 
 
-def executor_backend(requested: str) -> ModuleType:
+@dataclass(frozen=True)
+class BackendChoice:
+    """What the driver knows about the backend a task should use, as plain values.
+
+    Executors cannot tell local mode from a cluster reliably, so the driver records it.
+    """
+
+    requested: str = "auto"
+    local_mode: Optional[bool] = None
+    cpu_fallback: bool = True
+
+    @classmethod
+    def for_session(cls, spark, requested: str) -> "BackendChoice":
+        from spark_gpu_mf import conf
+
+        master = spark.sparkContext.master or ""
+        return cls(requested, master.startswith("local"), conf.CPU_FALLBACK.get(spark))
+
+
+def executor_backend(choice: Union[BackendChoice, str]) -> ModuleType:
     """The backend module for this task (``numpy_backend`` or ``cupy_backend``).
 
     Device selection and the CPU fallback live in ``spark_gpu_mf.backends.select_backend``.
+    A plain backend name leaves local mode undecided (see ``select_backend``).
     """
-    from spark_gpu_mf import backends
+    from spark_gpu_mf.backends import select_backend
 
-    select = getattr(backends, "select_backend", None)
-    if select is None:  # the GPU backend has not landed yet: NumPy only
-        from spark_gpu_mf.backends import numpy_backend
-
-        return numpy_backend
-    return select(requested)
+    if isinstance(choice, str):
+        choice = BackendChoice(choice)
+    return select_backend(
+        choice.requested, local_mode=choice.local_mode, cpu_fallback=choice.cpu_fallback
+    )
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from spark_gpu_mf.executor.binding import bind, bind_pair
+from spark_gpu_mf.executor.runtime import BackendChoice
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -190,7 +191,7 @@ class _Trainer:
     def _settings(self, side: Side) -> TaskSettings:
         return TaskSettings(
             config=self.job.solve_config(),
-            backend=self.job.backend,
+            backend=BackendChoice.for_session(self.spark, self.job.backend),
             blas_threads=_blas_threads(self.spark, self.job.blas_threads, side.num_partitions),
         )
 

@@ -22,7 +22,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
-from spark_gpu_mf.executor.runtime import executor_backend
+from spark_gpu_mf.executor.runtime import BackendChoice, executor_backend
 from spark_gpu_mf.spark.factors import collect_factors
 
 
@@ -68,7 +68,7 @@ def top_k_against_broadcast(
     block_size: int,
     src_col: str,
     dst_col: str,
-    backend: str,
+    backend: BackendChoice,
 ) -> Iterator[pa.RecordBatch]:
     """mapInArrow body: top ``num`` broadcast candidates for each source row, ``block_size`` at
     a time."""
@@ -96,7 +96,7 @@ def _blockify(batches: Iterator[pa.RecordBatch], block_size: int) -> Iterator[pa
             )
 
 
-def _block_top_k(batches, num: int, backend: str) -> Iterator[pa.RecordBatch]:
+def _block_top_k(batches, num: int, backend: BackendChoice) -> Iterator[pa.RecordBatch]:
     """mapInArrow body: top ``num`` of one destination block for each source row of a block."""
     compute = executor_backend(backend)
     for batch in batches:
@@ -127,6 +127,7 @@ def recommend_for_all(
     backend: str = "auto",
 ) -> DataFrame:
     """Top ``num`` destination ids for every source id, as Spark's ``ALSModel.recommendForAll``."""
+    choice = BackendChoice.for_session(spark, backend)
     schema = recommendation_schema(src_col, dst_col)
     src = src.select("id", "features")
     dst = dst.select("id", "features")
@@ -142,10 +143,10 @@ def recommend_for_all(
             block_size=block_size,
             src_col=src_col,
             dst_col=dst_col,
-            backend=backend,
+            backend=choice,
         )
         return src.mapInArrow(body, schema)
-    return _recommend_cross_join(src, dst, src_col, dst_col, num, block_size, backend, schema)
+    return _recommend_cross_join(src, dst, src_col, dst_col, num, block_size, choice, schema)
 
 
 def _recommend_cross_join(src, dst, src_col, dst_col, num, block_size, backend, schema):
