@@ -133,19 +133,19 @@ def test_build_strata_covers_every_rating_once(spark):
         assert strata.num_validation == int(known.sum())
         assert strata.num_validation_unknown == int((validation & ~known).sum())
         seen = {TRAIN: [], VALIDATION: []}
-        rows = strata.cells.toArrow().to_pylist()
-        assert strata.cells.rdd.getNumPartitions() == 3
-        for row in rows:
-            ub, ib = row["user_block"], row["item_block"]
-            assert row["stratum"] == (ib - ub) % 3
-            u = np.frombuffer(row["users"], np.int32)
-            i = np.frombuffer(row["items"], np.int32)
-            r = np.frombuffer(row["ratings"], np.float32)
-            assert len(u) == row["size"] == strata.train_sizes[ub, ib] * (
-                row["kind"] == TRAIN
-            ) + strata.validation_sizes[ub, ib] * (row["kind"] == VALIDATION)
-            ids_u, ids_i = strata.users.ids[ub][u], strata.items.ids[ib][i]
-            seen[row["kind"]] += list(zip(ids_u.tolist(), ids_i.tolist(), r.tolist()))
+        assert strata.cells.getNumPartitions() == 2 * 3 * 3
+        partitions = strata.cells.glom().collect()
+        for index, records in enumerate(partitions):
+            assert len(records) <= 1  # one cell per partition
+            for key, (kind, ub, ib, users, items, ratings) in records:
+                assert key == index == strata.partition(kind, ub, ib)
+                u = np.frombuffer(users, np.int32)
+                i = np.frombuffer(items, np.int32)
+                r = np.frombuffer(ratings, np.float32)
+                sizes = strata.train_sizes if kind == TRAIN else strata.validation_sizes
+                assert len(u) == len(i) == len(r) == sizes[ub, ib] > 0
+                ids_u, ids_i = strata.users.ids[ub][u], strata.items.ids[ib][i]
+                seen[kind] += list(zip(ids_u.tolist(), ids_i.tolist(), r.tolist()))
         expected_train = sorted(zip(user[~validation].tolist(), item[~validation].tolist(),
                                     rating[~validation].tolist()))  # fmt: skip
         assert sorted(seen[TRAIN]) == expected_train

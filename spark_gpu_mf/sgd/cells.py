@@ -2,10 +2,11 @@
 
 A *cell* holds the ratings whose user lies in user block ``bu`` and whose item lies in item block
 ``bi``, as three aligned arrays of block-local row numbers and ratings, in a fixed, seeded order.
-Cells are built once per fit by :func:`build_cells` and cached as rows of ``CELL_SCHEMA``; each
-sub-epoch then runs :func:`update_cells` on the cells of one stratum (see ``stratified.py``).
+Cells are built once per fit by :func:`build_cells` and cached as an RDD with one cell per
+partition; each sub-epoch then runs :func:`update_cells` on the partitions of one stratum (see
+``stratified.py``).
 
-Everything here is a plain module-level function over NumPy/Arrow values, so it pickles small
+Everything here is a plain module-level function over NumPy values, so it pickles small
 and is testable without Spark. Per-row state travels between driver and executors as
 :func:`pack_arrays` bytes: a JSON header and raw buffers, never pickle.
 """
@@ -15,24 +16,24 @@ from __future__ import annotations
 import json
 import struct
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 __all__ = [
     "CELL_SCHEMA",
-    "RESULT_SCHEMA",
     "TRAIN",
     "VALIDATION",
     "Cell",
     "CellFunction",
+    "CellResult",
     "RowState",
     "build_cells",
     "cell_order",
+    "cell_record",
     "evaluate_cells",
     "pack_arrays",
     "unpack_arrays",
@@ -41,16 +42,11 @@ __all__ = [
 
 TRAIN, VALIDATION = 0, 1
 
-# One row per non-empty (kind, user block, item block). ``pkey`` places user block ``bu`` on
-# partition ``bu mod partitions``; ``stratum = (bi - bu) mod b`` names the sub-epoch of the cell.
+# One row per non-empty (kind, user block, item block) cell. ``index`` is the cell's partition in
+# the cached cell RDD: ``bu * b + bi`` for training cells, ``b * b`` more for validation cells.
 CELL_SCHEMA = (
-    "pkey int, kind int, cell int, user_block int, item_block int, stratum int, size long, "
-    "users binary, items binary, ratings binary"
-)
-# What a task returns per cell: the updated row state of both blocks and its statistics.
-RESULT_SCHEMA = (
-    "user_block int, item_block int, user_state binary, item_state binary, stats binary, "
-    "seconds double"
+    "index int, kind int, user_block int, item_block int, size long, users binary, "
+    "items binary, ratings binary"
 )
 
 #: Per-row arrays of one block (factors and optimizer state); axis 0 is the block's rows.
@@ -163,12 +159,12 @@ def cell_order(
     return canonical[rng.permutation(len(canonical))]
 
 
-def build_cells(frame: pd.DataFrame, *, num_blocks: int, seed: int) -> pd.DataFrame:
-    """``applyInPandas`` over one (pkey, kind, cell) group: the cell as one ``CELL_SCHEMA`` row.
+def build_cells(frame: pd.DataFrame, *, seed: int) -> pd.DataFrame:
+    """``applyInPandas`` over one cell (group by ``index``): the cell as one ``CELL_SCHEMA`` row.
 
-    Input columns: ``pkey, kind, cell, ub, ul, ib, il, rating`` (block and block-local row of the
-    user and the item). Training cells get the seeded shuffle of :func:`cell_order`; validation
-    cells keep the canonical sorted order (they are only read).
+    Input columns: ``index, kind, ub, ul, ib, il, rating`` (block and block-local row of the user
+    and the item). Training cells get the seeded shuffle of :func:`cell_order`; validation cells
+    keep the canonical sorted order (they are only read).
     """
     kind = int(frame["kind"].iat[0])
     user_block, item_block = int(frame["ub"].iat[0]), int(frame["ib"].iat[0])
@@ -181,12 +177,10 @@ def build_cells(frame: pd.DataFrame, *, num_blocks: int, seed: int) -> pd.DataFr
         order = np.lexsort((ratings, items, users))
     return pd.DataFrame(
         {
-            "pkey": [int(frame["pkey"].iat[0])],
+            "index": [int(frame["index"].iat[0])],
             "kind": [kind],
-            "cell": [int(frame["cell"].iat[0])],
             "user_block": [user_block],
             "item_block": [item_block],
-            "stratum": [(item_block - user_block) % num_blocks],
             "size": [len(order)],
             "users": [_to_bytes(users[order])],
             "items": [_to_bytes(items[order])],
@@ -195,20 +189,28 @@ def build_cells(frame: pd.DataFrame, *, num_blocks: int, seed: int) -> pd.DataFr
     )
 
 
-def _cells_of(batch: pa.RecordBatch) -> Iterator[Cell]:
-    columns = {name: batch.column(name) for name in batch.schema.names}
+def cell_record(row) -> tuple[int, tuple]:
+    """A ``CELL_SCHEMA`` row as the ``(partition index, payload)`` record of the cell RDD."""
+    payload = (
+        int(row["kind"]),
+        int(row["user_block"]),
+        int(row["item_block"]),
+        bytes(row["users"]),
+        bytes(row["items"]),
+        bytes(row["ratings"]),
+    )
+    return int(row["index"]), payload
 
-    def array(name: str, row: int, dtype) -> np.ndarray:
-        return np.frombuffer(columns[name][row].as_buffer(), dtype=dtype)
 
-    for row in range(batch.num_rows):
+def _cells_of(records: Iterable[tuple[int, tuple]]) -> Iterator[Cell]:
+    for _, (kind, user_block, item_block, users, items, ratings) in records:
         yield Cell(
-            user_block=columns["user_block"][row].as_py(),
-            item_block=columns["item_block"][row].as_py(),
-            users=array("users", row, np.int32),
-            items=array("items", row, np.int32),
-            ratings=array("ratings", row, np.float32),
-            kind=columns["kind"][row].as_py(),
+            user_block=user_block,
+            item_block=item_block,
+            users=np.frombuffer(users, np.int32),
+            items=np.frombuffer(items, np.int32),
+            ratings=np.frombuffer(ratings, np.float32),
+            kind=kind,
         )
 
 
@@ -222,62 +224,68 @@ def _block_state(blocks: Sequence[Any], block: int) -> RowState:
     return unpack_arrays(handle.value if hasattr(handle, "value") else handle, copy=True)
 
 
+#: What a task returns per cell: ``(user block, item block, packed user block, packed item
+#: block, packed statistics, seconds spent in the estimator's function)``.
+CellResult = tuple[int, int, bytes, bytes, bytes, float]
+
+
 def update_cells(
-    batches: Iterator[pa.RecordBatch],
+    records: Iterable[tuple[int, tuple]],
     *,
     update: CellFunction,
     user_blocks: Sequence[Any],
     item_blocks: Sequence[Any],
     settings: Mapping[str, Any],
-) -> Iterator[pa.RecordBatch]:
-    """``mapInArrow`` task of one sub-epoch: run ``update`` on each cell, return both blocks.
+) -> list[CellResult]:
+    """Task of one sub-epoch (one partition = one cell): run ``update``, return both blocks.
 
     ``user_blocks[b]`` / ``item_blocks[b]`` are broadcasts (or plain bytes) of
     :func:`pack_arrays` row state; a task unpacks private copies of the two blocks its cell needs
     (a broadcast value is shared by the tasks of a Python worker, and a retried task must start
     from the same state), so no block is read or written by two tasks of a sub-epoch.
     """
-    for batch in batches:
-        for cell in _cells_of(batch):
-            users = _block_state(user_blocks, cell.user_block)
-            items = _block_state(item_blocks, cell.item_block)
-            started = time.perf_counter()
-            stats = update(cell, users, items, settings)
-            seconds = time.perf_counter() - started
-            yield _result_batch(cell, pack_arrays(users), pack_arrays(items), stats, seconds)
+    results = []
+    for cell in _cells_of(records):
+        users = _block_state(user_blocks, cell.user_block)
+        items = _block_state(item_blocks, cell.item_block)
+        started = time.perf_counter()
+        stats = update(cell, users, items, settings)
+        seconds = time.perf_counter() - started
+        results.append(
+            (
+                cell.user_block,
+                cell.item_block,
+                pack_arrays(users),
+                pack_arrays(items),
+                _pack_stats(stats),
+                seconds,
+            )
+        )
+    return results
 
 
 def evaluate_cells(
-    batches: Iterator[pa.RecordBatch],
+    records: Iterable[tuple[int, tuple]],
     *,
     evaluate: CellFunction,
     user_blocks: Sequence[Any],
     item_blocks: Sequence[Any],
     settings: Mapping[str, Any],
-) -> Iterator[pa.RecordBatch]:
-    """``mapInArrow`` task of a read-only pass (e.g. validation RMSE): statistics per cell."""
-    for batch in batches:
-        for cell in _cells_of(batch):
-            users = _block_state(user_blocks, cell.user_block)
-            items = _block_state(item_blocks, cell.item_block)
-            started = time.perf_counter()
-            stats = evaluate(cell, users, items, settings)
-            seconds = time.perf_counter() - started
-            yield _result_batch(cell, b"", b"", stats, seconds)
+) -> list[CellResult]:
+    """Task of a read-only pass (e.g. validation RMSE): statistics per cell, no state back."""
+    results = []
+    for cell in _cells_of(records):
+        users = _block_state(user_blocks, cell.user_block)
+        items = _block_state(item_blocks, cell.item_block)
+        started = time.perf_counter()
+        stats = evaluate(cell, users, items, settings)
+        seconds = time.perf_counter() - started
+        results.append((cell.user_block, cell.item_block, b"", b"", _pack_stats(stats), seconds))
+    return results
 
 
-def _result_batch(cell: Cell, users: bytes, items: bytes, stats, seconds: float) -> pa.RecordBatch:
-    packed_stats = pack_arrays({k: np.asarray(v) for k, v in (stats or {}).items()})
-    return pa.RecordBatch.from_pydict(
-        {
-            "user_block": pa.array([cell.user_block], pa.int32()),
-            "item_block": pa.array([cell.item_block], pa.int32()),
-            "user_state": pa.array([users], pa.binary()),
-            "item_state": pa.array([items], pa.binary()),
-            "stats": pa.array([packed_stats], pa.binary()),
-            "seconds": pa.array([seconds], pa.float64()),
-        }
-    )
+def _pack_stats(stats: Mapping[str, Any] | None) -> bytes:
+    return pack_arrays({name: np.asarray(value) for name, value in (stats or {}).items()})
 
 
 def sum_statistics(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
