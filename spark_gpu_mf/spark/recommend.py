@@ -20,7 +20,6 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
-from pyspark.sql.window import Window
 
 from spark_gpu_mf.executor.runtime import BackendChoice, executor_backend
 from spark_gpu_mf.spark.factors import collect_factors
@@ -83,21 +82,23 @@ def top_k_against_broadcast(
 
 
 def _blockify(batches: Iterator[pa.RecordBatch], block_size: int) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: factor rows to ``(ids binary, factors binary)`` blocks."""
+    """mapInArrow body: factor rows to ``(ids binary, factors binary, rank)`` blocks."""
     for batch in batches:
         ids, factors = _factor_batch(batch)
         for start in range(0, len(ids), block_size):
-            part_ids = ids[start : start + block_size]
             part = np.ascontiguousarray(factors[start : start + block_size])
             yield pa.RecordBatch.from_arrays(
-                [pa.array([part_ids.tobytes()], pa.binary()), pa.array([part.tobytes()], pa.binary()),
-                 pa.array([part.shape[1] if part.size else 0], pa.int32())],
+                [
+                    pa.array([ids[start : start + block_size].tobytes()], pa.binary()),
+                    pa.array([part.tobytes()], pa.binary()),
+                    pa.array([factors.shape[1]], pa.int32()),
+                ],
                 names=["ids", "factors", "rank"],
             )
 
 
 def _block_top_k(batches, num: int, backend: BackendChoice) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: top ``num`` of one destination block for each source row of a block."""
+    """mapInArrow body: top ``num`` of one destination block for each row of a source block."""
     compute = executor_backend(backend)
     for batch in batches:
         for row in batch.to_pylist():
@@ -107,12 +108,33 @@ def _block_top_k(batches, num: int, backend: BackendChoice) -> Iterator[pa.Recor
             dst_ids = np.frombuffer(row["dst_ids"], np.int32)
             dst = np.frombuffer(row["dst_factors"], np.float32).reshape(len(dst_ids), rank)
             top_ids, top_scores = compute.top_k(src, dst, dst_ids, num)
-            kk = top_ids.shape[1]
             yield pa.RecordBatch.from_arrays(
-                [pa.array(np.repeat(src_ids, kk)), pa.array(top_ids.reshape(-1)),
-                 pa.array(top_scores.reshape(-1))],
-                names=["src", "dst", "rating"],
+                [
+                    pa.array([row["src_block"]], pa.int64()),
+                    pa.array([row["src_ids"]], pa.binary()),
+                    pa.array([top_ids.astype(np.int32).tobytes()], pa.binary()),
+                    pa.array([top_scores.astype(np.float32).tobytes()], pa.binary()),
+                ],
+                names=["src_block", "src_ids", "top_ids", "top_scores"],
             )
+
+
+def _merge_top_k(table: pa.Table, num: int, src_col: str, dst_col: str) -> pa.Table:
+    """applyInArrow body: one source block's per-destination-block top lists, merged."""
+    src_ids = np.frombuffer(table.column("src_ids")[0].as_py(), np.int32)
+    n = len(src_ids)
+    ids = np.hstack(
+        [np.frombuffer(v.as_py(), np.int32).reshape(n, -1) for v in table.column("top_ids")]
+    )
+    scores = np.hstack(
+        [np.frombuffer(v.as_py(), np.float32).reshape(n, -1) for v in table.column("top_scores")]
+    )
+    order = np.lexsort((-ids.astype(np.int64), -scores), axis=1)[:, :num]
+    top_ids = np.take_along_axis(ids, order, axis=1)
+    top_scores = np.take_along_axis(scores, order, axis=1)
+    return pa.Table.from_batches(
+        [_recommendation_batch(src_ids, top_ids, top_scores, src_col, dst_col)]
+    )
 
 
 def recommend_for_all(
@@ -150,25 +172,22 @@ def recommend_for_all(
 
 
 def _recommend_cross_join(src, dst, src_col, dst_col, num, block_size, backend, schema):
+    """Large destination sides: top lists per (source block, destination block), merged per
+    source block, so each destination factor is read once per source block."""
     block_schema = "ids binary, factors binary, rank int"
-    src_blocks = src.mapInArrow(bind(_blockify, block_size=block_size), block_schema)
-    dst_blocks = dst.mapInArrow(bind(_blockify, block_size=block_size), block_schema)
-    pairs = src_blocks.select(
-        F.col("ids").alias("src_ids"), F.col("factors").alias("src_factors"), "rank"
-    ).crossJoin(dst_blocks.select(F.col("ids").alias("dst_ids"), F.col("factors").alias("dst_factors")))
-    partial_top = pairs.mapInArrow(
-        bind(_block_top_k, num=num, backend=backend), "src int, dst int, rating float"
+    src_blocks = src.mapInArrow(bind(_blockify, block_size=block_size), block_schema).select(
+        F.monotonically_increasing_id().alias("src_block"),
+        F.col("ids").alias("src_ids"),
+        F.col("factors").alias("src_factors"),
+        "rank",
     )
-    by_score = Window.partitionBy("src").orderBy(F.col("rating").desc(), F.col("dst").desc())
-    top = partial_top.withColumn("_rank", F.row_number().over(by_score)).filter(F.col("_rank") <= num)
-    # sort_array on (rating, dst) structs descending is Spark's (score, id) order.
-    grouped = top.groupBy("src").agg(
-        F.sort_array(F.collect_list(F.struct("rating", "dst")), asc=False).alias("entries")
+    dst_blocks = dst.mapInArrow(bind(_blockify, block_size=block_size), block_schema).select(
+        F.col("ids").alias("dst_ids"), F.col("factors").alias("dst_factors")
     )
-    recommendations = F.transform(
-        "entries", lambda e: F.struct(e["dst"].alias(dst_col), e["rating"].alias("rating"))
+    partial_top = src_blocks.crossJoin(dst_blocks).mapInArrow(
+        bind(_block_top_k, num=num, backend=backend),
+        "src_block long, src_ids binary, top_ids binary, top_scores binary",
     )
-    return grouped.select(
-        F.col("src").alias(src_col),
-        recommendations.cast(schema["recommendations"].dataType).alias("recommendations"),
+    return partial_top.groupBy("src_block").applyInArrow(
+        bind(_merge_top_k, num=num, src_col=src_col, dst_col=dst_col), schema
     )
