@@ -1,0 +1,207 @@
+"""Driver side of PrunedMF: rating scale, the epoch loop and the pruning decision.
+
+The stratified runner (``sgd.stratified``) moves blocks and runs the per-cell update
+(``pruned_tasks.update_cell``); this module decides what each epoch runs with. Following the
+authors' LIBMF fork:
+
+* ratings are divided by their standard deviation ``s`` for training and ``regParam`` by ``s``;
+  the final factors are multiplied by ``sqrt(s)``, so predictions are in rating units;
+* epochs ``0 .. pruneStartEpoch-1`` run unpruned; then, once, the thresholds are fitted and the
+  columns of every factor block are permuted by joint sparsity (``pruned_math.plan_pruning``),
+  on the driver where the runner keeps the blocks between sub-epochs; every later epoch prunes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from spark_gpu_mf.sgd import pruned_math
+from spark_gpu_mf.sgd.pruned_numba import OPTIMIZERS
+from spark_gpu_mf.sgd.pruned_tasks import ACCUMULATOR, FACTORS, initial_state, update_cell
+from spark_gpu_mf.sgd.stratified import StratifiedRunner, build_strata, merged_ids
+from spark_gpu_mf.spark.factors import factors_dataframe
+from spark_gpu_mf.summary import TrainingSummary
+
+__all__ = ["PrunedJob", "PrunedResult", "train"]
+
+logger = logging.getLogger("spark_gpu_mf")
+
+_USER_SIDE, _ITEM_SIDE = 0, 1
+
+
+@dataclass(frozen=True)
+class PrunedJob:
+    """Everything one fit needs, resolved from params and confs on the driver."""
+
+    rank: int
+    max_iter: int
+    step_size: float
+    reg_param: float
+    init_std: float
+    optimizer: str
+    pruning_rate: float
+    prune_start_epoch: int
+    num_blocks: int
+    seed: int
+    backend: str = "numpy"
+    local_mode: bool = True
+    cpu_fallback: bool = True
+
+
+@dataclass
+class PrunedResult:
+    user_factors: DataFrame
+    item_factors: DataFrame
+    summary: TrainingSummary
+
+
+def rating_scale(ratings: DataFrame) -> tuple[float, int]:
+    """``(standard deviation of the ratings, or 1 if they are all equal; number of ratings)``."""
+    row = ratings.agg(
+        F.stddev_pop("rating").alias("std"), F.count(F.lit(1)).alias("count")
+    ).collect()[0]
+    std = row["std"]
+    return (float(std) if std and std > 0 else 1.0), int(row["count"])
+
+
+def train(spark: SparkSession, ratings: DataFrame, job: PrunedJob) -> PrunedResult:
+    """Fit PrunedMF factors for validated ``(user int, item int, rating float)`` ratings."""
+    started = time.perf_counter()
+    sc = spark.sparkContext
+    summary = TrainingSummary(algorithm="pruned")
+    ratings = ratings.persist(StorageLevel.MEMORY_AND_DISK)
+    strata = runner = None
+    try:
+        sc.setJobDescription("spark_gpu_mf PrunedMF: rating scale")
+        scale, _ = rating_scale(ratings)
+        scaled = ratings.withColumn("rating", (F.col("rating") / F.lit(scale)).cast(T.FloatType()))
+        strata = build_strata(
+            spark, scaled, num_blocks=job.num_blocks, seed=job.seed, label="PrunedMF"
+        )
+        ratings.unpersist()
+        runner = StratifiedRunner(
+            strata,
+            update_cell,
+            user_state=initial_state(strata.users.ids, job.rank, job.init_std, job.seed, 0),
+            item_state=initial_state(strata.items.ids, job.rank, job.init_std, job.seed, 1),
+            label="PrunedMF",
+        )
+        nnz = strata.num_ratings
+        summary.details.update(
+            {
+                "numUsers": strata.users.total_rows,
+                "numItems": strata.items.total_rows,
+                "numRatings": nnz,
+                "numBlocks": strata.num_blocks,
+                "ratingScale": scale,
+                "pruningRate": job.pruning_rate,
+                "pruneStartEpoch": job.prune_start_epoch,
+                "backend": job.backend,
+            }
+        )
+        summary.setup_seconds = time.perf_counter() - started
+        logger.info(
+            "PrunedMF: %d users, %d items, %d ratings, rank %d, %d blocks; setup %.2fs",
+            strata.users.total_rows, strata.items.total_rows, nnz, job.rank, strata.num_blocks,
+            summary.setup_seconds,
+        )  # fmt: skip
+        _epochs(runner, job, scale, nnz, summary)
+        user_df, item_df = (
+            _factors(spark, runner, strata, side, scale) for side in ("user", "item")
+        )
+    finally:
+        ratings.unpersist()
+        if runner is not None:
+            runner.close()
+        if strata is not None:
+            strata.release()
+        sc.setJobDescription(None)
+    summary.total_seconds = time.perf_counter() - started
+    return PrunedResult(user_df, item_df, summary)
+
+
+def _epochs(runner: StratifiedRunner, job: PrunedJob, scale: float, nnz: int, summary) -> None:
+    settings = {
+        "step": job.step_size,
+        "reg": job.reg_param / scale,
+        "threshold_user": 0.0,
+        "threshold_item": 0.0,
+        "optimizer": OPTIMIZERS[job.optimizer],
+        "backend": job.backend,
+        "local_mode": job.local_mode,
+        "cpu_fallback": job.cpu_fallback,
+    }
+    total_macs = 0.0
+    for epoch in range(job.max_iter):
+        epoch_started = time.perf_counter()
+        if epoch == job.prune_start_epoch:
+            plan = _start_pruning(runner, job.pruning_rate)
+            settings["threshold_user"] = plan.threshold_p
+            settings["threshold_item"] = plan.threshold_q
+            summary.details["pruning"] = plan.details()
+            summary.details["pruningSeconds"] = time.perf_counter() - epoch_started
+        run = runner.run_epoch(epoch, settings, max_iter=job.max_iter)
+        macs = _scalar(run.statistics, "macs")
+        total_macs += macs
+        metrics = {
+            "trainRmse": math.sqrt(_scalar(run.statistics, "sse") / nnz) * scale,
+            "macFraction": macs / (job.rank * nnz),
+            "computeSeconds": sum(s.sum_task_seconds for s in run.sub_epochs),
+            "criticalComputeSeconds": sum(s.max_task_seconds for s in run.sub_epochs),
+            "overheadSeconds": run.overhead_seconds,
+        }
+        seconds = time.perf_counter() - epoch_started
+        summary.iterations.append(
+            {"iteration": epoch + 1, "seconds": seconds, "pruned": epoch >= job.prune_start_epoch,
+             **metrics}
+        )  # fmt: skip
+        logger.info(
+            "PrunedMF epoch %d/%d: %.3fs, train RMSE %.5g, multiply-adds %.1f%%, compute %.3fs",
+            epoch + 1, job.max_iter, seconds, metrics["trainRmse"],
+            100 * metrics["macFraction"], metrics["computeSeconds"],
+        )  # fmt: skip
+    if job.max_iter:
+        summary.details["macFraction"] = total_macs / (job.rank * nnz * job.max_iter)
+
+
+def _scalar(statistics, name: str) -> float:
+    """A summed statistic as a float (``cells.pack_arrays`` sends 0-d arrays as shape (1,))."""
+    return float(np.sum(statistics.get(name, 0.0)))
+
+
+def _start_pruning(runner: StratifiedRunner, rate: float) -> pruned_math.PruningPlan:
+    """Fit the thresholds and permute the columns of every block (P, Q and any per-dimension
+    optimizer state; row-wise AdaGrad has none)."""
+    users, items = runner.state("user"), runner.state("item")
+    plan = pruned_math.plan_pruning([s[FACTORS] for s in users], [s[FACTORS] for s in items], rate)
+    for side, blocks in (("user", users), ("item", items)):
+        runner.set_state(
+            side,
+            [
+                {FACTORS: pruned_math.permute_columns(s[FACTORS], plan.order),
+                 ACCUMULATOR: s[ACCUMULATOR]}
+                for s in blocks
+            ],
+        )  # fmt: skip
+    logger.info(
+        "PrunedMF pruning from now on: thresholds user %.4g item %.4g (training scale), "
+        "column order %s",
+        plan.threshold_p, plan.threshold_q, plan.order.tolist(),
+    )  # fmt: skip
+    return plan
+
+
+def _factors(spark, runner, strata, side: str, scale: float) -> DataFrame:
+    layout = strata.users if side == "user" else strata.items
+    matrix = np.concatenate([s[FACTORS] for s in runner.state(side)])
+    matrix = matrix * np.float32(math.sqrt(scale))
+    return factors_dataframe(spark, merged_ids(layout), matrix)

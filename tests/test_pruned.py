@@ -1,0 +1,287 @@
+"""PrunedMF end to end on Spark, against an independent float64 NumPy run of the same schedule.
+
+The reference below re-derives everything the estimator does from the raw ratings: the rating
+scale, LIBMF's AdaGrad SGD, the normal-fit thresholds (scipy), the joint-sparsity order and the
+first-insignificant-dimension break. It borrows only the definition of the schedule from the
+stratified machinery (which rows form which block, the seeded visiting order inside a cell, the
+seeded order of strata) and PrunedMF's seeded initial factors, so that both runs visit the same
+ratings in the same order from the same start.
+"""
+
+from __future__ import annotations
+
+import doctest
+import inspect
+
+import numpy as np
+import pytest
+from pyspark.errors import IllegalArgumentException
+from pyspark.ml.recommendation import ALSModel as SparkALSModel
+from scipy import optimize, stats
+
+from spark_gpu_mf import datasets
+from spark_gpu_mf.model import ALSModel
+from spark_gpu_mf.pruned import PrunedMF
+from spark_gpu_mf.sgd import cells as cells_module
+from spark_gpu_mf.sgd.pruned_tasks import FACTORS, initial_state
+from spark_gpu_mf.sgd.stratified import assign_blocks, strata_order
+from spark_gpu_mf.spark.factors import collect_factors
+
+SETTINGS = {
+    "rank": 6, "maxIter": 3, "pruneStartEpoch": 1, "numBlocks": 2, "seed": 5, "backend": "numpy"
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sample(spark):
+    """Spark's bundled sample ratings as a DataFrame and as NumPy arrays."""
+    frame = datasets.read_spark_sample(spark).cache()
+    table = frame.toArrow()
+    arrays = tuple(table.column(c).to_numpy() for c in ("user", "item", "rating"))
+    return frame, arrays
+
+
+@pytest.fixture(scope="module")
+def fit(sample):
+    """``fit(**params)``: a PrunedMF model on the sample, fitted once per distinct params (each
+    fit costs seconds of Spark jobs, and several tests look at the same one)."""
+    frame, _ = sample
+    models = {}
+
+    def fitted(**params):
+        key = tuple(sorted({**SETTINGS, **params}.items()))
+        if key not in models:
+            models[key] = PrunedMF(**dict(key)).fit(frame)
+        return models[key]
+
+    return fitted
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference_fit(user, item, rating, *, rank, max_iter, prune_start, rate, num_blocks, seed,
+                  step=0.1, reg=0.1, init_std=0.1):  # fmt: skip
+    """PrunedMF in float64 NumPy: returns (user ids, P, item ids, Q, MACs per epoch)."""
+    scale = float(np.std(rating.astype(np.float64)))
+    scaled = (rating.astype(np.float64) / scale).astype(np.float32).astype(np.float64)
+    reg = reg / scale
+    layouts = []
+    for ids in (user, item):
+        unique, counts = np.unique(ids, return_counts=True)
+        layouts.append(assign_blocks("x", unique, counts, num_blocks))
+    P = [
+        s[FACTORS].astype(np.float64)
+        for s in initial_state(layouts[0].ids, rank, init_std, seed, 0)
+    ]
+    Q = [
+        s[FACTORS].astype(np.float64)
+        for s in initial_state(layouts[1].ids, rank, init_std, seed, 1)
+    ]
+    GP = [np.ones(len(p)) for p in P]
+    GQ = [np.ones(len(q)) for q in Q]
+    ub, ul = layouts[0].locate(user)
+    ib, il = layouts[1].locate(item)
+    cells = {}
+    for bu in range(num_blocks):
+        for bi in range(num_blocks):
+            mask = (ub == bu) & (ib == bi)
+            order = cells_module.cell_order(
+                ul[mask], il[mask], scaled[mask].astype(np.float32), seed, (0, bu, bi)
+            )
+            cells[bu, bi] = (ul[mask][order], il[mask][order], scaled[mask][order])
+    t_p = t_q = 0.0
+    macs_per_epoch = []
+    for epoch in range(max_iter):
+        if epoch == prune_start:
+            t_p, t_q, order = reference_plan(np.concatenate(P), np.concatenate(Q), rate)
+            P = [p[:, order] for p in P]
+            Q = [q[:, order] for q in Q]
+        macs = 0
+        for stratum in strata_order(num_blocks, seed, epoch):
+            for bu in range(num_blocks):
+                bi = (bu + stratum) % num_blocks
+                p_block, q_block = P[bu], Q[bi]
+                for u, i, r in zip(*cells[bu, bi]):
+                    small = (np.abs(p_block[u]) < t_p) | (np.abs(q_block[i]) < t_q)
+                    stop = int(np.argmax(small)) if small.any() else rank
+                    p, q = p_block[u, :stop].copy(), q_block[i, :stop].copy()
+                    error = r - p @ q
+                    gp, gq = -error * q + reg * p, -error * p + reg * q
+                    p_block[u, :stop] = p - step / np.sqrt(GP[bu][u]) * gp
+                    q_block[i, :stop] = q - step / np.sqrt(GQ[bi][i]) * gq
+                    GP[bu][u] += gp @ gp / rank
+                    GQ[bi][i] += gq @ gq / rank
+                    macs += stop
+        macs_per_epoch.append(macs)
+    root = np.sqrt(scale)
+    return (
+        np.concatenate(layouts[0].ids), np.concatenate(P) * root,
+        np.concatenate(layouts[1].ids), np.concatenate(Q) * root,
+        macs_per_epoch,
+    )  # fmt: skip
+
+
+def reference_plan(P, Q, rate):
+    """Thresholds by scipy root finding on the fitted normal's CDF; order by joint sparsity."""
+    thresholds = []
+    for M in (P, Q):
+        fitted = stats.norm(M.mean(), M.std())
+        if rate == 0:
+            thresholds.append(0.0)
+            continue
+
+        def excess_mass(t, fitted=fitted):
+            return fitted.cdf(t) - fitted.cdf(-t) - rate
+
+        hi = abs(M.mean()) + 40 * M.std()
+        thresholds.append(optimize.brentq(excess_mass, 0, hi, xtol=1e-15))
+    sp = (np.abs(P) < thresholds[0]).mean(axis=0)
+    sq = (np.abs(Q) < thresholds[1]).mean(axis=0)
+    return thresholds[0], thresholds[1], np.argsort(sp * sq, kind="stable")
+
+
+def predictions(user_ids, P, item_ids, Q):
+    order_u, order_i = np.argsort(user_ids), np.argsort(item_ids)
+    return P[order_u] @ Q[order_i].T
+
+
+def fitted_matrix(model):
+    users, P = collect_factors(model.userFactors)
+    items, Q = collect_factors(model.itemFactors)
+    return users, P, items, Q
+
+
+# --------------------------------------------------------------------------- behaviour
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_fit_equals_the_float64_reference_of_the_same_schedule(sample, fit, rate):
+    _, (user, item, rating) = sample
+    model = fit(pruningRate=rate)
+    users, P, items, Q = fitted_matrix(model)
+    ref_users, ref_P, ref_items, ref_Q, ref_macs = reference_fit(
+        user, item, rating, rank=6, max_iter=3, prune_start=1, rate=rate, num_blocks=2, seed=5
+    )
+    np.testing.assert_array_equal(users, np.sort(ref_users))
+    np.testing.assert_array_equal(items, np.sort(ref_items))
+    # Every threshold comparison went the same way, so the multiply-adds agree exactly.
+    got_macs = [round(e["macFraction"] * 6 * len(rating)) for e in model.summary.iterations]
+    assert got_macs == ref_macs
+    np.testing.assert_allclose(
+        predictions(users, P, items, Q), predictions(ref_users, ref_P, ref_items, ref_Q),
+        atol=2e-4, rtol=1e-4,
+    )  # fmt: skip
+    if rate == 0:
+        assert ref_macs == [6 * len(rating)] * 3
+    else:
+        assert all(m < 6 * len(rating) for m in ref_macs[1:])
+
+
+def test_rate_zero_is_plain_sgd_up_to_the_column_permutation(fit):
+    """pruningRate=0 (thresholds fitted, columns reordered after epoch 1) gives the model of a run
+    that never starts pruning: the order is the identity (all joint sparsities are 0) and the
+    break never fires, so the factors are equal, not just the products P Q^T."""
+    zero = fit(pruningRate=0.0)
+    never = fit(pruningRate=0.3, pruneStartEpoch=3)
+    assert zero.summary.details["pruning"]["columnOrder"] == list(range(6))
+    assert "pruning" not in never.summary.details
+    for a, b in zip(fitted_matrix(zero), fitted_matrix(never)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_summary_and_determinism(sample, fit):
+    frame, _ = sample
+    first = fit(pruningRate=0.3)
+    again = PrunedMF(pruningRate=0.3, **SETTINGS).fit(frame.repartition(3))
+    for a, b in zip(fitted_matrix(first), fitted_matrix(again)):
+        np.testing.assert_array_equal(a, b)
+    summary = first.summary
+    assert summary.algorithm == "pruned" and summary.totalIterations == 3
+    assert summary.metric("pruned") == [False, True, True]
+    fractions = summary.metric("macFraction")
+    assert fractions[0] == 1.0 and all(0 < f < 1 for f in fractions[1:])
+    assert all(np.isfinite(summary.metric("trainRmse")))
+    assert all(s > 0 for s in summary.metric("seconds"))
+    details = summary.details
+    assert details["numRatings"] == 1501 and details["numBlocks"] == 2
+    plan = details["pruning"]
+    assert sorted(plan["columnOrder"]) == list(range(6))
+    js = np.array(plan["sparsityUser"]) * np.array(plan["sparsityItem"])
+    assert np.all(np.diff(js[plan["columnOrder"]]) >= 0)  # densest first
+    assert first.summary.to_json()
+
+
+def test_model_round_trip_through_sparks_alsmodel(sample, fit, temp_path):
+    frame, _ = sample
+    model = fit(pruningRate=0.3).copy()
+    model.setColdStartStrategy("drop")
+    path = temp_path + "/pruned_model"
+    model.save(path)
+    spark_model = SparkALSModel.load(path)
+    ours = ALSModel.load(path)
+    assert spark_model.rank == ours.rank == 6
+    test = frame.limit(50)
+    expected = sorted(r.prediction for r in model.transform(test).collect())
+    for loaded in (spark_model, ours):
+        got = sorted(r.prediction for r in loaded.transform(test).collect())
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert model.uid == spark_model.uid
+
+
+# --------------------------------------------------------------------------- params and input
+
+
+def test_params_signature_defaults_and_setters():
+    estimator = PrunedMF()
+    expected = {
+        "rank": 30, "maxIter": 20, "stepSize": 0.1, "regParam": 0.1, "initStd": 0.1,
+        "optimizer": "adagrad", "pruningRate": 0.3, "pruneStartEpoch": 2, "numBlocks": 0,
+        "userCol": "user", "itemCol": "item", "ratingCol": "rating",
+        "predictionCol": "prediction", "coldStartStrategy": "nan", "blockSize": 4096,
+        "backend": "auto",
+    }  # fmt: skip
+    for method in (PrunedMF.__init__, PrunedMF.setParams):
+        parameters = dict(inspect.signature(method).parameters)
+        parameters.pop("self")
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters.values())
+        assert parameters.pop("seed").default is None
+        assert {name: p.default for name, p in parameters.items()} == expected
+    assert {name: estimator.getOrDefault(name) for name in expected} == expected
+    values = {"Rank": 8, "MaxIter": 3, "StepSize": 0.05, "RegParam": 0.2, "InitStd": 0.01,
+              "Optimizer": "sgd", "PruningRate": 0.5, "PruneStartEpoch": 1, "NumBlocks": 3,
+              "Seed": 7, "UserCol": "u", "ItemCol": "i", "RatingCol": "r", "PredictionCol": "p",
+              "ColdStartStrategy": "drop", "BlockSize": 64, "Backend": "numpy"}  # fmt: skip
+    for suffix, value in values.items():
+        assert getattr(estimator, "set" + suffix)(value) is estimator
+        assert getattr(estimator, "get" + suffix)() == value
+    with pytest.raises(TypeError):
+        PrunedMF(10)
+
+
+@pytest.mark.parametrize(
+    "param, value",
+    [("pruningRate", 1.0), ("pruningRate", -0.1), ("optimizer", "adam"), ("rank", 0),
+     ("stepSize", 0.0), ("pruneStartEpoch", -1)],
+)  # fmt: skip
+def test_invalid_params_fail_before_any_job(spark, sample, param, value):
+    frame, _ = sample
+    estimator = PrunedMF(**{param: value})
+    with pytest.raises(IllegalArgumentException, match=f"parameter {param} given invalid value"):
+        estimator.fit(frame)
+
+
+def test_bad_ratings_fail_with_sparks_message(spark):
+    frame = spark.createDataFrame(
+        [(0, 0, 1.0), (1, 1, float("nan"))], "user int, item int, rating double"
+    )
+    with pytest.raises(Exception, match="Ratings MUST NOT be Null or NaN"):
+        PrunedMF(**SETTINGS).fit(frame)
+
+
+def test_docstring_example_runs(spark):
+    finder = doctest.DocTestFinder(recurse=False)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for test in finder.find(PrunedMF, "PrunedMF", globs={"spark": spark, "PrunedMF": PrunedMF}):
+        runner.run(test)
+    assert runner.failures == 0 and runner.tries > 0
