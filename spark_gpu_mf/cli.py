@@ -46,6 +46,7 @@ from spark_gpu_mf.jobs.common import (
     describe_exception,
     run_job,
 )
+from spark_gpu_mf.jobs.progress import PROGRESS_BAR_ENV
 
 PROG = "spark-gpu-mf"
 LOCAL_CONF = "spark-defaults.conf"
@@ -205,6 +206,10 @@ def build_command(
     # The same choice for Spark versions or code paths that read the environment instead.
     env["PYSPARK_PYTHON"] = dict(options.confs).get("spark.pyspark.python", sys.executable)
     env["PYSPARK_DRIVER_PYTHON"] = sys.executable
+    if sys.stdout.isatty():
+        # spark-submit passes the job's output on through pipes (stderr merged into stdout),
+        # so the job cannot see the terminal itself.
+        env.setdefault(PROGRESS_BAR_ENV, "1")
     if options.is_local:
         # Spark's web UI and block manager bind to SPARK_LOCAL_IP (else to every interface).
         env.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -245,14 +250,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    os.environ[PROG_ENV] = f"{PROG} {job}"
     module, parser = _job_parser(job)
-    options, job_argv = parse_submit_options(job, rest)
     # The job's own parser and checks: --help, bad options, a missing input or an unknown
     # param fail here, in a second, before a JVM starts.
-    args = parser.parse_args(job_argv)
+    try:
+        options, job_argv = parse_submit_options(job, rest)
+        args = parser.parse_args(job_argv)
+    except SystemExit as stop:  # --help, or a usage error argparse has printed
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
     if not module.needs_spark(args):
-        return run_job(job, module.build_parser(), module.run, job_argv)
+        return run_job(job, module.build_parser(prog=f"{PROG} {job}"), module.run, job_argv)
     try:
         module.check_arguments(argparse.Namespace(**vars(args)))
         command, env = build_command(job, job_argv, options, verbose=args.verbose)

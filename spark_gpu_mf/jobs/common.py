@@ -2,7 +2,8 @@
 
 The error contract: a job that cannot do its work prints **one line** on stderr,
 ``<prog>: error: <what is wrong>``, and exits with a non-zero status (1 for problems found at
-run time, 2 for bad command-line syntax, as argparse does). Exceptions from Spark are reduced to
+run time, 2 for bad command-line syntax, as argparse does). (spark-submit passes a PySpark
+driver's stderr on through its own stdout, so under spark-submit the line arrives there.) Exceptions from Spark are reduced to
 their first meaningful line: a Java stack trace or a Python worker traceback is never the only
 thing a user sees. ``--verbose`` prints the full traceback as well.
 """
@@ -103,12 +104,12 @@ def run_job(job: str, parser: argparse.ArgumentParser, body: Callable, argv=None
     Returns the exit status (0 on success) instead of exiting, so that tests can call jobs in
     process; the modules' ``main`` passes it to ``sys.exit``.
     """
-    from spark_gpu_mf.jobs.progress import configure_logging
+    from spark_gpu_mf.jobs.progress import job_logging
 
     args = parser.parse_args(argv)
-    configure_logging(verbose=args.verbose)
     try:
-        body(args)
+        with job_logging(verbose=args.verbose):
+            body(args)
         return 0
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
@@ -173,8 +174,18 @@ def _is_spark_error(error: BaseException) -> bool:
 
 
 def _strip_jvm_class(line: str) -> str:
-    """``org.apache.spark.SparkException: msg`` -> ``msg`` (the class adds nothing for users)."""
-    return _JVM_CLASS_PREFIX.sub("", line, count=1)
+    """``org.apache.spark.SparkException: msg`` -> ``msg``; ``java.io.X: msg`` -> ``X: msg``.
+
+    Spark's own exception classes and error-class messages (``[PATH_NOT_FOUND] ...``) say
+    everything in the message; other Java exceptions keep their simple class name.
+    """
+    match = _JVM_CLASS_PREFIX.match(line)
+    if match is None:
+        return line
+    message = line[match.end() :]
+    if message.startswith("[") or match.group(1).startswith("Spark"):
+        return message
+    return f"{match.group(1)}: {message}"
 
 
 def _clip(line: str, limit: int = 600) -> str:
@@ -282,22 +293,23 @@ def require_existing(path: str, what: str) -> None:
 
 
 def require_writable(path: str, what: str, overwrite: bool) -> None:
-    """Fail before any work when a local output exists (and may not be replaced) or cannot be made."""
-    if not is_local_path(path):
-        return
-    target = local_path(path)
-    if os.path.exists(target) and not overwrite:
+    """Fail before any work when a local output exists and may not be replaced."""
+    if is_local_path(path) and os.path.exists(local_path(path)) and not overwrite:
         raise JobError(f"{what} {path} already exists; pass --overwrite to replace it")
-    parent = os.path.dirname(os.path.abspath(target))
-    if not os.path.isdir(parent):
-        raise JobError(f"cannot write {what} {path}: directory {parent} does not exist")
+
+
+def local_output(path: str, what: str) -> str:
+    """The local file path for a driver-written output, with its directory created."""
+    if not is_local_path(path):
+        raise JobError(f"{what} is written by the driver and must be a local path: {path}")
+    target = local_path(path)
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    return target
 
 
 def write_json(path: str, document: Any) -> None:
     """Write a JSON document atomically (a temporary file renamed into place), locally only."""
-    if not is_local_path(path):
-        raise JobError(f"JSON outputs are written by the driver and must be local paths: {path}")
-    target = local_path(path)
+    target = local_output(path, "a JSON output")
     temporary = f"{target}.tmp-{os.getpid()}"
     with open(temporary, "w", encoding="utf-8") as f:
         json.dump(document, f, indent=2, default=_json_default)

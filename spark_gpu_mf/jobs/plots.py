@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spark_gpu_mf.jobs.common import JobError, is_local_path, local_path
+from spark_gpu_mf.jobs.common import JobError, local_output
 
 # Per-iteration entries that are bookkeeping, not curves.
 _NOT_METRICS = {"iteration", "seconds"}
@@ -36,8 +36,7 @@ def plot_training_summary(summary: dict[str, Any], path: str, title: str) -> Non
     iterations = summary.get("iterations") or []
     if not iterations:
         raise JobError("the training summary has no iterations to plot")
-    if not is_local_path(path):
-        raise JobError(f"plots are written by the driver and must be local paths: {path}")
+    target = local_output(path, "a plot")
     try:
         import matplotlib
 
@@ -73,5 +72,5 @@ def plot_training_summary(summary: dict[str, Any], path: str, title: str) -> Non
     seconds_axis.grid(alpha=0.3, axis="y")
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(local_path(path), dpi=100)
+    figure.savefig(target, dpi=100)
     plt.close(figure)

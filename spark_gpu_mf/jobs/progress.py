@@ -8,19 +8,25 @@ keeps a bar on the terminal's last line::
 
     ALS [##########..........] 5/10 iterations, 0.84 s/iteration, about 4 s left
 
-No estimator code knows about the bar; a job only calls :func:`configure_logging`.
+No estimator code knows about the bar; a job only runs inside :func:`job_logging`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
 PACKAGE_LOGGER = "spark_gpu_mf"
+#: "1" or "0" forces the bar on or off. spark-submit hands the Python driver pipes, never a
+#: terminal, so ``spark-gpu-mf`` sets "1" when its own output is a terminal.
+PROGRESS_BAR_ENV = "SPARK_GPU_MF_PROGRESS_BAR"
 _PROGRESS_TEXT = re.compile(
     r"^(?P<label>.*?)\s*\b(?P<unit>iteration|epoch)s?\s+(?P<done>\d+)\s*/\s*(?P<total>\d+)\b"
 )
@@ -124,38 +130,62 @@ def format_bar(progress: Progress, seconds_per_step: float | None, columns: int 
         if progress.done < progress.total:
             tail += f", about {remaining:.0f} s left"
     head = f"{progress.label} ["
-    width = max(10, min(40, columns - len(head) - len(tail) - 2))
+    # A fixed width while there is room, so that the bar does not jump as the tail changes.
+    width = max(10, min(30, columns - len(head) - len(tail) - 2))
     filled = round(width * min(progress.done, progress.total) / progress.total)
     return f"{head}{'#' * filled}{'.' * (width - filled)}]{tail}"[: max(columns - 1, 20)]
 
 
-def configure_logging(verbose: bool = False, stream: TextIO | None = None) -> ConsoleHandler:
+def wants_bar(stream: TextIO) -> bool:
+    """Whether to draw the bar on ``stream``: forced by the environment, else if a terminal."""
+    forced = os.environ.get(PROGRESS_BAR_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return bool(getattr(stream, "isatty", bool)())
+
+
+@contextlib.contextmanager
+def job_logging(verbose: bool = False, stream: TextIO | None = None) -> Iterator[ConsoleHandler]:
     """Show the package's log records (one per iteration) on stderr, with a bar on terminals.
 
     Only the ``spark_gpu_mf`` logger is configured (INFO, or DEBUG when ``verbose``), not the
-    root logger, so py4j and other libraries stay quiet. Calling it again replaces the handler.
+    root logger, so py4j and other libraries stay quiet; pyspark's JSON error records are
+    silenced unless ``verbose`` (the job prints the error as one line). Everything is restored
+    on exit, so that a job run inside a larger Python program leaves its logging as it was.
     """
     stream = stream or sys.stderr
     package_logger = logging.getLogger(PACKAGE_LOGGER)
-    for handler in list(package_logger.handlers):
-        if isinstance(handler, ConsoleHandler):
-            package_logger.removeHandler(handler)
-    is_terminal = bool(getattr(stream, "isatty", lambda: False)())
-    handler = ConsoleHandler(stream, show_bar=is_terminal)
+    handler = ConsoleHandler(stream, show_bar=wants_bar(stream))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    error_loggers = _pyspark_error_loggers()
+    saved = (
+        package_logger.level,
+        package_logger.propagate,
+        [error_logger.level for error_logger in error_loggers],
+    )
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     package_logger.propagate = False
-    _quiet_pyspark_error_loggers(verbose)
-    return handler
+    for error_logger in error_loggers:
+        error_logger.setLevel(logging.WARNING if verbose else logging.CRITICAL)
+    try:
+        yield handler
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(saved[0])
+        package_logger.propagate = saved[1]
+        for error_logger, level in zip(error_loggers, saved[2]):
+            error_logger.setLevel(level)
 
 
-def _quiet_pyspark_error_loggers(verbose: bool) -> None:
+def _pyspark_error_loggers() -> list[logging.Logger]:
     """pyspark >= 4 logs every DataFrame/SQL error as a JSON record with the Java stack trace,
-    before the exception even reaches the job; the job reports it as one line instead."""
+    before the exception even reaches the job."""
     try:
         from pyspark.logger import PySparkLogger
     except ImportError:  # pyspark < 4 has no such loggers
-        return
-    for name in ("DataFrameQueryContextLogger", "SQLQueryContextLogger"):
-        PySparkLogger.getLogger(name).setLevel(logging.WARNING if verbose else logging.CRITICAL)
+        return []
+    return [
+        PySparkLogger.getLogger(name)
+        for name in ("DataFrameQueryContextLogger", "SQLQueryContextLogger")
+    ]
