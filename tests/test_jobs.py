@@ -372,6 +372,39 @@ def test_sgd_estimators_are_wired_when_the_package_has_them(choice, class_name):
         assert isinstance(estimators.build_estimator(_train_args("--estimator", choice)), exported)
 
 
+def _sgd_class_or_skip(class_name):
+    exported = getattr(spark_gpu_mf, class_name, None)
+    if exported is None:
+        pytest.skip(f"spark_gpu_mf does not export {class_name} yet")
+    return exported
+
+
+def test_first_class_options_map_to_the_sgd_estimators_params():
+    _sgd_class_or_skip("PrunedMF")
+    pruned = estimators.build_estimator(
+        _train_args("--estimator", "pruned", "--num-blocks", "3", "--rank", "4")
+    )
+    assert pruned.getOrDefault("numBlocks") == 3 and pruned.getOrDefault("rank") == 4
+    with pytest.raises(JobError, match="--implicit-prefs does not apply to --estimator pruned"):
+        estimators.build_estimator(_train_args("--estimator", "pruned", "--implicit-prefs"))
+
+
+@pytest.mark.parametrize(("choice", "class_name"), [("mascot", "MascotMF"), ("pruned", "PrunedMF")])
+def test_train_job_fits_the_sgd_estimators(
+    choice, class_name, spark, monkeypatch, capsys, tmp_path
+):
+    _sgd_class_or_skip(class_name)
+    metrics_path = tmp_path / "m.json"
+    argv = ["--sample", "--estimator", choice, "--max-iter", "2", "--num-blocks", "2",
+            "--metrics-out", metrics_path, "--plot-out", tmp_path / "p.png"]  # fmt: skip
+    status, out, err = _job(train, argv, monkeypatch, capsys)
+    assert status == 0, err
+    assert f"{class_name} epoch 2/2" in err and "2 epochs" in out
+    document = json.loads(metrics_path.read_text())
+    assert document["estimator"] == choice and document["heldOut"]["rmse"] > 0
+    assert len(document["trainingSummary"]["iterations"]) == 2
+
+
 def test_list_params_needs_no_spark(monkeypatch, capsys):
     status, out, _ = _job(train, ["--list-params"], monkeypatch, capsys)
     assert status == 0
@@ -442,6 +475,16 @@ def test_training_plot_is_a_png_with_the_metrics_found(tmp_path):
         "setup_seconds": 1.0,
     }
     assert plots.metric_names(summary) == ["trainRmse"]
+    sgd = {
+        "algorithm": "pruned",
+        "iterations": [
+            {"iteration": 1, "seconds": 0.5, "trainRmse": 1.2, "macFraction": 1.0,
+             "pruned": False, "computeSeconds": 0.1},
+        ],
+    }  # fmt: skip
+    assert plots.metric_names(sgd) == ["trainRmse", "macFraction"]
+    assert plots.step_unit(sgd) == "epoch" and plots.step_unit(summary) == "iteration"
+    plots.plot_training_summary(sgd, str(tmp_path / "sgd.png"), "PrunedMF")
     path = tmp_path / "curve.png"
     plots.plot_training_summary(summary, str(path), "ALS")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -23,17 +23,19 @@ ESTIMATORS: dict[str, tuple[str, tuple[str, ...]]] = {
     "pruned": ("PrunedMF", ("spark_gpu_mf", "spark_gpu_mf.pruned", "spark_gpu_mf.sgd.pruned")),
 }
 
-#: First-class options: argparse dest -> the Params they set.
-FIRST_CLASS_PARAMS: dict[str, tuple[str, ...]] = {
-    "rank": ("rank",),
-    "max_iter": ("maxIter",),
-    "reg_param": ("regParam",),
-    "seed": ("seed",),
-    "implicit_prefs": ("implicitPrefs",),
-    "alpha": ("alpha",),
-    "nonnegative": ("nonnegative",),
-    "num_blocks": ("numUserBlocks", "numItemBlocks"),
-    "backend": ("backend",),
+#: First-class options: argparse dest -> the Params they set, as alternatives: the first set
+#: the estimator has all of is used (ALS has numUserBlocks/numItemBlocks, the SGD estimators
+#: numBlocks).
+FIRST_CLASS_PARAMS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "rank": (("rank",),),
+    "max_iter": (("maxIter",),),
+    "reg_param": (("regParam",),),
+    "seed": (("seed",),),
+    "implicit_prefs": (("implicitPrefs",),),
+    "alpha": (("alpha",),),
+    "nonnegative": (("nonnegative",),),
+    "num_blocks": (("numUserBlocks", "numItemBlocks"), ("numBlocks",)),
+    "backend": (("backend",),),
 }
 
 
@@ -71,7 +73,10 @@ def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
         help="non-negative factors (ALS)",
     )
     group.add_argument(
-        "--num-blocks", type=int, metavar="N", help="sets numUserBlocks and numItemBlocks (ALS)"
+        "--num-blocks",
+        type=int,
+        metavar="N",
+        help="ALS: numUserBlocks and numItemBlocks; SGD: numBlocks (blocks per side)",
     )
     group.add_argument(
         "--backend",
@@ -116,17 +121,21 @@ def build_estimator(args: argparse.Namespace, columns: dict[str, str] | None = N
     cls = estimator_class(args.estimator)
     estimator = cls()
     name = cls.__name__
-    for dest, param_names in FIRST_CLASS_PARAMS.items():
+    for dest, alternatives in FIRST_CLASS_PARAMS.items():
         value = getattr(args, dest, None)
         if value is None:
             continue
         option = "--" + dest.replace("_", "-")
+        param_names = next(
+            (names for names in alternatives if all(map(estimator.hasParam, names))), None
+        )
+        if param_names is None:
+            raise JobError(
+                f"{option} does not apply to --estimator {args.estimator} ({name} has no param "
+                + " or ".join("/".join(names) for names in alternatives)
+                + ")"
+            )
         for param_name in param_names:
-            if not estimator.hasParam(param_name):
-                raise JobError(
-                    f"{option} does not apply to --estimator {args.estimator} "
-                    f"({name} has no param {param_name})"
-                )
             _set(estimator, param_name, value, option)
     for assignment in args.param:
         param_name, raw = parse_assignment(assignment, "--param")

@@ -1,4 +1,9 @@
-"""The per-iteration plot of a training summary (a PNG the jobs write with ``--plot-out``)."""
+"""The per-iteration plot of a training summary (a PNG the jobs write with ``--plot-out``).
+
+Panels, left to right: the error curves (``trainRmse``, ``validationRmse``, ...), the other
+per-iteration metrics an estimator reports (for example PrunedMF's ``macFraction``), and the
+seconds per iteration. Time breakdowns (``...Seconds``) and flags stay in the metrics JSON.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +13,46 @@ from spark_gpu_mf.jobs.common import JobError, local_output
 
 # Per-iteration entries that are bookkeeping, not curves.
 _NOT_METRICS = {"iteration", "seconds"}
+_SGD_ALGORITHMS = ("mascot", "pruned")
 
 
 def metric_names(summary: dict[str, Any]) -> list[str]:
-    """Per-iteration metrics present in a summary dict (e.g. ``trainRmse``), in first-seen order."""
+    """Numeric per-iteration metrics of a summary dict, in first-seen order (no flags, no
+    time breakdowns)."""
     names: list[str] = []
     for entry in summary.get("iterations", []):
         for name, value in entry.items():
-            if name not in _NOT_METRICS and name not in names and isinstance(value, (int, float)):
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if (
+                numeric
+                and name not in _NOT_METRICS
+                and not name.endswith("Seconds")
+                and name not in names
+            ):
                 names.append(name)
     return names
 
 
+def step_unit(summary: dict[str, Any]) -> str:
+    """What one entry of ``iterations`` is: an ALS iteration or an SGD epoch."""
+    return "epoch" if summary.get("algorithm") in _SGD_ALGORITHMS else "iteration"
+
+
+def is_error_metric(name: str) -> bool:
+    lowered = name.lower()
+    return lowered.endswith(("rmse", "mae", "loss"))
+
+
 def plot_training_summary(summary: dict[str, Any], path: str, title: str) -> None:
-    """Write a PNG: each per-iteration metric (left) and the seconds per iteration (right).
+    """Write a PNG of a training summary's per-iteration curves.
 
     Parameters
     ----------
     summary : dict
         ``TrainingSummary.to_dict()``: ``{"algorithm", "iterations": [{"iteration",
-        "seconds", ...metrics}], ...}``.
+        "seconds", ...metrics}], "setup_seconds", ...}``.
     path : str
-        Local ``.png`` path.
+        Local ``.png`` path (its directory is created).
     title : str
         Figure title, e.g. the estimator and the data.
     """
@@ -42,33 +65,40 @@ def plot_training_summary(summary: dict[str, Any], path: str, title: str) -> Non
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise JobError("--plot-out needs matplotlib: pip install 'spark-gpu-mf[jobs]'") from None
 
     steps = [entry["iteration"] for entry in iterations]
-    unit = "epoch" if summary.get("algorithm") in ("mascot", "pruned") else "iteration"
+    unit = step_unit(summary)
     names = metric_names(summary)
-    panels = 2 if names else 1
-    figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    groups = [
+        ("error", [n for n in names if is_error_metric(n)]),
+        ("other metrics", [n for n in names if not is_error_metric(n)]),
+    ]
+    groups = [(label, members) for label, members in groups if members]
+    figure, axes = plt.subplots(
+        1, len(groups) + 1, figsize=(5.5 * (len(groups) + 1), 4), squeeze=False
+    )
     axes = axes[0]
-    if names:
-        for name in names:
-            values = [entry.get(name) for entry in iterations]
-            points = [(s, v) for s, v in zip(steps, values) if v is not None]
-            axes[0].plot(*zip(*points), marker="o", label=name)
-        axes[0].set_xlabel(unit)
-        axes[0].set_ylabel("metric")
-        axes[0].set_title("per-" + unit + " metrics")
-        axes[0].grid(alpha=0.3)
-        axes[0].legend()
+    for axis in axes:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for axis, (label, members) in zip(axes, groups):
+        for name in members:
+            points = [(s, e[name]) for s, e in zip(steps, iterations) if e.get(name) is not None]
+            axis.plot(*zip(*points), marker="o", label=name)
+        axis.set_xlabel(unit)
+        axis.set_ylabel(label)
+        axis.set_title(f"{label} per {unit}")
+        axis.grid(alpha=0.3)
+        axis.legend()
     seconds_axis = axes[-1]
     seconds_axis.bar(steps, [entry.get("seconds", 0.0) for entry in iterations], color="#4c72b0")
     seconds_axis.set_xlabel(unit)
     seconds_axis.set_ylabel("seconds")
     setup = summary.get("setup_seconds")
-    seconds_axis.set_title(
-        f"time per {unit}" + (f" (setup {setup:.1f} s)" if isinstance(setup, (int, float)) else "")
-    )
+    setup_text = f" (setup {setup:.1f} s)" if isinstance(setup, (int, float)) else ""
+    seconds_axis.set_title(f"time per {unit}{setup_text}")
     seconds_axis.grid(alpha=0.3, axis="y")
     figure.suptitle(title)
     figure.tight_layout()

@@ -16,6 +16,7 @@ from typing import Any
 from spark_gpu_mf.conf import TRAINING_RMSE
 from spark_gpu_mf.jobs import common, estimators, inputs, metrics
 from spark_gpu_mf.jobs.common import JobError, SparkJob, format_count
+from spark_gpu_mf.jobs.plots import plot_training_summary, step_unit
 
 JOB = "train"
 
@@ -152,8 +153,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.plot_out:
         if summary is None:
             raise JobError(f"--plot-out: {type(estimator).__name__} produced no training summary")
-        from spark_gpu_mf.jobs.plots import plot_training_summary
-
         plot_training_summary(summary, args.plot_out, f"{type(estimator).__name__} training")
     print_result(document, type(estimator).__name__, args)
     return document
@@ -165,8 +164,9 @@ def print_result(document: dict[str, Any], estimator_name: str, args: argparse.N
     fit = f"{document['fitSeconds']:.1f} s"
     if iterations:
         per_iteration = sum(entry.get("seconds", 0.0) for entry in iterations) / len(iterations)
+        unit = step_unit(summary)
         fit += (
-            f" (setup {summary.get('setup_seconds', 0.0):.1f} s, {len(iterations)} iterations "
+            f" (setup {summary.get('setup_seconds', 0.0):.1f} s, {len(iterations)} {unit}s "
             f"of {per_iteration:.2f} s)"
         )
     rows = [("fit time", fit)]
