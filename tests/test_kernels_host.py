@@ -21,6 +21,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -423,3 +425,29 @@ def test_a_deleted_barrier_is_caught(tmp_path, source, barrier):
     result = _run_under_tsan(library)
     assert "WARNING: ThreadSanitizer: data race" in result.stderr
     assert result.returncode != 0
+
+
+def test_fp16_keeps_ill_conditioned_rows_in_fp32_like_numpy(device, monkeypatch):
+    """Ratings on a 1..10,000 scale: both backends store the rows FP16 would break in FP32."""
+    from spark_gpu_mf.backends import precision
+
+    monkeypatch.setattr(precision, "_warned", False)
+    rng = np.random.default_rng(31)
+    indptr, indices, ratings, src = make_block(rng, rng.integers(1, 60, 40), 300, 16)
+    ratings = rng.uniform(1, 10_000, len(ratings)).astype(np.float32)
+    src = src * 30
+    config = SolveConfig(rank=16, reg_param=0.1, solver="cg", precision="fp16",
+                         cg_iterations=40, cg_tolerance=0.0)
+    args = (indptr, indices, ratings, src, None, config, None)
+    with pytest.warns(RuntimeWarning, match="stored in fp32 instead"):
+        x = cupy_backend._update_block(device, *args)
+    reference = numpy_backend.update_block(*args)
+    assert np.isfinite(x).all()
+    assert precision.fp16_unsafe_rows(indptr, indices, ratings, src, reg_param=0.1,
+                                      implicit=False, alpha=1.0).all()
+    fp32 = replace(config, precision="fp32")
+    assert_cg_close(x, cupy_backend._update_block(device, *args[:5], fp32, None), reference,
+                    typical=1e-6, slack=1e-6)  # exactly the FP32 path
+    A, b = numpy_backend.normal_equations(indptr, indices, ratings, src, reg_param=0.1)
+    exact = np.linalg.solve(A, b[:, :, None])[:, :, 0]
+    assert_cg_close(x, reference, exact, typical=1e-4, slack=1e-3)

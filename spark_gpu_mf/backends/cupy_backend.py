@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from spark_gpu_mf.backends import cuda_kernels, numpy_backend
 from spark_gpu_mf.backends.numpy_backend import SolveConfig
+from spark_gpu_mf.backends.precision import fp16_unsafe_rows, warn_fp32_fallback
 
 __all__ = [
     "SolveConfig",
@@ -327,11 +328,30 @@ def update_block(indptr, indices, ratings, src_factors, previous, config: SolveC
 
 
 def _update_block(dev, indptr, indices, ratings, src_factors, previous, config, yty=None):
+    if config.solver == "cg" and not config.nonnegative and config.precision == "fp16":
+        unsafe = fp16_unsafe_rows(
+            np.asarray(indptr), np.asarray(indices), np.asarray(ratings), np.asarray(src_factors),
+            reg_param=config.reg_param, implicit=config.implicit, alpha=config.alpha, yty=yty,
+        )  # fmt: skip
+        if unsafe.any():
+            # Same rule as numpy_backend: rows FP16 would round too coarsely are stored in FP32.
+            warn_fp32_fallback(int(unsafe.sum()), len(unsafe))
+            out = _update_rows(dev, indptr, indices, ratings, src_factors, previous, config, yty,
+                               np.flatnonzero(~unsafe))
+            fp32 = replace(config, precision="fp32")
+            kept = _update_rows(dev, indptr, indices, ratings, src_factors, previous, fp32, yty,
+                                np.flatnonzero(unsafe))
+            out[unsafe] = kept[unsafe]
+            return out
+    return _update_rows(dev, indptr, indices, ratings, src_factors, previous, config, yty, None)
+
+
+def _update_rows(dev, indptr, indices, ratings, src_factors, previous, config, yty, rows):
     budget = config.memory_budget_bytes
     while True:
         try:
             return _update_block_within(
-                dev, indptr, indices, ratings, src_factors, previous, config, yty, budget
+                dev, indptr, indices, ratings, src_factors, previous, config, yty, budget, rows
             )
         except dev.out_of_memory as error:
             dev.free_memory()
@@ -350,7 +370,7 @@ def _update_block(dev, indptr, indices, ratings, src_factors, previous, config, 
 
 
 def _update_block_within(
-    dev, indptr, indices, ratings, src_factors, previous, config, yty, budget
+    dev, indptr, indices, ratings, src_factors, previous, config, yty, budget, rows_wanted=None
 ) -> np.ndarray:
     n_rows, rank = len(indptr) - 1, config.rank
     if n_rows == 0:
@@ -374,10 +394,15 @@ def _update_block_within(
         previous_d = xp.asarray(np.ascontiguousarray(previous, dtype=np.float32))
     # Rows of similar length side by side: rows that share a thread block then need the same
     # number of staging windows.
-    order = np.argsort(np.diff(np.asarray(indptr)), kind="stable").astype(np.int64)
-    out = xp.empty((n_rows, rank), dtype=np.float32)
+    counts = np.diff(np.asarray(indptr))
+    if rows_wanted is None:
+        order = np.argsort(counts, kind="stable").astype(np.int64)
+    else:
+        rows_wanted = np.asarray(rows_wanted, np.int64)
+        order = rows_wanted[np.argsort(counts[rows_wanted], kind="stable")]
+    out = xp.zeros((n_rows, rank), dtype=np.float32)
     bytes_per_row = rank * rank * np.dtype(storage).itemsize + 20 * rank + 16
-    for part in _row_batches(n_rows, bytes_per_row, budget):
+    for part in _row_batches(len(order), bytes_per_row, budget):
         rows = xp.asarray(order[part])
         A, scale, diag, b = _build(dev, block, rows, storage, **build)
         if cg:

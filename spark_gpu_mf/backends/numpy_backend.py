@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spark_gpu_mf.backends.precision import fp16_unsafe_rows, warn_fp32_fallback
 from spark_gpu_mf.errors import SingularMatrixError
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 _MIB = 1 << 20
+PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -83,36 +85,42 @@ def _row_weights(ratings: np.ndarray, implicit: bool, alpha: float):
     return c1, np.where(positive, 1.0 + c1, 0.0), positive.astype(np.float64)
 
 
-# Rows are padded to at least this many ratings: below it a stacked GEMM is slower per row than
-# the padding costs (measured: 6.5 us per row at 4 ratings, 3.4 us at 16, rank 64).
-_MIN_PADDED_LENGTH = 16
+# Each row is padded to a length that depends only on its own rating count, so a row's sums are
+# the same whatever other rows share its batch or however small the memory budget is. Short rows
+# pad to at least 16: below that a stacked GEMM costs more per row than the padding (measured:
+# 6.5 us per row at 4 ratings, 3.4 us at 16, rank 64).
+_LENGTH_LADDER = np.array([16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128])
 # Float32 GEMMs sum at most this many ratings before the partial sums are added in float64
 # ("compensated float32"): relative error of a partial sum stays near 1e-6.
 _FLOAT32_CHUNK = 128
 
 
-def _bucket_rows(counts: np.ndarray, rank: int, budget_bytes: int, itemsize: int):
-    """Group rows of similar rating counts into batches that fit the memory budget.
+def padded_lengths(counts: np.ndarray) -> np.ndarray:
+    """The padded length of a row with ``counts`` ratings (at most 25% padding above 16)."""
+    counts = np.asarray(counts, np.int64)
+    short = _LENGTH_LADDER[np.minimum(np.searchsorted(_LENGTH_LADDER, counts), len(_LENGTH_LADDER) - 1)]
+    long = -(-counts // _FLOAT32_CHUNK) * _FLOAT32_CHUNK
+    return np.where(counts <= _FLOAT32_CHUNK, short, long)
 
-    Rows are visited in order of rating count; each batch pads every row to the batch's largest
-    count (at most 25% above its smallest, and at least ``_MIN_PADDED_LENGTH``), so that a batch
-    is one stacked GEMM. Yields ``(rows, padded_length)``.
+
+def _bucket_rows(counts: np.ndarray, rank: int, budget_bytes: int, itemsize: int):
+    """Batches of rows with the same padded length that fit the memory budget.
+
+    Yields ``(rows, padded_length)``; each batch is one stacked GEMM per chunk of ratings.
     """
-    order = np.argsort(counts, kind="stable")
-    sorted_counts = counts[order]
-    n = len(order)
-    start = 0
-    while start < n:
-        low = max(int(sorted_counts[start]), 1)
-        limit = max(low + 1, int(low * 1.25), _MIN_PADDED_LENGTH + 1)
-        stop = max(int(np.searchsorted(sorted_counts, limit, side="left")), start + 1)
-        length = max(int(sorted_counts[stop - 1]), _MIN_PADDED_LENGTH)
+    lengths = padded_lengths(counts)
+    order = np.argsort(lengths, kind="stable")
+    sorted_lengths = lengths[order]
+    bounds = np.flatnonzero(np.diff(sorted_lengths)) + 1
+    for group in np.split(order, bounds):
+        if len(group) == 0:
+            continue
+        length = int(lengths[group[0]])
         chunk = min(length, _FLOAT32_CHUNK) if itemsize == 4 else length
         per_row = 8 * rank * rank + itemsize * (chunk + 1) * rank + 32 * length
         max_rows = max(1, budget_bytes // per_row)
-        stop = min(stop, start + max_rows)
-        yield order[start:stop], length
-        start = stop
+        for start in range(0, len(group), max_rows):
+            yield group[start : start + max_rows], length
 
 
 def normal_equations(
@@ -264,29 +272,8 @@ def _fp16_scaled(A: np.ndarray):
     return A16, scale.astype(np.float32)
 
 
-def solve_cg(
-    A: np.ndarray,
-    b: np.ndarray,
-    x0: np.ndarray,
-    *,
-    iterations: int,
-    precision: str = "fp32",
-    tolerance: float = 1e-6,
-) -> np.ndarray:
-    """Batched Jacobi-preconditioned conjugate gradient, warm-started from ``x0``.
-
-    ``A`` is stored in float32 or (``precision="fp16"``) float16 with a per-row power-of-two scale;
-    vectors and arithmetic are float32. A row stops early once its residual falls below
-    ``tolerance * ||b||``; every row does at most ``iterations`` steps.
-    """
-    if len(b) == 0:
-        return np.zeros(b.shape, np.float32)
-    if precision == "fp16":
-        stored, scale = _fp16_scaled(A)
-    elif precision == "fp32":
-        stored, scale = A.astype(np.float32), np.ones(len(A), np.float32)
-    else:
-        raise ValueError(f"unknown precision {precision!r}")
+def _cg(stored, scale, A, b, x0, iterations, tolerance):
+    """Jacobi-preconditioned CG on ``stored * scale`` (float32 or float16), float32 arithmetic."""
     diag = np.einsum("bii->bi", A).astype(np.float32)
     # An all-zero row (no ratings, no regularization) keeps its start value instead of NaN.
     inv_diag = np.divide(1.0, diag, out=np.zeros_like(diag), where=diag != 0)
@@ -319,6 +306,63 @@ def solve_cg(
     return x
 
 
+def _energy(A: np.ndarray, b: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``x^T A x / 2 - b^T x`` per row in float64: what CG decreases at every step."""
+    x64 = x.astype(np.float64)
+    ax = np.matmul(A, x64[:, :, None], dtype=np.float64)[:, :, 0]
+    return 0.5 * np.einsum("bi,bi->b", x64, ax) - np.einsum("bi,bi->b", b, x64)
+
+
+def fp16_failures(A: np.ndarray, b: np.ndarray, x0: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Rows where FP16 storage broke CG: non-finite results, or worse than the starting point.
+
+    FP16 keeps 11 significant bits; a matrix with a condition number near 1e3 or more (large
+    rating scales, tiny regularization) can round to an indefinite one, and CG then diverges.
+    """
+    finite = np.isfinite(x).all(axis=1)
+    worse = np.zeros(len(x), bool)
+    worse[finite] = _energy(A[finite], b[finite], x[finite]) > _energy(
+        A[finite], b[finite], x0[finite]
+    ) + 1e-7 * np.abs(_energy(A[finite], b[finite], x0[finite]))
+    return ~finite | worse
+
+
+def solve_cg(
+    A: np.ndarray,
+    b: np.ndarray,
+    x0: np.ndarray,
+    *,
+    iterations: int,
+    precision: str = "fp32",
+    tolerance: float = 1e-6,
+) -> np.ndarray:
+    """Batched Jacobi-preconditioned conjugate gradient, warm-started from ``x0``.
+
+    ``A`` is stored in float32 or (``precision="fp16"``) float16 with a per-row power-of-two scale
+    (so no entry overflows); vectors and arithmetic are float32. A row stops early once its
+    residual falls below ``tolerance * ||b||``; every row does at most ``iterations`` steps.
+    Rows that FP16 storage still breaks (``fp16_failures``) are solved again with FP32 storage,
+    with a warning, so FP16 never yields inf/NaN or a worse solution than the starting point;
+    ``update_block`` keeps rows that FP16 would round too coarsely in FP32 from the start
+    (``precision.fp16_unsafe_rows``).
+    """
+    if len(b) == 0:
+        return np.zeros(b.shape, np.float32)
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}")
+    A32 = A.astype(np.float32)
+    if precision == "fp32":
+        return _cg(A32, np.ones(len(A), np.float32), A, b, x0, iterations, tolerance)
+    stored, scale = _fp16_scaled(A)
+    x = _cg(stored, scale, A, b, x0, iterations, tolerance)
+    failed = fp16_failures(A, b, x0, x)
+    if failed.any():
+        warn_fp32_fallback(int(failed.sum()), len(failed))
+        x[failed] = _cg(A32[failed], np.ones(int(failed.sum()), np.float32), A[failed], b[failed],
+                        x0[failed], iterations, tolerance)
+    return x
+
+
 def solve_nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Nonnegative least squares per row: ``min x^T A x / 2 - b^T x`` subject to ``x >= 0``.
 
@@ -341,44 +385,58 @@ def update_block(
     """New float32 factors of every row of one block: build and solve under the memory budget.
 
     ``previous`` (float32, same shape as the result) warm-starts the CG solver; rows without a
-    previous value start from zero.
+    previous value start from zero. With ``precision="fp16"``, rows whose normal equations FP16
+    would round too coarsely are solved with FP32 storage (``precision.fp16_unsafe_rows``).
     """
     n_rows = len(indptr) - 1
     rank = config.rank
     out = np.zeros((n_rows, rank), np.float32)
     iterative = config.solver == "cg" and not config.nonnegative
+    precisions = np.full(n_rows, config.precision if iterative else "fp32", dtype=object)
+    if iterative and config.precision == "fp16":
+        unsafe = fp16_unsafe_rows(
+            indptr, indices, ratings, src_factors, reg_param=config.reg_param,
+            implicit=config.implicit, alpha=config.alpha, yty=yty,
+        )  # fmt: skip
+        if unsafe.any():
+            warn_fp32_fallback(int(unsafe.sum()), n_rows)
+            precisions[unsafe] = "fp32"
     per_row = 8 * rank * rank * 3
     chunk = max(1, config.memory_budget_bytes // per_row)
-    for start in range(0, n_rows, chunk):
-        rows = np.arange(start, min(start + chunk, n_rows))
-        A, b = normal_equations(
-            indptr,
-            indices,
-            ratings,
-            src_factors,
-            reg_param=config.reg_param,
-            implicit=config.implicit,
-            alpha=config.alpha,
-            yty=yty,
-            rows=rows,
-            memory_budget_bytes=config.memory_budget_bytes,
-            accumulate="float32" if iterative else "float64",
-        )
-        if config.nonnegative:
-            out[rows] = solve_nnls(A, b)
-        elif config.solver == "cg":
-            x0 = previous[rows] if previous is not None else np.zeros((len(rows), rank), np.float32)
-            out[rows] = solve_cg(
-                A,
-                b,
-                x0,
-                iterations=config.cg_iterations,
-                precision=config.precision,
-                tolerance=config.cg_tolerance,
+    for precision in ("fp32", "fp16"):
+        selected = np.flatnonzero(precisions == precision)
+        for start in range(0, len(selected), chunk):
+            rows = selected[start : start + chunk]
+            out[rows] = _solve_rows(
+                indptr, indices, ratings, src_factors, previous, config, yty, rows, precision
             )
-        else:
-            out[rows] = solve_cholesky(A, b)
     return out
+
+
+def _solve_rows(indptr, indices, ratings, src_factors, previous, config, yty, rows, precision):
+    iterative = config.solver == "cg" and not config.nonnegative
+    A, b = normal_equations(
+        indptr,
+        indices,
+        ratings,
+        src_factors,
+        reg_param=config.reg_param,
+        implicit=config.implicit,
+        alpha=config.alpha,
+        yty=yty,
+        rows=rows,
+        memory_budget_bytes=config.memory_budget_bytes,
+        accumulate="float32" if iterative else "float64",
+    )
+    if config.nonnegative:
+        return solve_nnls(A, b)
+    if not iterative:
+        return solve_cholesky(A, b)
+    start = previous[rows] if previous is not None else np.zeros((len(rows), config.rank), np.float32)
+    return solve_cg(
+        A, b, start, iterations=config.cg_iterations, precision=precision,
+        tolerance=config.cg_tolerance,
+    )  # fmt: skip
 
 
 def top_k(queries: np.ndarray, candidates: np.ndarray, candidate_ids: np.ndarray, k: int):
