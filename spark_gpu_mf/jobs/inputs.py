@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 FORMATS = ("auto", "csv", "parquet", "movielens")
 #: Default size of ``--generate`` when a train job is given no input at all (``make demo``).
-DEFAULT_GENERATED_RATINGS = 300_000
+DEFAULT_GENERATED_RATINGS = 200_000
 ROLES = ("user", "item", "rating")
 # Column names tried, in order, when no --*-col option is given: ours (Spark's ALS defaults),
 # then MovieLens's ratings.csv header (userId,movieId,rating,timestamp).

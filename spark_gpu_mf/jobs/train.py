@@ -2,7 +2,7 @@
 
 Run it as ``spark-gpu-mf train [options]`` (the console entry point adds the project's Spark
 configs), or ``spark-submit jobs/train.py [options]`` with your own. With no options it fits
-``ALS`` on 300,000 generated ratings with 20% held out and prints the held-out RMSE and the
+``ALS`` on 200,000 generated ratings with 20% held out and prints the held-out RMSE and the
 fit time.
 """
 
