@@ -1,0 +1,114 @@
+"""A real standalone Spark cluster on 127.0.0.1, started from the pip-installed pyspark.
+
+One master and N workers run as separate JVMs (``spark-class ...Master`` / ``...Worker``), so
+executors are separate processes from the driver, as on a real cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
+
+import pyspark
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cluster_env() -> dict:
+    env = dict(os.environ)
+    env.update(
+        SPARK_LOCAL_IP="127.0.0.1",
+        SPARK_HOME=os.path.dirname(pyspark.__file__),
+        PYSPARK_PYTHON=sys.executable,
+        PYSPARK_DRIVER_PYTHON=sys.executable,
+        SPARK_NO_DAEMONIZE="1",
+    )
+    return env
+
+
+class StandaloneCluster:
+    """Master plus workers; ``url`` is the ``spark://`` address to submit to."""
+
+    def __init__(self, workers: int = 2, cores: int = 1, memory: str = "1g", log_dir: Path = None):
+        self.workers = workers
+        self.cores = cores
+        self.memory = memory
+        self.log_dir = Path(log_dir or ".")
+        self.processes: list[subprocess.Popen] = []
+        self.port = free_port()
+        self.url = f"spark://127.0.0.1:{self.port}"
+
+    def _spark_class(self, *args: str, log: str) -> subprocess.Popen:
+        spark_class = os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-class")
+        out = open(self.log_dir / log, "w")
+        process = subprocess.Popen([spark_class, *args], env=cluster_env(), stdout=out,
+                                   stderr=subprocess.STDOUT)
+        self.processes.append(process)
+        return process
+
+    def start(self) -> "StandaloneCluster":
+        self._spark_class("org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+                          "--port", str(self.port), "--webui-port", str(free_port()),
+                          log="master.log")
+        self._wait_for_port(self.port)
+        for index in range(self.workers):
+            self._spark_class("org.apache.spark.deploy.worker.Worker", self.url,
+                              "--host", "127.0.0.1", "--cores", str(self.cores),
+                              "--memory", self.memory, "--webui-port", str(free_port()),
+                              log=f"worker-{index}.log")
+        self._wait_for_workers()
+        return self
+
+    def _wait_for_port(self, port: int, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with closing(socket.socket()) as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise TimeoutError(f"the Spark master did not open port {port}: see master.log")
+
+    def _wait_for_workers(self, timeout: float = 90) -> None:
+        deadline = time.time() + timeout
+        log = self.log_dir / "master.log"
+        while time.time() < deadline:
+            if log.read_text().count("Registering worker") >= self.workers:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.workers} workers did not register: see {log}")
+
+    def submit(self, script: str, *args: str, timeout: float = 600, conf: dict = None):
+        """spark-submit ``script`` to the cluster; returns the CompletedProcess."""
+        submit = os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-submit")
+        confs = {
+            "spark.pyspark.python": sys.executable,
+            "spark.ui.enabled": "false",
+            "spark.executor.memory": "900m",
+            "spark.executor.cores": str(self.cores),
+            "spark.sql.shuffle.partitions": "4",
+        }
+        confs.update(conf or {})
+        command = [submit, "--master", self.url]
+        for key, value in confs.items():
+            command += ["--conf", f"{key}={value}"]
+        command += [script, *args]
+        return subprocess.run(command, env=cluster_env(), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
