@@ -58,6 +58,7 @@ def test_pack_round_trip_and_safety():
     assert sorted(back) == sorted(arrays)
     for name, value in arrays.items():
         assert back[name].dtype == np.asarray(value).dtype
+        assert back[name].shape == np.shape(value)
         np.testing.assert_array_equal(back[name], value)
     back["half"][0, 0] = 99  # private, writable copies
     with pytest.raises(TypeError, match="plain dtypes"):
@@ -256,7 +257,11 @@ def test_runner_matches_a_float64_reference_of_the_same_schedule(spark, num_bloc
             assert len(run.sub_epochs) == num_blocks
             assert all(s.max_task_seconds <= s.seconds for s in run.sub_epochs)
         assert runs[-1].statistics["sse"] < runs[0].statistics["sse"]
-        stats, seconds = runner.evaluate(squared_error)
+        stats, seconds = runner.evaluate(squared_error)  # on the driver: few ratings
+        in_spark, _ = runner.evaluate(squared_error, on_driver=False)
+        assert in_spark.keys() == stats.keys()
+        for name in stats:
+            np.testing.assert_array_equal(in_spark[name], stats[name])
         ub, ul = strata.users.locate(user[validation])
         ib, il = strata.items.locate(item[validation])
         known = (ub >= 0) & (ib >= 0)

@@ -34,6 +34,7 @@ __all__ = [
     "build_cells",
     "cell_order",
     "cell_record",
+    "cells_of",
     "evaluate_cells",
     "pack_arrays",
     "unpack_arrays",
@@ -104,7 +105,9 @@ def pack_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
     """
     entries, buffers = [], []
     for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
+        array = np.asarray(arrays[name])
+        if not array.flags.c_contiguous:  # ascontiguousarray would turn 0-d arrays into 1-d
+            array = array.copy(order="C")
         if array.dtype.hasobject:
             raise TypeError(f"array {name!r} has dtype {array.dtype}; only plain dtypes pack")
         entries.append([name, array.dtype.str, list(array.shape)])
@@ -202,7 +205,8 @@ def cell_record(row) -> tuple[int, tuple]:
     return int(row["index"]), payload
 
 
-def _cells_of(records: Iterable[tuple[int, tuple]]) -> Iterator[Cell]:
+def cells_of(records: Iterable[tuple[int, tuple]]) -> Iterator[Cell]:
+    """The :class:`Cell` of every ``(index, payload)`` record of the cached cell RDD."""
     for _, (kind, user_block, item_block, users, items, ratings) in records:
         yield Cell(
             user_block=user_block,
@@ -245,7 +249,7 @@ def update_cells(
     from the same state), so no block is read or written by two tasks of a sub-epoch.
     """
     results = []
-    for cell in _cells_of(records):
+    for cell in cells_of(records):
         users = _block_state(user_blocks, cell.user_block)
         items = _block_state(item_blocks, cell.item_block)
         started = time.perf_counter()
@@ -274,7 +278,7 @@ def evaluate_cells(
 ) -> list[CellResult]:
     """Task of a read-only pass (e.g. validation RMSE): statistics per cell, no state back."""
     results = []
-    for cell in _cells_of(records):
+    for cell in cells_of(records):
         users = _block_state(user_blocks, cell.user_block)
         items = _block_state(item_blocks, cell.item_block)
         started = time.perf_counter()

@@ -100,6 +100,8 @@ logger = logging.getLogger("spark_gpu_mf")
 
 # Above this many rows, an id -> (block, row) map is joined by a shuffle instead of a broadcast.
 _BROADCAST_MAP_ROWS = 20_000_000
+# Up to this many ratings, StratifiedRunner.evaluate keeps the cells on the driver (12 bytes each).
+LOCAL_EVALUATION_RATINGS = 5_000_000
 
 
 # --------------------------------------------------------------------------- layout
@@ -439,6 +441,7 @@ class StratifiedRunner:
         b = strata.num_blocks
         self._state: dict[str, list[RowState]] = {"user": [], "item": []}
         self._broadcasts: dict[tuple[str, int], Any] = {}
+        self._local_cells: dict[int, list[cells_module.Cell]] = {}
         self.set_state("user", user_state)
         self.set_state("item", item_state)
         self._strata_cells = [
@@ -563,17 +566,45 @@ class StratifiedRunner:
         *,
         kind: int = VALIDATION,
         label: str = "evaluate",
+        on_driver: bool | None = None,
     ) -> tuple[dict[str, np.ndarray], float]:
-        """Run a read-only ``evaluate`` function over all cells of ``kind`` in one job.
+        """Run a read-only ``evaluate`` function over all cells of ``kind``.
 
-        Returns the statistics summed in cell order and the wall time. Blocks are broadcast as
-        for a sub-epoch (the broadcasts are then reused by the next sub-epoch).
+        Returns the statistics summed in cell order and the wall time. ``on_driver``: where it
+        runs. ``None`` (default) runs on the driver when the cells hold at most
+        ``LOCAL_EVALUATION_RATINGS`` ratings: they are collected once (12 bytes per rating) and
+        every later call costs no Spark job, which would otherwise take as long as a whole
+        epoch on small data. Otherwise (or with ``False``) it is one job in which blocks are
+        broadcast as for a sub-epoch (and those broadcasts are reused by the next sub-epoch).
+        On the driver ``evaluate`` receives the runner's own state: it must not change it.
         """
         started = time.perf_counter()
         sizes = self.strata.validation_sizes if kind == VALIDATION else self.strata.train_sizes
         pairs = [tuple(int(x) for x in p) for p in np.argwhere(sizes > 0)]
         if not pairs:
             return {}, 0.0
+        partitions = [self.strata.partition(kind, u, i) for u, i in pairs]
+        if on_driver is None:
+            on_driver = int(sizes.sum()) <= LOCAL_EVALUATION_RATINGS
+        settings = dict(settings or {})
+        if on_driver:
+            cells = self._local_cells.get(kind)
+            if cells is None:
+                self._describe(
+                    f"collect {'validation' if kind == VALIDATION else 'training'} cells"
+                )
+                records = self.sc.runJob(self.strata.cells, _records, partitions)
+                cells = sorted(
+                    cells_module.cells_of(records), key=lambda c: (c.user_block, c.item_block)
+                )
+                self._local_cells[kind] = cells
+            results = [
+                evaluate(c, self._state["user"][c.user_block], self._state["item"][c.item_block],
+                         settings)
+                for c in cells
+            ]  # fmt: skip
+            self.sc.setJobDescription(None)
+            return sum_statistics(results), time.perf_counter() - started
         users, items = self._handles(pairs)
         self._describe(label)
         returned = self.sc.runJob(
@@ -583,9 +614,9 @@ class StratifiedRunner:
                 evaluate=evaluate,
                 user_blocks=users,
                 item_blocks=items,
-                settings=dict(settings or {}),
+                settings=settings,
             ),
-            [self.strata.partition(kind, u, i) for u, i in pairs],
+            partitions,
         )
         self.sc.setJobDescription(None)
         returned.sort(key=lambda r: (r[0], r[1]))
@@ -598,6 +629,10 @@ class StratifiedRunner:
             self._drop_broadcast(*key)
 
 
+def _records(records):
+    return list(records)
+
+
 def merged_ids(layout: BlockLayout) -> np.ndarray:
-    """All ids of a layout, block after block (the row order of :func:`merged_rows`)."""
+    """All ids of a layout, block after block: the row order of the blocks' arrays stacked."""
     return np.concatenate(layout.ids) if layout.ids else np.zeros(0, np.int32)
