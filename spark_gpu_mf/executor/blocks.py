@@ -27,7 +27,7 @@ import pandas as pd
 _ID_SHIFT = 1 << 31
 
 BLOCK_SCHEMA = (
-    "pkey int, block int, num_rows int, nnz long, ids binary, indptr binary, indices binary, "
+    "pkey int, block int, num_rows int, nnz long, positives long, ids binary, indptr binary, indices binary, "
     "ratings binary, needed_ids binary, needed_counts binary, out_offsets binary, out_rows binary"
 )
 
@@ -102,6 +102,7 @@ def build_block(
         "block": block,
         "num_rows": len(ids),
         "nnz": len(keys),
+        "positives": int(np.count_nonzero(ratings > 0)),
         "ids": to_bytes(ids.astype(np.int32)),
         "indptr": to_bytes(indptr),
         "indices": to_bytes(columns[order].astype(np.int32)),
