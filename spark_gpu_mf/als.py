@@ -308,6 +308,7 @@ class ALS(
             broadcast_threshold=conf.BROADCAST_THRESHOLD.get(spark),
             blas_threads=conf.BLAS_THREADS.get(spark),
             training_rmse=conf.TRAINING_RMSE.get(spark),
+            fail_first_attempt=conf.FAIL_FIRST_ATTEMPT.get(spark),
         )
 
     def _fit(self, dataset: DataFrame) -> ALSModel:

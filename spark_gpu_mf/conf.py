@@ -103,3 +103,10 @@ TASK_GPU_AMOUNT = ConfKey(
     "GPUs per task (a fraction shares a GPU between tasks); backend='cupy' on a cluster needs "
     "it > 0.",
 )
+FAIL_FIRST_ATTEMPT = ConfKey(
+    "spark.gpumf.test.failFirstAttempt",
+    "false",
+    parse_bool,
+    "Test only: the first attempt of every ALS solve task in partition 0 fails, so tests can check "
+    "that Spark's retry gives the same model.",
+)

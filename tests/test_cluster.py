@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from pyspark.ml.evaluation import RegressionEvaluator
 
-from spark_gpu_mf import ALS, datasets
 from spark_gpu_mf.spark.factors import collect_factors
+from tests.cluster import fit_job
 from tests.cluster.standalone import StandaloneCluster
 
 pytestmark = pytest.mark.cluster
@@ -27,29 +27,60 @@ def cluster(tmp_path_factory):
         standalone.stop()
 
 
-def _local_fit(spark, solver):
+def _local_fit(spark, solver, max_iter=5):
     """The same fit as fit_job.py, in this test session's local mode."""
-    data = datasets.generate_ratings(20_000, seed=13)
-    train, test = datasets.train_test_split(data, 0.2, seed=14)
-    model = ALS(rank=8, maxIter=5, seed=3, solver=solver, numUserBlocks=4, numItemBlocks=3,
-                coldStartStrategy="drop").fit(datasets.to_dataframe(spark, train))
-    rmse = RegressionEvaluator(labelCol="rating").evaluate(
-        model.transform(datasets.to_dataframe(spark, test))
-    )
-    return model, rmse
+    return fit_job.fit(spark, solver, 20_000, max_iter)
 
 
-@pytest.mark.parametrize("solver", ["cholesky", "cg"])
-def test_standalone_cluster_fit_equals_local_mode(spark, cluster, tmp_path, solver):
-    result = cluster.submit(JOB, str(tmp_path), solver)
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = json.loads((tmp_path / "result.json").read_text())
-    assert remote["master"] == cluster.url
-    assert remote["executors"] >= 3  # the driver plus one executor per worker
-    factors = np.load(tmp_path / "factors.npz")
-    model, local_rmse = _local_fit(spark, solver)
-    assert remote["rmse"] == pytest.approx(local_rmse, rel=1e-4)
+def assert_same_model(output: Path, model, rmse):
+    factors = np.load(output / "factors.npz")
+    remote = json.loads((output / "result.json").read_text())
+    assert remote["rmse"] == pytest.approx(rmse, rel=1e-4)
     for side, df in (("user", model.userFactors), ("item", model.itemFactors)):
         ids, local = collect_factors(df)
         np.testing.assert_array_equal(factors[f"{side}_ids"], ids)
         np.testing.assert_allclose(factors[f"{side}_factors"], local, atol=1e-4)
+    return remote
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "cg"])
+def test_standalone_cluster_fit_equals_local_mode(spark, cluster, tmp_path, solver):
+    result = cluster.submit(JOB, str(tmp_path), "--solver", solver)
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = assert_same_model(tmp_path, *_local_fit(spark, solver))
+    assert remote["master"] == cluster.url
+    assert remote["executors"] >= 3  # the driver plus one executor per worker
+
+
+@pytest.mark.parametrize("dataflow", ["256m", "0"], ids=["broadcast", "messages"])
+def test_tasks_failing_their_first_attempt_are_retried_to_the_same_model(
+    spark, cluster, tmp_path, dataflow
+):
+    conf = {"spark.gpumf.test.failFirstAttempt": "true", "spark.gpumf.broadcastThreshold": dataflow}
+    result = cluster.submit(JOB, str(tmp_path), "--solver", "cg", conf=conf)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "failure injected by spark.gpumf.test.failFirstAttempt" in result.stderr
+    assert_same_model(tmp_path, *_local_fit(spark, "cg"))
+
+
+def test_killing_an_executor_mid_fit_still_completes_the_same_model(spark, cluster, tmp_path):
+    import signal
+    import time
+
+    process = cluster.start_submit(JOB, str(tmp_path), "--solver", "cg", "--max-iter", "12",
+                                   conf={"spark.gpumf.broadcastThreshold": "0"})
+    killed = None
+    log = []
+    deadline = time.time() + 600
+    for line in process.stderr:
+        log.append(line)
+        if killed is None and "ALS iteration 3/12" in line:
+            executors = cluster.executor_pids()
+            assert len(executors) == 2, executors
+            killed = executors[0]
+            os.kill(killed, signal.SIGKILL)
+        assert time.time() < deadline, "the fit did not finish in 10 minutes"
+    assert process.wait(timeout=60) == 0, "".join(log[-60:])
+    assert killed is not None, "the fit never logged iteration 3"
+    assert "ALS iteration 12/12" in "".join(log)
+    assert_same_model(tmp_path, *_local_fit(spark, "cg", max_iter=12))

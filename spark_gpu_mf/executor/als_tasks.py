@@ -47,6 +47,7 @@ class TaskSettings:
     config: SolveConfig
     backend: BackendChoice
     blas_threads: int
+    fail_first_attempt: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,18 @@ class SourceFactors:
         return self.factors[positions]
 
 
+def _fail_first_attempt() -> None:
+    """Fail this task if it is partition 0's first attempt (``spark.gpumf.test.failFirstAttempt``)."""
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    if context is not None and context.attemptNumber() == 0 and context.partitionId() == 0:
+        raise RuntimeError("spark_gpu_mf: failure injected by spark.gpumf.test.failFirstAttempt")
+
+
 def _solve(block: Block, src: np.ndarray, previous, settings: TaskSettings, yty) -> np.ndarray:
+    if settings.fail_first_attempt:
+        _fail_first_attempt()
     if len(src) != len(block.needed_ids):
         raise InconsistentBlocksError()
     backend = executor_backend(settings.backend)

@@ -61,6 +61,7 @@ class AlsJob:
     broadcast_threshold: int = conf.parse_bytes(conf.BROADCAST_THRESHOLD.default)
     blas_threads: int = 0
     training_rmse: bool = False
+    fail_first_attempt: bool = False
 
     def solve_config(self) -> SolveConfig:
         return SolveConfig(
@@ -91,6 +92,7 @@ class Side:
     block_ids: List[int]
     num_rows: Dict[int, int]
     nnz: int
+    positives: int
     seed: int
     ids: Optional[Dict[int, np.ndarray]] = None
 
@@ -176,7 +178,7 @@ class _Trainer:
             blocks = blocks.repartition(num_partitions, "pkey")
         blocks = self._persist(blocks, self.job.intermediate_level)
         self._describe(f"build {name} blocks")
-        meta = blocks.select("block", "num_rows", "nnz").collect()
+        meta = blocks.select("block", "num_rows", "nnz", "positives").collect()
         return Side(
             name=name,
             blocks=blocks,
@@ -185,6 +187,7 @@ class _Trainer:
             block_ids=sorted(int(r.block) for r in meta),
             num_rows={int(r.block): int(r.num_rows) for r in meta},
             nnz=sum(int(r.nnz) for r in meta),
+            positives=sum(int(r.positives) for r in meta),
             seed=seed,
         )
 
@@ -193,6 +196,7 @@ class _Trainer:
             config=self.job.solve_config(),
             backend=BackendChoice.for_session(self.spark, self.job.backend),
             blas_threads=_blas_threads(self.spark, self.job.blas_threads, side.num_partitions),
+            fail_first_attempt=self.job.fail_first_attempt,
         )
 
     # ---------------------------------------------------------------- main loop
@@ -208,6 +212,11 @@ class _Trainer:
         )
         if users.nnz == 0:
             raise illegal_argument(f"requirement failed: No ratings available from {self.ratings}")
+        if job.implicit and users.positives == 0:
+            raise illegal_argument(
+                "implicitPrefs=True needs at least one positive rating: every rating is zero or "
+                "negative, so every preference is 0 and every factor would be zero."
+            )
         items = self._build_side(
             "item", "item", "user", job.num_item_blocks, job.num_user_blocks, item_seed,
             keep_partitioning=True,

@@ -86,8 +86,7 @@ class StandaloneCluster:
             time.sleep(0.5)
         raise TimeoutError(f"{self.workers} workers did not register: see {log}")
 
-    def submit(self, script: str, *args: str, timeout: float = 600, conf: dict = None):
-        """spark-submit ``script`` to the cluster; returns the CompletedProcess."""
+    def submit_command(self, script: str, *args: str, conf: dict = None) -> list:
         submit = os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-submit")
         confs = {
             "spark.pyspark.python": sys.executable,
@@ -100,9 +99,35 @@ class StandaloneCluster:
         command = [submit, "--master", self.url]
         for key, value in confs.items():
             command += ["--conf", f"{key}={value}"]
-        command += [script, *args]
-        return subprocess.run(command, env=cluster_env(), capture_output=True, text=True,
-                              timeout=timeout)
+        return command + [script, *args]
+
+    def submit(self, script: str, *args: str, timeout: float = 600, conf: dict = None):
+        """spark-submit ``script`` to the cluster and wait; returns the CompletedProcess."""
+        return subprocess.run(self.submit_command(script, *args, conf=conf), env=cluster_env(),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start_submit(self, script: str, *args: str, conf: dict = None) -> subprocess.Popen:
+        """spark-submit ``script`` without waiting; its stderr is a text pipe, line by line."""
+        return subprocess.Popen(self.submit_command(script, *args, conf=conf), env=cluster_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                bufsize=1)
+
+    def executor_pids(self) -> list[int]:
+        """Executor JVMs the workers launched (children of the worker processes)."""
+        workers = {p.pid for p in self.processes[1:]}
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+                cmdline = open(f"/proc/{entry}/cmdline").read()
+            except OSError:
+                continue
+            parent = int(stat[stat.rindex(")") + 2 :].split()[1])
+            if parent in workers and "CoarseGrainedExecutorBackend" in cmdline:
+                pids.append(int(entry))
+        return pids
 
     def stop(self) -> None:
         for process in reversed(self.processes):
