@@ -259,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as stop:  # --help, or a usage error argparse has printed
         return stop.code if isinstance(stop.code, int) else EXIT_USAGE
     if not module.needs_spark(args):
-        return run_job(job, module.build_parser(prog=f"{PROG} {job}"), module.run, job_argv)
+        return run_job(module.build_parser(prog=f"{PROG} {job}"), module.run, job_argv)
     try:
         module.check_arguments(argparse.Namespace(**vars(args)))
         command, env = build_command(job, job_argv, options, verbose=args.verbose)

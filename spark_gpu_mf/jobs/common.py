@@ -2,10 +2,11 @@
 
 The error contract: a job that cannot do its work prints **one line** on stderr,
 ``<prog>: error: <what is wrong>``, and exits with a non-zero status (1 for problems found at
-run time, 2 for bad command-line syntax, as argparse does). (spark-submit passes a PySpark
-driver's stderr on through its own stdout, so under spark-submit the line arrives there.) Exceptions from Spark are reduced to
-their first meaningful line: a Java stack trace or a Python worker traceback is never the only
-thing a user sees. ``--verbose`` prints the full traceback as well.
+run time, 2 for bad command-line syntax, as argparse does). Exceptions from Spark are reduced
+to their first meaningful line: a Java stack trace or a Python worker traceback is never the
+only thing a user sees. ``--verbose`` prints the full traceback as well. (spark-submit passes
+a PySpark driver's stderr on through its own stdout, so under spark-submit the line arrives
+there.)
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_job(job: str, parser: argparse.ArgumentParser, body: Callable, argv=None) -> int:
+def run_job(parser: argparse.ArgumentParser, body: Callable, argv=None) -> int:
     """Parse ``argv``, run ``body(args)`` and turn any failure into one line and an exit code.
 
     Returns the exit status (0 on success) instead of exiting, so that tests can call jobs in

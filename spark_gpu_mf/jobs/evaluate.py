@@ -176,7 +176,7 @@ def print_result(document: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> None:
-    sys.exit(common.run_job(JOB, build_parser(), run, argv))
+    sys.exit(common.run_job(build_parser(), run, argv))
 
 
 if __name__ == "__main__":

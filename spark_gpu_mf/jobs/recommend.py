@@ -197,7 +197,7 @@ def print_result(document: dict[str, Any]) -> None:
 
 
 def main(argv=None) -> None:
-    sys.exit(common.run_job(JOB, build_parser(), run, argv))
+    sys.exit(common.run_job(build_parser(), run, argv))
 
 
 if __name__ == "__main__":

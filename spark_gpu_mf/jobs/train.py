@@ -203,8 +203,7 @@ def print_result(document: dict[str, Any], estimator_name: str, args: argparse.N
 
 
 def main(argv=None) -> None:
-    parser = build_parser()
-    sys.exit(common.run_job(JOB, parser, run, argv))
+    sys.exit(common.run_job(build_parser(), run, argv))
 
 
 if __name__ == "__main__":
