@@ -28,6 +28,7 @@ from spark_gpu_mf.sgd.pruned_params import (
     HasPruningRate,
     HasRank,
     HasRatingCol,
+    HasTruncateFactors,
 )
 from spark_gpu_mf.sgd.pruned_train import PrunedJob, train
 from spark_gpu_mf.validation import check_numeric_column, validated_ratings
@@ -64,6 +65,7 @@ class PrunedMF(
     HasOptimizer,
     HasPruningRate,
     HasPruneStartEpoch,
+    HasTruncateFactors,
     HasBackend,
     DefaultParamsWritable,
     DefaultParamsReadable["PrunedMF"],
@@ -85,6 +87,13 @@ class PrunedMF(
     user's or the item's factor is below its threshold. ``model.summary`` records per epoch the
     wall time, the training RMSE of those (pruned) predictions and the share of multiply-adds
     actually executed (``macFraction``). ``pruningRate=0`` is plain SGD.
+
+    A rating's pruned prediction stops at ``min(f_u, f_i)``, the user's and the item's own first
+    insignificant dimensions, and the entries past ``f_u`` are never updated again. With
+    ``truncateFactors`` (default) those entries are zeroed at the end, so the model's ordinary dot
+    products are exactly the pruned predictions that training fitted; without it the model keeps
+    the stale values, as the authors' code predicts by default (see docs/pruned.md for what that
+    costs in accuracy).
 
     Epochs are distributed as stratified SGD (DSGD): ``numBlocks`` (0: one per task slot) user
     and item blocks, ``numBlocks`` sub-epochs per epoch in which disjoint cells run in parallel.
@@ -120,6 +129,7 @@ class PrunedMF(
         optimizer: str = "adagrad",
         pruningRate: float = 0.3,
         pruneStartEpoch: int = 2,
+        truncateFactors: bool = True,
         numBlocks: int = 0,
         seed: int | None = None,
         userCol: str = "user",
@@ -140,6 +150,7 @@ class PrunedMF(
             optimizer="adagrad",
             pruningRate=0.3,
             pruneStartEpoch=2,
+            truncateFactors=True,
             numBlocks=0,
             userCol="user",
             itemCol="item",
@@ -162,6 +173,7 @@ class PrunedMF(
         optimizer: str = "adagrad",
         pruningRate: float = 0.3,
         pruneStartEpoch: int = 2,
+        truncateFactors: bool = True,
         numBlocks: int = 0,
         seed: int | None = None,
         userCol: str = "user",
@@ -208,6 +220,10 @@ class PrunedMF(
     def setPruneStartEpoch(self, value: int) -> PrunedMF:
         """Sets the value of :py:attr:`pruneStartEpoch`."""
         return self._set(pruneStartEpoch=value)
+
+    def setTruncateFactors(self, value: bool) -> PrunedMF:
+        """Sets the value of :py:attr:`truncateFactors`."""
+        return self._set(truncateFactors=value)
 
     def setNumBlocks(self, value: int) -> PrunedMF:
         """Sets the value of :py:attr:`numBlocks`."""
@@ -266,6 +282,7 @@ class PrunedMF(
             optimizer=self.getOptimizer(),
             pruning_rate=self.getPruningRate(),
             prune_start_epoch=self.getPruneStartEpoch(),
+            truncate_factors=self.getTruncateFactors(),
             num_blocks=self.getNumBlocks() or default_num_blocks(spark),
             seed=self.getSeed(),
             backend=self.getBackend(),

@@ -62,7 +62,8 @@ def fit(sample):
 
 def reference_fit(user, item, rating, *, rank, max_iter, prune_start, rate, num_blocks, seed,
                   step=0.1, reg=0.1, init_std=0.1):  # fmt: skip
-    """PrunedMF in float64 NumPy: returns (user ids, P, item ids, Q, MACs per epoch)."""
+    """PrunedMF in float64 NumPy: (user ids, P, item ids, Q, MACs per epoch, thresholds), with
+    P and Q in rating units and the thresholds in the same units."""
     scale = float(np.std(rating.astype(np.float64)))
     scaled = (rating.astype(np.float64) / scale).astype(np.float32).astype(np.float64)
     reg = reg / scale
@@ -118,7 +119,7 @@ def reference_fit(user, item, rating, *, rank, max_iter, prune_start, rate, num_
     return (
         np.concatenate(layouts[0].ids), np.concatenate(P) * root,
         np.concatenate(layouts[1].ids), np.concatenate(Q) * root,
-        macs_per_epoch,
+        macs_per_epoch, (t_p * root, t_q * root),
     )  # fmt: skip
 
 
@@ -141,9 +142,14 @@ def reference_plan(P, Q, rate):
     return thresholds[0], thresholds[1], np.argsort(sp * sq, kind="stable")
 
 
-def predictions(user_ids, P, item_ids, Q):
-    order_u, order_i = np.argsort(user_ids), np.argsort(item_ids)
-    return P[order_u] @ Q[order_i].T
+def predictions(user_ids, P, item_ids, Q, thresholds=(0.0, 0.0)):
+    """Every user x item prediction (rows and columns by ascending id); with thresholds, each
+    dot product stops at the pair's first dimension where either factor is below its threshold."""
+    P, Q = P[np.argsort(user_ids)], Q[np.argsort(item_ids)]
+    products = P[:, None, :] * Q[None, :, :]
+    small = (np.abs(P)[:, None, :] < thresholds[0]) | (np.abs(Q)[None, :, :] < thresholds[1])
+    kept = np.cumsum(small, axis=2) == 0  # before the first insignificant dimension
+    return (products * kept).sum(axis=2)
 
 
 def fitted_matrix(model):
@@ -155,12 +161,14 @@ def fitted_matrix(model):
 # --------------------------------------------------------------------------- behaviour
 
 
-@pytest.mark.parametrize("rate", [0.0, 0.3])
-def test_fit_equals_the_float64_reference_of_the_same_schedule(sample, fit, rate):
+@pytest.mark.parametrize("rate, truncate", [(0.0, True), (0.3, True), (0.3, False)])
+def test_fit_equals_the_float64_reference_of_the_same_schedule(sample, fit, rate, truncate):
+    """truncateFactors=True: the model's dot products are the reference's pruned predictions;
+    False: the model's factors are the reference's factors."""
     _, (user, item, rating) = sample
-    model = fit(pruningRate=rate)
+    model = fit(pruningRate=rate, truncateFactors=truncate)
     users, P, items, Q = fitted_matrix(model)
-    ref_users, ref_P, ref_items, ref_Q, ref_macs = reference_fit(
+    ref_users, ref_P, ref_items, ref_Q, ref_macs, ref_thresholds = reference_fit(
         user, item, rating, rank=6, max_iter=3, prune_start=1, rate=rate, num_blocks=2, seed=5
     )
     np.testing.assert_array_equal(users, np.sort(ref_users))
@@ -168,10 +176,12 @@ def test_fit_equals_the_float64_reference_of_the_same_schedule(sample, fit, rate
     # Every threshold comparison went the same way, so the multiply-adds agree exactly.
     got_macs = [round(e["macFraction"] * 6 * len(rating)) for e in model.summary.iterations]
     assert got_macs == ref_macs
-    np.testing.assert_allclose(
-        predictions(users, P, items, Q), predictions(ref_users, ref_P, ref_items, ref_Q),
-        atol=2e-4, rtol=1e-4,
-    )  # fmt: skip
+    expected = predictions(
+        ref_users, ref_P, ref_items, ref_Q, ref_thresholds if truncate else (0, 0)
+    )
+    np.testing.assert_allclose(predictions(users, P, items, Q), expected, atol=2e-4, rtol=1e-4)
+    if not truncate:
+        np.testing.assert_allclose(P, ref_P[np.argsort(ref_users)], atol=1e-4)
     if rate == 0:
         assert ref_macs == [6 * len(rating)] * 3
     else:
@@ -182,8 +192,8 @@ def test_rate_zero_is_plain_sgd_up_to_the_column_permutation(fit):
     """pruningRate=0 (thresholds fitted, columns reordered after epoch 1) gives the model of a run
     that never starts pruning: the order is the identity (all joint sparsities are 0) and the
     break never fires, so the factors are equal, not just the products P Q^T."""
-    zero = fit(pruningRate=0.0)
-    never = fit(pruningRate=0.3, pruneStartEpoch=3)
+    zero = fit(pruningRate=0.0, truncateFactors=True)
+    never = fit(pruningRate=0.3, pruneStartEpoch=3, truncateFactors=True)
     assert zero.summary.details["pruning"]["columnOrder"] == list(range(6))
     assert "pruning" not in never.summary.details
     for a, b in zip(fitted_matrix(zero), fitted_matrix(never)):
@@ -192,7 +202,7 @@ def test_rate_zero_is_plain_sgd_up_to_the_column_permutation(fit):
 
 def test_summary_and_determinism(sample, fit):
     frame, _ = sample
-    first = fit(pruningRate=0.3)
+    first = fit(pruningRate=0.3, truncateFactors=True)
     again = PrunedMF(pruningRate=0.3, **SETTINGS).fit(frame.repartition(3))
     for a, b in zip(fitted_matrix(first), fitted_matrix(again)):
         np.testing.assert_array_equal(a, b)
@@ -205,6 +215,7 @@ def test_summary_and_determinism(sample, fit):
     assert all(s > 0 for s in summary.metric("seconds"))
     details = summary.details
     assert details["numRatings"] == 1501 and details["numBlocks"] == 2
+    assert 0 < details["truncatedShareUser"] < 1 and 0 < details["truncatedShareItem"] < 1
     plan = details["pruning"]
     assert sorted(plan["columnOrder"]) == list(range(6))
     js = np.array(plan["sparsityUser"]) * np.array(plan["sparsityItem"])
@@ -214,7 +225,7 @@ def test_summary_and_determinism(sample, fit):
 
 def test_model_round_trip_through_sparks_alsmodel(sample, fit, temp_path):
     frame, _ = sample
-    model = fit(pruningRate=0.3).copy()
+    model = fit(pruningRate=0.3, truncateFactors=False).copy()
     model.setColdStartStrategy("drop")
     path = temp_path + "/pruned_model"
     model.save(path)
@@ -236,7 +247,8 @@ def test_params_signature_defaults_and_setters():
     estimator = PrunedMF()
     expected = {
         "rank": 30, "maxIter": 20, "stepSize": 0.1, "regParam": 0.1, "initStd": 0.1,
-        "optimizer": "adagrad", "pruningRate": 0.3, "pruneStartEpoch": 2, "numBlocks": 0,
+        "optimizer": "adagrad", "pruningRate": 0.3, "pruneStartEpoch": 2,
+        "truncateFactors": True, "numBlocks": 0,
         "userCol": "user", "itemCol": "item", "ratingCol": "rating",
         "predictionCol": "prediction", "coldStartStrategy": "nan", "blockSize": 4096,
         "backend": "auto",
@@ -250,6 +262,7 @@ def test_params_signature_defaults_and_setters():
     assert {name: estimator.getOrDefault(name) for name in expected} == expected
     values = {"Rank": 8, "MaxIter": 3, "StepSize": 0.05, "RegParam": 0.2, "InitStd": 0.01,
               "Optimizer": "sgd", "PruningRate": 0.5, "PruneStartEpoch": 1, "NumBlocks": 3,
+              "TruncateFactors": False,
               "Seed": 7, "UserCol": "u", "ItemCol": "i", "RatingCol": "r", "PredictionCol": "p",
               "ColdStartStrategy": "drop", "BlockSize": 64, "Backend": "numpy"}  # fmt: skip
     for suffix, value in values.items():

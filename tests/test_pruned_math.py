@@ -94,3 +94,20 @@ def test_plan_over_blocks_equals_plan_over_whole_matrices():
     sq = (np.abs(Q) < whole.threshold_q).mean(axis=0)
     assert whole.order.tolist() == np.argsort(sp * sq, kind="stable").tolist()
     assert whole.details()["columnOrder"] == whole.order.tolist()
+
+
+def test_truncated_rows_turn_plain_dot_products_into_pruned_predictions():
+    rng = np.random.default_rng(4)
+    P, Q = rng.normal(0.0, 0.3, (25, 9)), rng.normal(0.0, 0.3, (20, 9))
+    before = P.copy()
+    t_p, t_q = 0.1, 0.15
+    P2, zeroed_p = pruned_math.truncate_rows(P, t_p)
+    Q2, _ = pruned_math.truncate_rows(Q, t_q)
+    assert 0 < zeroed_p < P.size and np.array_equal(P, before)  # a new matrix
+    for u in range(len(P)):
+        for i in range(len(Q)):
+            small = (np.abs(P[u]) < t_p) | (np.abs(Q[i]) < t_q)
+            stop = int(np.argmax(small)) if small.any() else 9
+            assert P2[u] @ Q2[i] == pytest.approx(P[u, :stop] @ Q[i, :stop], abs=1e-15)
+    unchanged, zeroed = pruned_math.truncate_rows(P, 0.0)
+    assert zeroed == 0 and np.array_equal(unchanged, P)

@@ -39,6 +39,7 @@ __all__ = [
     "permute_columns",
     "plan_pruning",
     "threshold_for_rate",
+    "truncate_rows",
 ]
 
 _SQRT2 = math.sqrt(2.0)
@@ -126,6 +127,27 @@ def permute_columns(matrix: np.ndarray, order: np.ndarray) -> np.ndarray:
     alone.
     """
     return np.ascontiguousarray(np.asarray(matrix)[:, np.asarray(order)])
+
+
+def truncate_rows(matrix: np.ndarray, threshold: float) -> tuple[np.ndarray, int]:
+    """Zero every row from its first entry with ``|x| < threshold`` on; returns the new matrix
+    and how many entries were zeroed.
+
+    A rating's pruned dot product stops at ``d* = min(f_u, f_i)``, where ``f_u`` and ``f_i`` are
+    the first insignificant dimensions of the user's and the item's rows on their own. So after
+    truncating P and Q this way, the plain dot product of any user and item equals the pruned
+    prediction that training fitted (the authors' optional ``calc_z1``), whereas the entries past
+    ``f_u`` hold values that no rating has updated since the row's first entry became small.
+    A threshold of 0 changes nothing.
+    """
+    matrix = np.array(matrix, copy=True)
+    if threshold <= 0.0 or matrix.size == 0:
+        return matrix, 0
+    small = np.abs(matrix) < threshold
+    first = np.where(small.any(axis=1), small.argmax(axis=1), matrix.shape[1])
+    tail = np.arange(matrix.shape[1])[None, :] >= first[:, None]
+    matrix[tail] = 0
+    return matrix, int(tail.sum())
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Params of ``PrunedMF``, declared like ``pyspark.ml.param.shared``: one mixin per param.
 
-The pruning params (``pruningRate``, ``pruneStartEpoch``, ``optimizer``) are PrunedMF's own.
+The pruning params (``pruningRate``, ``pruneStartEpoch``, ``optimizer``, ``truncateFactors``) are
+PrunedMF's own.
 ``rank``, ``ratingCol``, ``initStd`` and ``numBlocks`` are generic SGD params that
 ``spark_gpu_mf/sgd/params.py`` (shared with MascotMF) did not provide when PrunedMF was written;
 they belong there once it does. Spark's own mixins (``HasMaxIter``, ``HasRegParam``, ``HasSeed``,
@@ -24,6 +25,7 @@ __all__ = [
     "HasPruningRate",
     "HasRank",
     "HasRatingCol",
+    "HasTruncateFactors",
 ]
 
 
@@ -159,3 +161,25 @@ class HasPruneStartEpoch(Params):
     def getPruneStartEpoch(self) -> int:
         """Gets the value of pruneStartEpoch or its default value."""
         return self.getOrDefault(self.pruneStartEpoch)
+
+
+class HasTruncateFactors(Params):
+    """Mixin for param truncateFactors: whether the model predicts what pruned training fitted."""
+
+    truncateFactors: Param[bool] = Param(
+        Params._dummy(),
+        "truncateFactors",
+        "after training with pruning, zero each user's and item's factors from its first "
+        "insignificant dimension on, so that the model's dot products equal the pruned "
+        "predictions training fitted (true); false keeps the values there, which no rating has "
+        "updated since the row's first insignificant entry appeared (the DP-MF authors' default "
+        "prediction)",
+        typeConverter=TypeConverters.toBoolean,
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def getTruncateFactors(self) -> bool:
+        """Gets the value of truncateFactors or its default value."""
+        return self.getOrDefault(self.truncateFactors)

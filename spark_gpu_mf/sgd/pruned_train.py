@@ -8,7 +8,9 @@ authors' LIBMF fork:
   the final factors are multiplied by ``sqrt(s)``, so predictions are in rating units;
 * epochs ``0 .. pruneStartEpoch-1`` run unpruned; then, once, the thresholds are fitted and the
   columns of every factor block are permuted by joint sparsity (``pruned_math.plan_pruning``),
-  on the driver where the runner keeps the blocks between sub-epochs; every later epoch prunes.
+  on the driver where the runner keeps the blocks between sub-epochs; every later epoch prunes;
+* with ``truncateFactors``, every row is zeroed from its first insignificant entry on at the end
+  (``pruned_math.truncate_rows``), so the model predicts exactly what training fitted.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class PrunedJob:
     prune_start_epoch: int
     num_blocks: int
     seed: int
+    truncate_factors: bool = True
     backend: str = "numpy"
     local_mode: bool = True
     cpu_fallback: bool = True
@@ -114,7 +117,9 @@ def train(spark: SparkSession, ratings: DataFrame, job: PrunedJob) -> PrunedResu
             strata.users.total_rows, strata.items.total_rows, nnz, job.rank, strata.num_blocks,
             summary.setup_seconds,
         )  # fmt: skip
-        _epochs(runner, job, scale, nnz, summary)
+        thresholds = _epochs(runner, job, scale, nnz, summary)
+        if job.truncate_factors:
+            _truncate(runner, thresholds, summary)
         user_df, item_df = (
             _factors(spark, runner, strata, side, scale) for side in ("user", "item")
         )
@@ -129,7 +134,8 @@ def train(spark: SparkSession, ratings: DataFrame, job: PrunedJob) -> PrunedResu
     return PrunedResult(user_df, item_df, summary)
 
 
-def _epochs(runner: StratifiedRunner, job: PrunedJob, scale: float, nnz: int, summary) -> None:
+def _epochs(runner: StratifiedRunner, job: PrunedJob, scale: float, nnz: int, summary):
+    """Run every epoch; returns the final ``{side: threshold}`` (0 when pruning never started)."""
     settings = {
         "step": job.step_size,
         "reg": job.reg_param / scale,
@@ -171,6 +177,20 @@ def _epochs(runner: StratifiedRunner, job: PrunedJob, scale: float, nnz: int, su
         )  # fmt: skip
     if job.max_iter:
         summary.details["macFraction"] = total_macs / (job.rank * nnz * job.max_iter)
+    return {"user": settings["threshold_user"], "item": settings["threshold_item"]}
+
+
+def _truncate(runner: StratifiedRunner, thresholds: dict, summary) -> None:
+    """Zero every row from its first insignificant entry on (see ``pruned_math.truncate_rows``)."""
+    for side, threshold in thresholds.items():
+        blocks, zeroed, total = [], 0, 0
+        for state in runner.state(side):
+            factors, count = pruned_math.truncate_rows(state[FACTORS], threshold)
+            blocks.append({**state, FACTORS: factors})
+            zeroed += count
+            total += factors.size
+        runner.set_state(side, blocks)
+        summary.details[f"truncatedShare{side.capitalize()}"] = zeroed / max(total, 1)
 
 
 def _scalar(statistics, name: str) -> float:
