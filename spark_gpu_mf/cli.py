@@ -43,6 +43,7 @@ from spark_gpu_mf.jobs.common import (
     PROG_ENV,
     ArgumentParser,
     JobError,
+    Paths,
     describe_exception,
     run_job,
 )
@@ -261,7 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not module.needs_spark(args):
         return run_job(module.build_parser(prog=f"{PROG} {job}"), module.run, job_argv)
     try:
-        module.check_arguments(argparse.Namespace(**vars(args)))
+        # Scheme-less paths are local files only for a local master (on YARN they are HDFS).
+        paths = Paths(scheme_less_is_local=options.is_local)
+        module.check_arguments(argparse.Namespace(**vars(args)), paths)
         command, env = build_command(job, job_argv, options, verbose=args.verbose)
     except JobError as error:
         print(f"{PROG} {job}: error: {describe_exception(error)}", file=sys.stderr)

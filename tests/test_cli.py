@@ -123,6 +123,15 @@ def test_user_arguments_reach_spark_submit_verbatim_as_a_list():
     assert command[1:3] == ["--master", "local[2]"]
 
 
+def test_paths_are_left_to_spark_when_the_master_is_a_cluster(capsys):
+    # On YARN a scheme-less path is on HDFS: the CLI cannot check it, the job will.
+    argv = ["train", "--input", "/data/ratings.parquet", "--master", "yarn", "--dry-run"]
+    assert cli.main(argv) == 0
+    assert "--input /data/ratings.parquet" in capsys.readouterr().out
+    assert cli.main(argv[:-3]) == 1
+    assert "input not found: /data/ratings.parquet" in capsys.readouterr().err
+
+
 def test_verbose_keeps_sparks_own_logging():
     options, job_argv = cli.parse_submit_options("train", ["-v"])
     _, env = cli.build_command("train", job_argv, options, verbose=True)

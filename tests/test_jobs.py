@@ -518,7 +518,24 @@ def test_json_outputs_are_written_whole(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_missing_input_fails_before_spark_work(monkeypatch, capsys, tmp_path):
+def test_paths_are_checked_where_spark_will_look(spark, tmp_path):
+    existing, missing = str(tmp_path), str(tmp_path / "missing")
+    assert common.Paths().exists(existing) is True and common.Paths().exists(missing) is False
+    # Before spark-submit, for a cluster master, a scheme-less path may be on HDFS: unknown.
+    cluster = common.Paths(scheme_less_is_local=False)
+    assert cluster.exists(missing) is None and cluster.exists(f"file://{missing}") is False
+    assert common.Paths().exists("hdfs://namenode/ratings") is None
+    # With a session, through Hadoop's FileSystem (the default file system here is local).
+    with_spark = common.Paths(spark)
+    assert with_spark.exists(existing) is True and with_spark.exists(missing) is False
+    with pytest.raises(JobError, match="model not found"):
+        with_spark.require_existing(missing, "model")
+    with pytest.raises(JobError, match="already exists; pass --overwrite"):
+        with_spark.require_new(existing, "output", overwrite=False)
+    with_spark.require_new(existing, "output", overwrite=True)
+
+
+def test_missing_input_fails_before_spark_work(spark, monkeypatch, capsys, tmp_path):
     status, _, err = _job(train, ["--input", tmp_path / "nope.csv"], monkeypatch, capsys)
     _assert_one_line_error(status, err, "input not found", "nope.csv")
 
@@ -547,7 +564,7 @@ def test_invalid_param_values_fail_with_sparks_message(spark, monkeypatch, capsy
     _assert_one_line_error(status, err, "parameter rank given invalid value -1")
 
 
-def test_evaluate_checks_its_arguments_before_spark(monkeypatch, capsys, tmp_path):
+def test_evaluate_checks_its_arguments_before_spark_work(spark, monkeypatch, capsys, tmp_path):
     status, _, err = _job(
         evaluate,
         ["--model", tmp_path, "--sample", "--plot-out", tmp_path / "p.png"],

@@ -287,15 +287,45 @@ def local_path(path: str) -> str:
     return urlparse(path).path if path.startswith("file:") else path
 
 
-def require_existing(path: str, what: str) -> None:
-    """Fail early, before Spark starts work, when a local input does not exist."""
-    if is_local_path(path) and not os.path.exists(local_path(path)):
-        raise JobError(f"{what} not found: {path}")
+class Paths:
+    """Answers "does this path exist?" for the checks that run before any work.
+
+    With a Spark session it asks Hadoop's FileSystem, so that ``hdfs://``, ``s3a://`` and
+    scheme-less paths (on the cluster's default file system) are checked where Spark will read
+    them. Without one (``spark-gpu-mf``, before spark-submit starts) it checks local paths
+    only, and scheme-less paths only when they are local, i.e. when the master is local.
+    """
+
+    def __init__(self, spark: SparkSession | None = None, scheme_less_is_local: bool = True):
+        self.spark = spark
+        self.scheme_less_is_local = scheme_less_is_local
+
+    def exists(self, path: str) -> bool | None:
+        """True or False, or None when it cannot tell."""
+        if self.spark is not None:
+            from spark_gpu_mf.spark.persistence import path_exists
+
+            return path_exists(self.spark, path)
+        scheme = urlparse(path).scheme
+        if scheme == "file" or (scheme == "" and self.scheme_less_is_local):
+            return os.path.exists(local_path(path))
+        return None
+
+    def require_existing(self, path: str, what: str) -> None:
+        if self.exists(path) is False:
+            raise JobError(f"{what} not found: {path}")
+
+    def require_new(self, path: str, what: str, overwrite: bool) -> None:
+        """An output Spark writes must not exist yet, unless it may be replaced."""
+        if not overwrite and self.exists(path):
+            raise JobError(f"{what} {path} already exists; pass --overwrite to replace it")
 
 
-def require_writable(path: str, what: str, overwrite: bool) -> None:
-    """Fail before any work when a local output exists and may not be replaced."""
-    if is_local_path(path) and os.path.exists(local_path(path)) and not overwrite:
+def require_local_output(path: str, what: str, overwrite: bool) -> None:
+    """A file the driver writes (JSON, PNG) must be local, and new unless ``overwrite``."""
+    if not is_local_path(path):
+        raise JobError(f"{what} is written by the driver and must be a local path: {path}")
+    if not overwrite and os.path.exists(local_path(path)):
         raise JobError(f"{what} {path} already exists; pass --overwrite to replace it")
 
 
@@ -325,7 +355,9 @@ def _json_default(value: Any) -> Any:
 
 
 def read_json(path: str, what: str) -> Any:
-    require_existing(path, what)
+    """A local JSON file the driver reads (the train job's metrics)."""
+    if not os.path.isfile(local_path(path)):
+        raise JobError(f"{what} not found: {path}")
     try:
         with open(local_path(path), encoding="utf-8") as f:
             return json.load(f)

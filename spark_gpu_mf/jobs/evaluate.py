@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from spark_gpu_mf.jobs import common, inputs, metrics
-from spark_gpu_mf.jobs.common import JobError, SparkJob, format_count, positive_int
+from spark_gpu_mf.jobs.common import JobError, Paths, SparkJob, format_count, positive_int
 
 JOB = "evaluate"
 
@@ -70,16 +70,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def check_arguments(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Checks that need no Spark; returns the training summary to plot, if any."""
+def check_arguments(args: argparse.Namespace, paths: Paths) -> dict[str, Any] | None:
+    """Checks before any data is read; returns the training summary to plot, if any."""
     if args.input is None and not args.sample and args.generate is None:
         raise JobError("no held-out ratings: pass --input PATH, --sample or --generate N")
-    inputs.check_input_arguments(args)
-    common.require_existing(args.model, "model")
+    inputs.check_input_arguments(args, paths)
+    paths.require_existing(args.model, "model")
     for option in ("metrics_out", "plot_out"):
         path = getattr(args, option)
         if path:
-            common.require_writable(path, "--" + option.replace("_", "-"), args.overwrite)
+            common.require_local_output(path, "--" + option.replace("_", "-"), args.overwrite)
     if args.plot_out and not args.training_metrics:
         raise JobError("--plot-out plots a training summary: pass --training-metrics FILE too")
     if not args.training_metrics:
@@ -95,11 +95,11 @@ def needs_spark(args: argparse.Namespace) -> bool:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    summary = check_arguments(args)
     from spark_gpu_mf import ALSModel
 
     with SparkJob(JOB) as job:
         spark = job.spark
+        summary = check_arguments(args, Paths(spark))
         job.phase("load model")
         model = ALSModel.load(args.model)
         model_columns = {"user": model.getUserCol(), "item": model.getItemCol()}

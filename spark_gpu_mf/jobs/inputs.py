@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 
 from spark_gpu_mf.jobs.common import (
     JobError,
+    Paths,
     describe_exception,
     fraction,
     is_local_path,
     local_path,
     positive_int,
-    require_existing,
 )
 
 if TYPE_CHECKING:
@@ -134,10 +134,10 @@ def add_input_arguments(
     )
 
 
-def check_input_arguments(args: argparse.Namespace) -> None:
-    """Checks that need no Spark: run first, so that mistakes cost no cluster time."""
+def check_input_arguments(args: argparse.Namespace, paths: Paths) -> None:
+    """Run before any data is read, so that mistakes cost no cluster time."""
     if args.input is not None:
-        require_existing(args.input, "input")
+        paths.require_existing(args.input, "input")
 
 
 def delimiter(args: argparse.Namespace) -> str:

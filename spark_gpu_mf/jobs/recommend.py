@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from spark_gpu_mf.jobs import common
-from spark_gpu_mf.jobs.common import JobError, SparkJob, format_count, positive_int
+from spark_gpu_mf.jobs.common import JobError, Paths, SparkJob, format_count, positive_int
 
 JOB = "recommend"
 
@@ -72,12 +72,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def check_arguments(args: argparse.Namespace) -> list[int] | None:
-    """Checks that need no Spark; returns the ``--ids`` list, parsed."""
-    common.require_existing(args.model, "model")
+def check_arguments(args: argparse.Namespace, paths: Paths) -> list[int] | None:
+    """Checks before any work; returns the ``--ids`` list, parsed."""
+    paths.require_existing(args.model, "model")
     if args.ids_file:
-        common.require_existing(args.ids_file, "--ids-file")
-    common.require_writable(args.output, "output", args.overwrite)
+        paths.require_existing(args.ids_file, "--ids-file")
+    paths.require_new(args.output, "output", args.overwrite)
     if args.layout is None:
         args.layout = "flat" if args.output_format == "csv" else "nested"
     if args.output_format == "csv" and args.layout == "nested":
@@ -107,13 +107,13 @@ def needs_spark(args: argparse.Namespace) -> bool:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    id_list = check_arguments(args)
     from pyspark.sql import functions as F
 
     from spark_gpu_mf import ALSModel
 
     with SparkJob(JOB) as job:
         spark = job.spark
+        id_list = check_arguments(args, Paths(spark))
         job.phase("load model")
         model = ALSModel.load(args.model)
         for_users = args.target == "users"

@@ -15,7 +15,7 @@ from typing import Any
 
 from spark_gpu_mf.conf import TRAINING_RMSE
 from spark_gpu_mf.jobs import common, estimators, inputs, metrics
-from spark_gpu_mf.jobs.common import JobError, SparkJob, format_count
+from spark_gpu_mf.jobs.common import JobError, Paths, SparkJob, format_count
 from spark_gpu_mf.jobs.plots import plot_training_summary, step_unit
 
 JOB = "train"
@@ -74,19 +74,26 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def check_arguments(args: argparse.Namespace) -> None:
-    """Everything that can be checked without Spark, so that mistakes cost no cluster time."""
-    inputs.check_input_arguments(args)
+def check_arguments(args: argparse.Namespace, paths: Paths) -> None:
+    """Everything that can be checked before any data is read (``spark-gpu-mf`` also runs it
+    before spark-submit), so that mistakes cost no cluster time."""
+    inputs.check_input_arguments(args, paths)
     if args.input is None and not args.sample and args.generate is None:
         args.generate = inputs.DEFAULT_GENERATED_RATINGS
     if args.test_out and args.test_fraction <= 0:
         raise JobError("--test-out needs a held-out split: --test-fraction must be > 0")
-    for option in ("model_out", "test_out", "metrics_out", "plot_out"):
-        path = getattr(args, option)
-        if path:
-            common.require_writable(path, "--" + option.replace("_", "-"), args.overwrite)
-    # Unknown estimators, params and values fail here, before any data is read.
+    for option in ("model_out", "test_out"):
+        if getattr(args, option):
+            paths.require_new(getattr(args, option), _option(option), args.overwrite)
+    for option in ("metrics_out", "plot_out"):
+        if getattr(args, option):
+            common.require_local_output(getattr(args, option), _option(option), args.overwrite)
+    # Unknown estimators, params and values fail here too.
     estimators.build_estimator(args)
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
 def needs_spark(args: argparse.Namespace) -> bool:
@@ -99,9 +106,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.list_params:
         print(estimators.describe_params(estimators.build_estimator(args)))
         return {}
-    check_arguments(args)
     with SparkJob(JOB) as job:
         spark = job.spark
+        check_arguments(args, Paths(spark))
         if args.training_rmse:
             job.set_conf(TRAINING_RMSE.key, "true")
         if args.checkpoint_dir:
