@@ -131,7 +131,7 @@ class _Trainer:
         self.job = job
         self.cached: List[DataFrame] = []
         self.summary = TrainingSummary(algorithm="als")
-        self.checkpoint_paths: List[str] = []
+        self.checkpoint_paths: Dict[str, str] = {}
         self.truncated_from: Dict[int, DataFrame] = {}
 
     # ---------------------------------------------------------------- setup
@@ -371,25 +371,29 @@ class _Trainer:
         jdir = self.sc._jsc.sc().getCheckpointDir()
         return jdir.get() if jdir.isDefined() else None
 
-    def _maybe_checkpoint(self, outbox: DataFrame, iteration: int) -> DataFrame:
+    def _maybe_checkpoint(self, outbox: DataFrame, side: Side, iteration: int) -> DataFrame:
         """Cut the lineage every ``checkpointInterval`` iterations, as Spark's ALS does.
 
-        The outbox is written as Parquet under the checkpoint directory and read back; the
-        previous checkpoint is deleted once the new one is in place.
+        The outbox is written as Parquet under the checkpoint directory and read back; the side's
+        previous checkpoint is deleted once the new one is in place. Spark checkpoints only the
+        item factors; with a warm-started solver each side also reads its own previous factors,
+        so both sides are checkpointed (else one side's chain keeps growing until the stack
+        overflows).
         """
         interval = self.job.checkpoint_interval
         directory = self._checkpoint_dir()
         if directory is None or interval == -1 or iteration % interval != 0:
             return outbox
-        path = f"{directory.rstrip('/')}/spark-gpu-mf-als-{uuid.uuid4().hex}"
-        self._describe(f"checkpoint iteration {iteration}")
+        path = f"{directory.rstrip('/')}/spark-gpu-mf-als-{side.name}-{uuid.uuid4().hex}"
+        self._describe(f"checkpoint {side.name} factors, iteration {iteration}")
         outbox.write.parquet(path)
         reread = self._persist(self.spark.read.parquet(path), self.job.intermediate_level)
         reread.count()
         self._unpersist(outbox)
-        for old in self.checkpoint_paths:
-            _delete_path(self.spark, old)
-        self.checkpoint_paths = [path]
+        previous = self.checkpoint_paths.pop(side.name, None)
+        if previous is not None:
+            _delete_path(self.spark, previous)
+        self.checkpoint_paths[side.name] = path
         return reread
 
     def _initial_outbox(self, side: Side, other: Side) -> DataFrame:
@@ -468,13 +472,15 @@ class _Trainer:
                 f"iteration {iteration}/{job.max_iter}: solve items",
             )
             self._unpersist(item_outbox)
-            item_outbox = self._maybe_checkpoint(new_items, iteration)
+            item_outbox = self._maybe_checkpoint(new_items, items, iteration)
             new_users = self._half_messages(
                 users, items, item_outbox, user_outbox,
                 f"iteration {iteration}/{job.max_iter}: solve users",
             )
             self._unpersist(user_outbox)
-            user_outbox = new_users
+            user_outbox = (
+                self._maybe_checkpoint(new_users, users, iteration) if job.warm_start else new_users
+            )
             self._record(iteration, time.perf_counter() - started)
         explode = bind(als_tasks.explode_outbox, rank=job.rank)
         user_df = self._finalize(
@@ -490,7 +496,7 @@ class _Trainer:
         for df in list(self.cached):
             if df not in keep:
                 self._unpersist(df)
-        for path in self.checkpoint_paths:
+        for path in self.checkpoint_paths.values():
             _delete_path(self.spark, path)
 
 
