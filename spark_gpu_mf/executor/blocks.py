@@ -72,6 +72,32 @@ class Block:
         return self.out_rows[self.out_offsets[other_block] : self.out_offsets[other_block + 1]]
 
 
+def _stable_argsort(keys: np.ndarray, key_range: int):
+    """``(order, sorted_keys)`` of non-negative integer ``keys < key_range``, ties in input order.
+
+    NumPy's ``argsort`` (and ``unique``, which uses it) is 5-15x slower than ``sort`` on int64
+    in NumPy 2.x (0.8 s vs 0.05 s for 8M values here), so when ``key * n + position`` fits in
+    int64 the positions ride along in one ``sort`` of packed values.
+    """
+    n = len(keys)
+    if n == 0 or key_range * n >= 2**62:
+        order = np.argsort(keys, kind="stable")
+        return order, keys[order]
+    packed = keys.astype(np.int64) * n + np.arange(n, dtype=np.int64)
+    packed.sort()
+    return packed % n, packed // n
+
+
+def _unique_inverse(keys: np.ndarray, key_range: int):
+    """``np.unique(keys, return_inverse=True)`` of non-negative keys below ``key_range``."""
+    order, ordered = _stable_argsort(keys, key_range)
+    first = np.ones(len(keys), bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    inverse = np.empty(len(keys), np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    return ordered[first], inverse
+
+
 def build_block(
     block: int, keys: np.ndarray, others: np.ndarray, ratings: np.ndarray, num_other_blocks: int
 ) -> dict:
@@ -79,31 +105,40 @@ def build_block(
 
     Duplicate ``(key, other)`` pairs are kept as separate observations, as in Spark.
     """
-    ids, rows = np.unique(keys, return_inverse=True)
-    other_blocks = np.mod(others, num_other_blocks).astype(np.int64)
-    # Needed ids ordered by (other block, id): the order the other side sends them in.
-    # Ids are shifted to non-negative so that the packed key sorts like the signed id.
-    pair = (other_blocks << 32) | (others.astype(np.int64) + _ID_SHIFT)
-    needed_pairs, columns = np.unique(pair, return_inverse=True)
-    needed_blocks = needed_pairs >> 32
-    needed_ids = ((needed_pairs & 0xFFFFFFFF) - _ID_SHIFT).astype(np.int32)
+    # Ids are shifted to non-negative so that they sort like the signed ids.
+    shifted, rows = _unique_inverse(keys.astype(np.int64) + _ID_SHIFT, 2 * _ID_SHIFT)
+    ids = (shifted - _ID_SHIFT).astype(np.int32)
+    shifted_others, other_rank = _unique_inverse(others.astype(np.int64) + _ID_SHIFT, 2 * _ID_SHIFT)
+    unique_others = shifted_others - _ID_SHIFT
+    # Needed ids ordered by (other block, id): the order the other side sends them in. The
+    # unique ids are sorted already, so a stable sort by block keeps them sorted within a block.
+    unique_blocks = np.mod(unique_others, num_other_blocks)
+    by_block, needed_blocks = _stable_argsort(unique_blocks, num_other_blocks)
+    needed_ids = unique_others[by_block].astype(np.int32)
     needed_counts = np.bincount(needed_blocks, minlength=num_other_blocks).astype(np.int32)
+    position = np.empty(len(by_block), np.int64)
+    position[by_block] = np.arange(len(by_block))
+    columns = position[other_rank]
 
-    order = np.lexsort((columns, rows))
-    indptr = np.zeros(len(ids) + 1, np.int64)
-    np.cumsum(np.bincount(rows, minlength=len(ids)), out=indptr[1:])
+    num_rows, num_needed = len(ids), len(needed_ids)
+    order, _ = _stable_argsort(rows * num_needed + columns, num_rows * num_needed)
+    indptr = np.zeros(num_rows + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=num_rows), out=indptr[1:])
 
-    out_pairs = np.unique((other_blocks << 32) | rows.astype(np.int64))
-    out_blocks = out_pairs >> 32
-    out_rows = (out_pairs & 0xFFFFFFFF).astype(np.int32)
+    # Rows of this block each block of the other side needs, sorted by (other block, row).
+    out_keys = np.sort(unique_blocks[other_rank] * num_rows + rows)
+    if len(out_keys):
+        out_keys = out_keys[np.concatenate(([True], out_keys[1:] != out_keys[:-1]))]
+    out_blocks = out_keys // max(num_rows, 1)
+    out_rows = (out_keys % max(num_rows, 1)).astype(np.int32)
     out_offsets = np.zeros(num_other_blocks + 1, np.int64)
     np.cumsum(np.bincount(out_blocks, minlength=num_other_blocks), out=out_offsets[1:])
     return {
         "block": block,
-        "num_rows": len(ids),
+        "num_rows": num_rows,
         "nnz": len(keys),
         "positives": int(np.count_nonzero(ratings > 0)),
-        "ids": to_bytes(ids.astype(np.int32)),
+        "ids": to_bytes(ids),
         "indptr": to_bytes(indptr),
         "indices": to_bytes(columns[order].astype(np.int32)),
         "ratings": to_bytes(ratings[order].astype(np.float32)),
@@ -124,8 +159,8 @@ def build_partition_blocks(
     others = pdf[other_col].to_numpy(np.int32)
     ratings = pdf["rating"].to_numpy(np.float32)
     blocks = np.mod(keys, num_blocks)
-    order = np.argsort(blocks, kind="stable")
-    bounds = np.flatnonzero(np.diff(blocks[order])) + 1
+    order, sorted_blocks = _stable_argsort(blocks, num_blocks)
+    bounds = np.flatnonzero(np.diff(sorted_blocks)) + 1
     rows = []
     for part in np.split(order, bounds):
         block = int(blocks[part[0]])
