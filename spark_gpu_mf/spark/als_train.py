@@ -152,8 +152,7 @@ class _Trainer:
             self.cached.remove(df)
 
     def _build_side(
-        self, name: str, key: str, other: str, num_blocks: int, num_other: int, seed: int,
-        keep_partitioning: bool,
+        self, name: str, key: str, other: str, num_blocks: int, num_other: int, seed: int
     ) -> Side:
         parallelism = max(1, self.sc.defaultParallelism)
         num_partitions = min(num_blocks, parallelism)
@@ -173,9 +172,6 @@ class _Trainer:
             ),
             BLOCK_SCHEMA,
         )
-        if keep_partitioning:
-            # Cached with a partitioning Spark knows, so that cogroups on pkey reuse it.
-            blocks = blocks.repartition(num_partitions, "pkey")
         blocks = self._persist(blocks, self.job.intermediate_level)
         self._describe(f"build {name} blocks")
         meta = blocks.select("block", "num_rows", "nnz", "positives").collect()
@@ -205,10 +201,8 @@ class _Trainer:
         started = time.perf_counter()
         user_seed, item_seed = factor_seeds(job.seed)
         self.ratings = self._persist(self.ratings, job.intermediate_level)
-        estimated = None
         users = self._build_side(
-            "user", "user", "item", job.num_user_blocks, job.num_item_blocks, user_seed,
-            keep_partitioning=True,
+            "user", "user", "item", job.num_user_blocks, job.num_item_blocks, user_seed
         )
         if users.nnz == 0:
             raise illegal_argument(f"requirement failed: No ratings available from {self.ratings}")
@@ -218,12 +212,11 @@ class _Trainer:
                 "negative, so every preference is 0 and every factor would be zero."
             )
         items = self._build_side(
-            "item", "item", "user", job.num_item_blocks, job.num_user_blocks, item_seed,
-            keep_partitioning=True,
+            "item", "item", "user", job.num_item_blocks, job.num_user_blocks, item_seed
         )
         self._unpersist(self.ratings)
-        estimated = max(users.total_rows, items.total_rows) * job.rank * 4
-        broadcast = estimated <= job.broadcast_threshold
+        largest_factors = max(users.total_rows, items.total_rows) * job.rank * 4
+        broadcast = largest_factors <= job.broadcast_threshold
         self.summary.details.update(
             {
                 "dataflow": "broadcast" if broadcast else "messages",
@@ -396,6 +389,17 @@ class _Trainer:
         self.checkpoint_paths[side.name] = path
         return reread
 
+    def _partition_by_key(self, side: Side) -> None:
+        """Cache the side's blocks under a partitioning Spark knows (hash of ``pkey``), so that
+        each half-iteration's cogroup shuffles only the messages, never the blocks."""
+        keyed = self._persist(
+            side.blocks.repartition(side.num_partitions, "pkey"), self.job.intermediate_level
+        )
+        self._describe(f"place {side.name} blocks")
+        keyed.count()
+        self._unpersist(side.blocks)
+        side.blocks = keyed
+
     def _initial_outbox(self, side: Side, other: Side) -> DataFrame:
         job = self.job
         outbox = side.blocks.mapInPandas(
@@ -463,6 +467,8 @@ class _Trainer:
                 "lineage grows with every iteration.",
                 job.checkpoint_interval,
             )
+        for side in (users, items):
+            self._partition_by_key(side)
         user_outbox = self._initial_outbox(users, items)
         item_outbox = self._initial_outbox(items, users)
         for iteration in range(1, job.max_iter + 1):

@@ -1,0 +1,53 @@
+"""The two dataflows keep their promises about what crosses the network."""
+
+from __future__ import annotations
+
+import pytest
+
+from spark_gpu_mf import ALS, datasets
+from spark_gpu_mf.spark import als_train
+
+
+def test_message_half_iterations_shuffle_only_the_messages(spark, monkeypatch):
+    """Spark must reuse the cached blocks' partitioning: the only exchange of a half-iteration is
+    our explicit repartition of the messages, never one Spark adds to satisfy the cogroup."""
+    plans = []
+    original = als_train._Trainer._half_messages
+
+    def spy(self, dst, src, src_outbox, dst_outbox, label):
+        out = original(self, dst, src, src_outbox, dst_outbox, label)
+        plans.append(self.truncated_from[id(out)]._jdf.queryExecution().executedPlan().toString())
+        return out
+
+    monkeypatch.setattr(als_train._Trainer, "_half_messages", spy)
+    spark.conf.set("spark.gpumf.broadcastThreshold", "0")
+    try:
+        ALS(rank=4, maxIter=2, numUserBlocks=3, numItemBlocks=5).fit(
+            datasets.generate_dataframe(spark, 4000, seed=3)
+        )
+    finally:
+        spark.conf.unset("spark.gpumf.broadcastThreshold")
+    assert len(plans) == 4
+    for plan in plans:
+        assert "ENSURE_REQUIREMENTS" not in plan
+        assert "REPARTITION_BY_NUM" in plan
+
+
+def test_broadcast_half_iterations_have_no_shuffle(spark, monkeypatch):
+    jobs = []
+    original = als_train._Trainer._half_broadcast
+
+    def spy(self, *args, **kwargs):
+        tracker = self.sc.statusTracker()
+        before = set(tracker.getJobIdsForGroup())
+        out = original(self, *args, **kwargs)
+        for job in set(tracker.getJobIdsForGroup()) - before:
+            # Stages whose output already exists (the cached blocks' lineage) are skipped.
+            stages = [tracker.getStageInfo(s) for s in tracker.getJobInfo(job).stageIds]
+            jobs.append(sum(1 for s in stages if s is not None and s.numCompletedTasks > 0))
+        return out
+
+    monkeypatch.setattr(als_train._Trainer, "_half_broadcast", spy)
+    model = ALS(rank=4, maxIter=2).fit(datasets.generate_dataframe(spark, 4000, seed=3))
+    assert model.summary.details["dataflow"] == "broadcast"
+    assert jobs and all(stages == 1 for stages in jobs)  # one stage: no shuffle
