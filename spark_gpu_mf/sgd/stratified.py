@@ -66,10 +66,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from pyspark import RDD, StorageLevel
-from pyspark.errors import IllegalArgumentException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from spark_gpu_mf.errors import illegal_argument
 from spark_gpu_mf.executor.binding import bind
 from spark_gpu_mf.sgd import cells as cells_module
 from spark_gpu_mf.sgd.cells import (
@@ -83,6 +83,7 @@ from spark_gpu_mf.sgd.cells import (
     sum_statistics,
     unpack_arrays,
 )
+from spark_gpu_mf.spark.partitioning import key_of_block
 
 __all__ = [
     "BlockLayout",
@@ -237,21 +238,36 @@ class Strata:
         self.cells.unpersist()
 
 
-def _counts(ratings: DataFrame, key: str, has_validation: bool) -> tuple[np.ndarray, ...]:
-    """``(ids, training counts, validation counts)`` per distinct id, collected through Arrow."""
+def _counts(ratings: DataFrame, has_validation: bool) -> dict[str, tuple[np.ndarray, ...]]:
+    """Per side, ``(ids, training counts, validation counts)`` of every distinct id.
+
+    One job for both sides (a union of the user and the item column), collected through Arrow.
+    """
     is_validation = F.col("is_validation") if has_validation else F.lit(False)
+    sides = [
+        ratings.select(F.lit(side).alias("side"), F.col(key).alias("id"), is_validation.alias("v"))
+        for side, key in enumerate(("user", "item"))
+    ]
     table = (
-        ratings.groupBy(F.col(key).alias("id"))
+        sides[0]
+        .unionByName(sides[1])
+        .groupBy("side", "id")
         .agg(
-            F.sum(F.when(is_validation, 0).otherwise(1)).cast("long").alias("train"),
-            F.sum(F.when(is_validation, 1).otherwise(0)).cast("long").alias("validation"),
+            F.sum(F.when(F.col("v"), 0).otherwise(1)).cast("long").alias("train"),
+            F.sum(F.when(F.col("v"), 1).otherwise(0)).cast("long").alias("validation"),
         )
         .toArrow()
     )
-    ids = table.column("id").to_numpy().astype(np.int32)
-    train = table.column("train").to_numpy().astype(np.int64)
-    validation = table.column("validation").to_numpy().astype(np.int64)
-    return ids, train, validation
+    side = table.column("side").to_numpy()
+    columns = {
+        "id": table.column("id").to_numpy().astype(np.int32),
+        "train": table.column("train").to_numpy().astype(np.int64),
+        "validation": table.column("validation").to_numpy().astype(np.int64),
+    }
+    return {
+        name: tuple(columns[c][side == index] for c in ("id", "train", "validation"))
+        for index, name in enumerate(("user", "item"))
+    }
 
 
 def _row_map(spark: SparkSession, layout: BlockLayout, prefix: str) -> DataFrame:
@@ -265,13 +281,14 @@ def _row_map(spark: SparkSession, layout: BlockLayout, prefix: str) -> DataFrame
     return F.broadcast(frame) if len(ids) <= _BROADCAST_MAP_ROWS else frame
 
 
-def _identity(index: int) -> int:
-    return index
-
-
-def _cell_meta(record) -> tuple[int, int, int, int]:
-    kind, user_block, item_block, _, _, ratings = record[1]
-    return kind, user_block, item_block, len(ratings) // 4
+def _cell_meta(partition: int, records) -> list[tuple[int, int, int, int]]:
+    """``(kind, user block, item block, size)`` of the partition's cell, checking its place."""
+    meta = []
+    for index, (kind, user_block, item_block, _, _, ratings) in records:
+        if index != partition:
+            raise RuntimeError(f"cell {index} landed on partition {partition}")
+        meta.append((kind, user_block, item_block, len(ratings) // 4))
+    return meta
 
 
 def build_strata(
@@ -309,12 +326,11 @@ def build_strata(
     sc.setJobDescription(f"spark_gpu_mf {label}: count ratings per user and item")
     ratings = ratings.persist(storage_level)
     try:
-        user_ids, user_train, user_val = _counts(ratings, "user", has_validation)
-        item_ids, item_train, _ = _counts(ratings, "item", has_validation)
+        counts = _counts(ratings, has_validation)
+        user_ids, user_train, user_val = counts["user"]
+        item_ids, item_train, _ = counts["item"]
         if user_train.sum() == 0:
-            raise IllegalArgumentException(
-                desc=f"requirement failed: No ratings available from {ratings}", stackTrace=""
-            )
+            raise illegal_argument(f"requirement failed: No ratings available from {ratings}")
         known_users, known_items = user_train > 0, item_train > 0
         users = assign_blocks("user", user_ids[known_users], user_train[known_users], num_blocks)
         items = assign_blocks("item", item_ids[known_items], item_train[known_items], num_blocks)
@@ -329,26 +345,26 @@ def build_strata(
             else F.lit(TRAIN)
         )
         b = num_blocks
+        partitions = (2 if has_validation else 1) * b * b
+        index = kind * (b * b) + F.col("ub") * b + F.col("ib")
         keyed = joined.select(
-            (kind * (b * b) + F.col("ub") * b + F.col("ib")).alias("index"),
+            key_of_block(index, partitions).alias("pkey"),
+            index.alias("index"),
             kind.alias("kind"),
             "ub",
             "ul",
             "ib",
             "il",
             "rating",
-        )
-        frames = keyed.groupBy("index").applyInPandas(
+        ).repartition(partitions, "pkey")
+        # Cell ``index`` lands on partition ``index`` (see spark.partitioning), the grouping
+        # keeps that placement, so the RDD has one cell per partition without another shuffle.
+        frames = keyed.groupBy("pkey", "index").applyInPandas(
             bind(cells_module.build_cells, seed=seed), CELL_SCHEMA
         )
-        partitions = (2 if has_validation else 1) * b * b
-        cells = (
-            frames.rdd.map(cells_module.cell_record)
-            .partitionBy(partitions, _identity)
-            .persist(storage_level)
-        )
+        cells = frames.rdd.map(cells_module.cell_record).persist(storage_level)
         sc.setJobDescription(f"spark_gpu_mf {label}: build rating cells")
-        meta = cells.map(_cell_meta).collect()
+        meta = cells.mapPartitionsWithIndex(_cell_meta).collect()
     except BaseException:
         ratings.unpersist()
         sc.setJobDescription(None)
