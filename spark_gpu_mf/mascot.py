@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from pyspark import keyword_only
-from pyspark.errors import IllegalArgumentException
 from pyspark.ml import Estimator
 from pyspark.ml.param.shared import (
     HasMaxIter,
@@ -24,6 +23,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from spark_gpu_mf import conf
+from spark_gpu_mf.errors import illegal_argument
 from spark_gpu_mf.model import COLD_START_STRATEGIES, ALSModel
 from spark_gpu_mf.params import BACKENDS, HasBackend, validate_params
 from spark_gpu_mf.sgd.mascot_cuda import MAX_RANK
@@ -347,10 +347,9 @@ class MascotMF(
         if name is not None:
             dtype = require_column(schema, name)
             if not isinstance(dtype, T.BooleanType):
-                raise IllegalArgumentException(
-                    desc=f"requirement failed: Column {name} must be of type boolean but was "
-                    f"actually {dtype.simpleString()}.",
-                    stackTrace="",
+                raise illegal_argument(
+                    f"requirement failed: Column {name} must be of type boolean but was "
+                    f"actually {dtype.simpleString()}."
                 )
         return schema
 
@@ -407,10 +406,9 @@ class MascotMF(
 
             check_gpu_backend_available(spark)
             if self.getRank() > MAX_RANK:
-                raise IllegalArgumentException(
-                    desc=f"MascotMF's CUDA kernel supports rank <= {MAX_RANK}, got rank "
-                    f"{self.getRank()}; use backend='auto' or 'numpy' for larger ranks.",
-                    stackTrace="",
+                raise illegal_argument(
+                    f"MascotMF's CUDA kernel supports rank <= {MAX_RANK}, got rank "
+                    f"{self.getRank()}; use backend='auto' or 'numpy' for larger ranks."
                 )
         result = train(spark, self._ratings(dataset), self._job(spark))
         model = ALSModel._create(
