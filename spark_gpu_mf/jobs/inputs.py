@@ -157,8 +157,8 @@ def load_ratings(
     Parameters
     ----------
     default_columns : dict, optional
-        Column names to use when no ``--*-col`` option is given (evaluate and recommend pass
-        the model's), before the built-in defaults.
+        Column names to use when no ``--*-col`` option is given (evaluate passes the model's),
+        before the built-in defaults.
     keep : {"both", "test"}
         ``"test"`` (evaluate): return the held-out part as ``test`` (all ratings when
         ``--test-fraction`` is 0) and no training part.
@@ -178,7 +178,7 @@ def load_ratings(
 
 
 def describe_source(source: dict[str, object]) -> str:
-    """One phrase for logs and reports: "300,000 generated ratings (2,739 users x 2,191 items)"."""
+    """One phrase for logs and reports: "200,000 generated ratings (2,237 users x 1,789 items)"."""
     if source["kind"] == "generated":
         return (
             f"{source['ratings']:,} generated ratings "
