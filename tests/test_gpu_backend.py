@@ -165,12 +165,18 @@ def test_unknown_backend_is_rejected():
 
 
 @pytest.mark.skipif(_gpu_problem() is None, reason="this machine has a usable GPU")
-def test_auto_falls_back_to_numpy_with_one_warning(fresh_warning_state):
+def test_auto_falls_back_to_numpy_with_one_warning_from_the_driver(monkeypatch):
+    """Local mode with CuPy but no GPU: the driver warns once; executors fall back quietly."""
+    monkeypatch.setattr(backends, "_warned_local", False)
+    monkeypatch.setattr(backends, "_nvidia_device_visible", lambda: False)
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: object())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        backends.warn_local_fallback()
+        backends.warn_local_fallback()
         chosen = [backends.select_backend("auto", local_mode=local) for local in (None, True)]
     assert chosen == [numpy_backend, numpy_backend]
-    assert len(caught) == 1  # one warning per process, however many tasks
+    assert len(caught) == 1  # one warning per driver, however many tasks
     assert issubclass(caught[0].category, RuntimeWarning)
     assert "backend='auto' runs on NumPy" in str(caught[0].message)
 

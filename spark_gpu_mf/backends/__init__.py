@@ -17,7 +17,12 @@ from types import ModuleType
 
 from spark_gpu_mf.errors import BackendUnavailableError
 
-__all__ = ["check_gpu_backend_available", "gpu_address_to_ordinal", "select_backend"]
+__all__ = [
+    "check_gpu_backend_available",
+    "gpu_address_to_ordinal",
+    "select_backend",
+    "warn_local_fallback",
+]
 
 _warned_fallback = False
 _warn_lock = threading.Lock()
@@ -151,6 +156,8 @@ def select_backend(
     if problem is not None:
         if strict:
             raise BackendUnavailableError(f"backend={requested!r} cannot run: {problem}")
+        if local_mode:
+            return _numpy()  # the driver already said so (warn_local_fallback), once
         return _fallback(problem)
     import cupy
 
@@ -183,6 +190,29 @@ def _nvidia_device_visible() -> bool:
     except (OSError, subprocess.SubprocessError):
         return False
     return result.returncode == 0 and "GPU" in result.stdout
+
+
+_warned_local = False
+
+
+def warn_local_fallback() -> None:
+    """Driver side, local mode, ``backend="auto"``: warn once if CuPy is installed but no NVIDIA
+    GPU is visible, so the fit runs on NumPy (executors then fall back quietly).
+
+    Without CuPy this is a CPU setup and nothing is said; CuPy is never imported here.
+    """
+    global _warned_local
+    with _warn_lock:
+        if _warned_local or importlib.util.find_spec("cupy") is None:
+            return
+        if _nvidia_device_visible():
+            return
+        _warned_local = True
+    warnings.warn(
+        "backend='auto' runs on NumPy (CPU): CuPy is installed but no NVIDIA GPU is visible",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def check_gpu_backend_available(spark) -> None:

@@ -21,10 +21,16 @@ class BackendChoice:
 
     @classmethod
     def for_session(cls, spark, requested: str) -> "BackendChoice":
+        """The choice for tasks of ``spark``; in local mode, warns here (once, on the driver)
+        when ``"auto"`` will fall back to NumPy on a machine with CuPy but no GPU."""
         from spark_gpu_mf import conf
+        from spark_gpu_mf.backends import warn_local_fallback
 
         master = spark.sparkContext.master or ""
-        return cls(requested, master.startswith("local"), conf.CPU_FALLBACK.get(spark))
+        choice = cls(requested, master.startswith("local"), conf.CPU_FALLBACK.get(spark))
+        if choice.local_mode and requested == "auto" and choice.cpu_fallback:
+            warn_local_fallback()
+        return choice
 
 
 def executor_backend(choice: Union[BackendChoice, str]) -> ModuleType:
