@@ -213,6 +213,7 @@ def test_summary_and_determinism(sample, fit):
     assert fractions[0] == 1.0 and all(0 < f < 1 for f in fractions[1:])
     assert all(np.isfinite(summary.metric("trainRmse")))
     assert all(s > 0 for s in summary.metric("seconds"))
+    assert all(c >= 0 for c in summary.metric("computeCpuSeconds"))
     details = summary.details
     assert details["numRatings"] == 1501 and details["numBlocks"] == 2
     assert 0 < details["truncatedShareUser"] < 1 and 0 < details["truncatedShareItem"] < 1

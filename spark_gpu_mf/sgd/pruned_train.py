@@ -162,6 +162,7 @@ def _epochs(runner: StratifiedRunner, job: PrunedJob, scale: float, nnz: int, su
             "trainRmse": math.sqrt(_scalar(run.statistics, "sse") / nnz) * scale,
             "macFraction": macs / (job.rank * nnz),
             "computeSeconds": sum(s.sum_task_seconds for s in run.sub_epochs),
+            "computeCpuSeconds": _scalar(run.statistics, "cpu_seconds"),
             "criticalComputeSeconds": sum(s.max_task_seconds for s in run.sub_epochs),
             "overheadSeconds": run.overhead_seconds,
         }
