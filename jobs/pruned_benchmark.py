@@ -6,8 +6,9 @@ same seed, blocks and epochs, ``--repeats`` times in round-robin order (so that 
 processes spreads over all rates), and the job reports per rate:
 
 * speedup over rate 0 of the whole ``fit`` (Spark included), of the epochs (setup excluded) and of
-  the per-cell SGD work alone (the time tasks spent in the update function, summed over tasks);
-  each is the best (minimum) of the repeats, the usual estimate under interference;
+  the per-cell SGD work alone, as wall time (tasks' time in the update function, summed over
+  tasks) and as CPU time of the kernel calls (which other processes on the cores do not
+  inflate); each is the best (minimum) of the repeats, the usual estimate under interference;
 * the executed multiply-add fraction over all epochs and over the pruned epochs only;
 * held-out RMSE of the default model (``truncateFactors=True``: its dot products are the pruned
   predictions) and its change relative to rate 0; the same for the untruncated factors' full dot
@@ -37,6 +38,8 @@ from spark_gpu_mf.jobs import common
 from spark_gpu_mf.jobs.common import SparkJob
 from spark_gpu_mf.pruned import PrunedMF
 from spark_gpu_mf.sgd import pruned_math
+from spark_gpu_mf.sgd.pruned_numba import ADAGRAD, sgd_cell
+from spark_gpu_mf.sgd.pruned_tasks import ACCUMULATOR, FACTORS, initial_state
 from spark_gpu_mf.spark.factors import collect_factors
 
 JOB = "pruned_benchmark"
@@ -56,8 +59,8 @@ class Dataset:
     name: str
     description: str
     train: Any  # DataFrame
+    train_arrays: tuple[np.ndarray, np.ndarray, np.ndarray]
     test: tuple[np.ndarray, np.ndarray, np.ndarray]
-    num_train: int
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Run:
     setup_seconds: float
     epoch_seconds: float
     compute_seconds: float
+    compute_cpu_seconds: float
     mac_fraction: float
     pruned_mac_fraction: float | None
     train_rmse: float
@@ -110,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--repeats", type=common.positive_int, default=3, help="fits per rate; best time kept"
     )
+    fit.add_argument(
+        "--kernel-repeats",
+        type=int,
+        default=3,
+        help="also run the algorithm without Spark (one cell, the Numba kernel on the driver) "
+        "this many times per rate; 0 skips it",
+    )
     out = parser.add_argument_group("outputs")
     out.add_argument("--json-out", metavar="PATH", help="every run and the table, as JSON")
     out.add_argument("--markdown-out", metavar="PATH", help="the table as Markdown")
@@ -149,7 +160,7 @@ def load_datasets(spark, args) -> list[Dataset]:
         train, test = datasets.train_test_split(arrays, args.test_fraction, seed=args.data_seed)
         frame = datasets.to_dataframe(spark, train, num_partitions=args.num_blocks).cache()
         frame.count()
-        result.append(Dataset(name, description, frame, test, len(train[0])))
+        result.append(Dataset(name, description, frame, train, test))
     return result
 
 
@@ -158,6 +169,12 @@ def held_out_rmse(model, test, thresholds=(0.0, 0.0)) -> tuple[float, int]:
     truncated by ``pruned_math.truncate_rows`` at ``thresholds`` (model units; 0: untouched)."""
     users, P = collect_factors(model.userFactors)
     items, Q = collect_factors(model.itemFactors)
+    return factors_rmse(users, P, items, Q, test, thresholds)
+
+
+def factors_rmse(users, P, items, Q, test, thresholds=(0.0, 0.0)) -> tuple[float, int]:
+    """``held_out_rmse`` of factor matrices whose rows belong to the sorted ids ``users``,
+    ``items``."""
     P, _ = pruned_math.truncate_rows(P, thresholds[0])
     Q, _ = pruned_math.truncate_rows(Q, thresholds[1])
     user, item, rating = test
@@ -198,6 +215,7 @@ def fit_once(dataset: Dataset, rate: float, repeat: int, args) -> Run:
         setup_seconds=summary.setup_seconds,
         epoch_seconds=float(sum(summary.metric("seconds"))),
         compute_seconds=float(sum(summary.metric("computeSeconds"))),
+        compute_cpu_seconds=float(sum(summary.metric("computeCpuSeconds"))),
         mac_fraction=float(summary.details["macFraction"]),
         pruned_mac_fraction=float(np.mean(pruned)) if pruned else None,
         train_rmse=float(summary.metric("trainRmse")[-1]),
@@ -206,6 +224,85 @@ def fit_once(dataset: Dataset, rate: float, repeat: int, args) -> Run:
         test_ratings=test_ratings,
         thresholds=thresholds,
     )
+
+
+def kernel_study(dataset: Dataset, rate: float, args) -> dict[str, Any]:
+    """PrunedMF's algorithm without Spark: every training rating in one cell, one fixed shuffled
+    order, the Numba kernel on one core (the closest analogue to the authors' single-machine
+    LIBMF measurement). Returns the kernel's CPU seconds over all epochs, the executed MAC
+    fraction and the held-out RMSEs."""
+    user, item, rating = dataset.train_arrays
+    users, u = np.unique(user, return_inverse=True)
+    items, i = np.unique(item, return_inverse=True)
+    u, i = u.astype(np.int32), i.astype(np.int32)
+    scale = float(np.std(rating.astype(np.float64))) or 1.0
+    scaled = (rating / scale).astype(np.float32)
+    order = np.random.default_rng(args.seed).permutation(len(rating))
+    u, i, scaled = u[order], i[order], scaled[order]
+    (user_state,) = initial_state([users], args.rank, 0.1, args.seed, 0)
+    (item_state,) = initial_state([items], args.rank, 0.1, args.seed, 1)
+    P, GP = user_state[FACTORS], user_state[ACCUMULATOR]
+    Q, GQ = item_state[FACTORS], item_state[ACCUMULATOR]
+    t_p = t_q = 0.0
+    cpu = macs = 0.0
+    for epoch in range(args.max_iter):
+        if epoch == args.prune_start_epoch:
+            plan = pruned_math.plan_pruning(P, Q, rate)
+            t_p, t_q = plan.threshold_p, plan.threshold_q
+            P = pruned_math.permute_columns(P, plan.order)
+            Q = pruned_math.permute_columns(Q, plan.order)
+        started = time.process_time()
+        _, epoch_macs = sgd_cell(u, i, scaled, P, Q, GP, GQ, 0.1, 0.1 / scale, t_p, t_q, ADAGRAD)
+        cpu += time.process_time() - started
+        macs += epoch_macs
+    root = math.sqrt(scale)
+    P, Q = P * root, Q * root
+    test_rmse, _ = factors_rmse(users, P, items, Q, dataset.test, (t_p * root, t_q * root))
+    stale_rmse, _ = factors_rmse(users, P, items, Q, dataset.test)
+    return {
+        "dataset": dataset.name,
+        "rate": rate,
+        "cpuSeconds": cpu,
+        "macFraction": macs / (args.rank * len(rating) * args.max_iter),
+        "testRmse": test_rmse,
+        "staleTestRmse": stale_rmse,
+    }
+
+
+def kernel_rows(studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best CPU time per (data set, rate) and the changes against rate 0."""
+    rows = []
+    for name in dict.fromkeys(s["dataset"] for s in studies):
+        mine = [s for s in studies if s["dataset"] == name]
+        rates = list(dict.fromkeys(s["rate"] for s in mine))
+        best = {
+            r: min((s for s in mine if s["rate"] == r), key=lambda s: s["cpuSeconds"])
+            for r in rates
+        }
+        base = best[rates[0]]
+        for rate in rates:
+            row = dict(best[rate])
+            row["cpuSpeedup"] = base["cpuSeconds"] / row["cpuSeconds"]
+            row["testRmseChange"] = row["testRmse"] / base["testRmse"] - 1.0
+            row["staleTestRmseChange"] = row["staleTestRmse"] / base["testRmse"] - 1.0
+            rows.append(row)
+    return rows
+
+
+def kernel_markdown(rows: list[dict[str, Any]]) -> str:
+    header = (
+        "| data | pruning rate | kernel CPU s | speedup | MACs executed | test RMSE | change "
+        "| untruncated: test RMSE (change) |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['rate']:g} | {r['cpuSeconds']:.2f} | {r['cpuSpeedup']:.2f}x "
+            f"| {100 * r['macFraction']:.1f}% | {r['testRmse']:.4f} | "
+            f"{100 * r['testRmseChange']:+.1f}% | {r['staleTestRmse']:.4f} "
+            f"({100 * r['staleTestRmseChange']:+.1f}%) |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def table_rows(runs: list[Run], rates: list[float]) -> list[dict[str, Any]]:
@@ -221,6 +318,7 @@ def table_rows(runs: list[Run], rates: list[float]) -> list[dict[str, Any]]:
                 "fit": min(r.fit_seconds for r in mine),
                 "epochs": min(r.epoch_seconds for r in mine),
                 "compute": min(r.compute_seconds for r in mine),
+                "cpu": min(r.compute_cpu_seconds for r in mine),
                 "run": mine[0],
             }
         base = best[rates[0]]
@@ -236,6 +334,8 @@ def table_rows(runs: list[Run], rates: list[float]) -> list[dict[str, Any]]:
                     "fitSpeedup": base["fit"] / b["fit"],
                     "epochSpeedup": base["epochs"] / b["epochs"],
                     "computeSpeedup": base["compute"] / b["compute"],
+                    "computeCpuSeconds": b["cpu"],
+                    "computeCpuSpeedup": base["cpu"] / b["cpu"],
                     "macFraction": run.mac_fraction,
                     "prunedMacFraction": run.pruned_mac_fraction,
                     "testRmse": run.test_rmse,
@@ -255,21 +355,22 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         return "-" if x is None else f"{100 * x:.1f}%"
 
     header = (
-        "| data | pruning rate | fit s | speedup: fit | epochs | SGD work | MACs executed "
-        "(pruned epochs) | test RMSE | change | untruncated: test RMSE (change) |"
+        "| data | pruning rate | fit s | speedup: fit | epochs | SGD wall | SGD CPU | MACs "
+        "executed (pruned epochs) | test RMSE | change | untruncated: test RMSE (change) |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['dataset']} | {r['rate']:g} | {r['fitSeconds']:.1f} | {r['fitSpeedup']:.2f}x "
-            f"| {r['epochSpeedup']:.2f}x | {r['computeSpeedup']:.2f}x | {pct(r['macFraction'])} "
+            f"| {r['epochSpeedup']:.2f}x | {r['computeSpeedup']:.2f}x "
+            f"| {r['computeCpuSpeedup']:.2f}x | {pct(r['macFraction'])} "
             f"({pct(r['prunedMacFraction'])}) | {r['testRmse']:.4f} | "
             f"{100 * r['testRmseChange']:+.1f}% | {r['staleTestRmse']:.4f} "
             f"({100 * r['staleTestRmseChange']:+.1f}%) |"
         )
     lines.append(
         f"| paper (4 data sets, LIBMF) | - | - | {PAPER_SPEEDUP[0]}-{PAPER_SPEEDUP[1]}x | - | - "
-        f"| - | - | <= +{100 * PAPER_MAX_ERROR_INCREASE:.2f}% | - |"
+        f"| - | - | - | <= +{100 * PAPER_MAX_ERROR_INCREASE:.2f}% | - |"
     )
     return "\n".join(lines) + "\n"
 
@@ -285,7 +386,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         mine = [r for r in rows if r["dataset"] == name]
         rates = [r["rate"] for r in mine]
         left.plot(rates, [r["fitSpeedup"] for r in mine], "o-", label=f"{name}: fit")
-        left.plot(rates, [r["computeSpeedup"] for r in mine], "s--", label=f"{name}: SGD work")
+        left.plot(rates, [r["computeCpuSpeedup"] for r in mine], "s--", label=f"{name}: SGD CPU")
         left.plot(rates, [1 / r["macFraction"] for r in mine], ":", label=f"{name}: 1 / MACs")
         right.plot(rates, [100 * r["testRmseChange"] for r in mine], "o-", label=name)
         right.plot(
@@ -331,6 +432,14 @@ def run(args) -> None:
                     )  # fmt: skip
         rows = table_rows(runs, rates)
         text = markdown(rows)
+        studies = []
+        if args.kernel_repeats:
+            job.phase("kernel study (driver only)")
+            for dataset in data:
+                for _ in range(args.kernel_repeats):
+                    studies += [kernel_study(dataset, rate, args) for rate in rates]
+            text += "\nWithout Spark (one cell, one core, CPU time of the kernel):\n\n"
+            text += kernel_markdown(kernel_rows(studies))
         print("\n".join(d.description for d in data))
         print(text)
         if args.markdown_out:
@@ -345,6 +454,7 @@ def run(args) -> None:
                     "spark": {"master": spark.sparkContext.master, "version": spark.version},
                     "table": rows,
                     "runs": [asdict(r) for r in runs],
+                    "kernel": kernel_rows(studies) if studies else [],
                 },
             )
         if args.plot_out:

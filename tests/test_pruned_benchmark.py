@@ -19,7 +19,8 @@ _spec.loader.exec_module(benchmark)
 def _run(rate, repeat, fit, test_rmse, compute=1.0, mac=1.0):
     return benchmark.Run(
         dataset="d", rate=rate, repeat=repeat, fit_seconds=fit, setup_seconds=0.1,
-        epoch_seconds=fit - 0.1, compute_seconds=compute, mac_fraction=mac,
+        epoch_seconds=fit - 0.1, compute_seconds=compute, compute_cpu_seconds=compute / 2,
+        mac_fraction=mac,
         pruned_mac_fraction=None if rate == 0 else mac, train_rmse=1.0, test_rmse=test_rmse,
         stale_test_rmse=test_rmse * 2, test_ratings=10,
     )  # fmt: skip
@@ -36,6 +37,7 @@ def test_table_takes_the_best_repeat_and_compares_with_rate_zero():
     assert base["fitSpeedup"] == 1.0 and base["testRmseChange"] == 0.0
     assert pruned["fitSeconds"] == 6.0 and pruned["fitSpeedup"] == pytest.approx(8.0 / 6.0)
     assert pruned["computeSpeedup"] == pytest.approx(4.0)
+    assert pruned["computeCpuSpeedup"] == pytest.approx(4.0)
     assert pruned["testRmseChange"] == pytest.approx(0.1)
     assert pruned["staleTestRmseChange"] == pytest.approx(1.2)
     assert "| d | 0.5 |" in benchmark.markdown([base, pruned])
