@@ -251,3 +251,37 @@ def test_empty_cell_launches_nothing(module):
         warps=4,
     )
     assert result == (0.0, 0)
+
+
+# --------------------------------------------------------------------------- on a real GPU
+
+
+def _gpu_problem() -> str | None:
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed (pip install -e '.[gpu]')"
+    if not cupy.cuda.is_available():
+        return "no usable CUDA GPU (CuPy is installed, but there is no device or driver)"
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_problem() is not None, reason=str(_gpu_problem()))
+@pytest.mark.parametrize("rank", [30, 100])
+def test_cupy_one_warp_matches_numba_on_a_gpu(rank):
+    """The same comparison as on the shim, through RawModule on the device."""
+    import cupy
+
+    rng = np.random.default_rng(rank)
+    users, items, ratings, *state = make_cell(rng, rank, n=500)
+    cpu = [a.copy() for a in state]
+    cpu_result = sgd_cell(users, items, ratings, *cpu, 0.05, 0.05, 0.008, 0.006, ADAGRAD)
+    device = [cupy.asarray(a) for a in (users, items, ratings, *state)]
+    gpu_result = pruned_cuda.launch_cell(
+        pruned_cuda.get_module(), cupy, *device, step=0.05, reg=0.05, threshold_p=0.008,
+        threshold_q=0.006, optimizer=ADAGRAD, warps=1,
+    )  # fmt: skip
+    assert gpu_result[1] == cpu_result[1]
+    for c, g in zip(cpu, device[3:]):
+        np.testing.assert_allclose(cupy.asnumpy(g), c, atol=5e-6, rtol=1e-5)
