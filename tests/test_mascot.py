@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import doctest
 import inspect
+import itertools
 import math
 
 import numpy as np
@@ -105,7 +106,9 @@ def test_layout_dense_and_relayout_keep_values():
     assert state["half"].shape == (6, 5) and state["single"].shape == (3, 5)
     stored = mascot_tasks.dense(state, before)
     np.testing.assert_array_equal(stored[group == 1], values[group == 1])
-    np.testing.assert_array_equal(stored[group != 1], from_half_bits(to_half_bits(values))[group != 1])
+    np.testing.assert_array_equal(
+        stored[group != 1], from_half_bits(to_half_bits(values))[group != 1]
+    )
     after = np.array([True, True, False])
     moved = mascot_tasks.relayout(state, before, after)
     assert moved["half"].shape == (3, 5) and moved["single"].shape == (6, 5)
@@ -113,7 +116,7 @@ def test_layout_dense_and_relayout_keep_values():
 
 
 def test_half_bits_round_like_numpy_and_cuda():
-    x = np.array([1.0, 1 + 2**-11, 1 + 3 * 2**-11, 65504.0, 65520.0, -2.0**-25, 1e-8], np.float32)
+    x = np.array([1.0, 1 + 2**-11, 1 + 3 * 2**-11, 65504.0, 65520.0, -(2.0**-25), 1e-8], np.float32)
     with np.errstate(over="ignore"):  # 65520 rounds to infinity, on purpose
         bits = to_half_bits(x)
         expected = x.astype(np.float16).astype(np.float32)
@@ -317,7 +320,7 @@ def test_switching_is_monotone_and_only_at_check_epochs(fit):
     assert checks == [2, 4, 6, 8]  # 0-based 1, 3, 5, 7; never the last epoch
     for side in ("User", "Item"):
         counts = summary.metric(f"fp32{side}Groups")
-        assert all(a <= b for a, b in zip(counts, counts[1:]))
+        assert all(a <= b for a, b in itertools.pairwise(counts))
         for before, after, entry in zip(counts, counts[1:], summary.iterations[1:]):
             if after > before:
                 assert entry["checkEpoch"] and entry["iteration"] > checks[0]
@@ -342,7 +345,7 @@ def test_mascot_without_switches_is_fp16_and_fp16_values_are_halves(fit):
 
 
 def test_same_seed_and_blocks_give_identical_factors(fit, sample, spark):
-    frame, arrays = sample
+    frame, _arrays = sample
     model = fit(**SWITCHING, storage="mascot")
     shuffled = frame.repartition(5, "rating")  # other partitions and row order
     again = MascotMF(**SWITCHING, storage="mascot").fit(shuffled)
@@ -373,8 +376,10 @@ def test_validation_rmse_and_summary(spark, sample):
     # the summary's last validation RMSE is the model's own held-out RMSE
     (users, P), (items, Q) = _factors(model)
     u, i = np.searchsorted(users, user), np.searchsorted(items, item)
-    known = held_out & (users[np.minimum(u, len(users) - 1)] == user) & (
-        items[np.minimum(i, len(items) - 1)] == item
+    known = (
+        held_out
+        & (users[np.minimum(u, len(users) - 1)] == user)
+        & (items[np.minimum(i, len(items) - 1)] == item)
     )
     prediction = np.einsum("nk,nk->n", P[u[known]], Q[i[known]])
     rmse = math.sqrt(np.mean((rating[known] - prediction) ** 2))

@@ -249,7 +249,9 @@ def test_runner_matches_a_float64_reference_of_the_same_schedule(spark, num_bloc
         for b in range(num_blocks):
             np.testing.assert_array_equal(runner.state("user")[b]["factors"], P[b])
             np.testing.assert_array_equal(runner.state("item")[b]["factors"], Q[b])
-            np.testing.assert_array_equal(runner.state("user")[b]["visits"], 3 * strata.users.counts[b])
+            np.testing.assert_array_equal(
+                runner.state("user")[b]["visits"], 3 * strata.users.counts[b]
+            )
         for run, expected in zip(runs, sse):
             assert run.statistics["count"][0] == train.sum()
             assert run.statistics["count"][1] == np.count_nonzero(strata.train_sizes)
@@ -265,8 +267,9 @@ def test_runner_matches_a_float64_reference_of_the_same_schedule(spark, num_bloc
         ub, ul = strata.users.locate(user[validation])
         ib, il = strata.items.locate(item[validation])
         known = (ub >= 0) & (ib >= 0)
-        prediction = np.array([P[a][x] @ Q[c][y] for a, x, c, y in zip(ub[known], ul[known],
-                                                                         ib[known], il[known])])
+        prediction = np.array(
+            [P[a][x] @ Q[c][y] for a, x, c, y in zip(ub[known], ul[known], ib[known], il[known])]
+        )
         errors = rating[validation][known] - prediction
         np.testing.assert_allclose(stats["sse"], errors @ errors, rtol=1e-12)
         assert stats["count"] == known.sum() and seconds > 0
