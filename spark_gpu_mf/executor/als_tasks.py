@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from spark_gpu_mf.backends.numpy_backend import SolveConfig
+from spark_gpu_mf.backends.numpy_backend import SolveConfig, take_phase_seconds
 from spark_gpu_mf.backends.spark_random import initial_factors
 from spark_gpu_mf.errors import InconsistentBlocksError
 from spark_gpu_mf.executor.blocks import Block, from_bytes, to_bytes
@@ -37,7 +37,10 @@ FACTORS, GRAM, OWN = 0, 1, 2
 
 OUTBOX_SCHEMA = "pkey int, dst int, src int, kind int, ids binary, payload binary"
 OUTBOX_COLUMNS = ["pkey", "dst", "src", "kind", "ids", "payload"]
-SOLVED_SCHEMA = "block int, factors binary, gram binary, seconds double"
+SOLVED_SCHEMA = (
+    "block int, factors binary, gram binary, seconds double, hermitian double, solve double"
+)
+SOLVED_COLUMNS = ["block", "factors", "gram", "seconds", "hermitian", "solve"]
 
 
 @dataclass(frozen=True)
@@ -123,17 +126,22 @@ def solve_with_broadcast(
             if prev is not None:
                 lo, hi = prev.offsets[block.block], prev.offsets[block.block + 1]
                 warm = prev.factors[lo:hi]
+            take_phase_seconds()
             x = _solve(block, src.gather(block.needed_ids, block.needed_counts), warm, settings,
                        src.yty)
+            # Executor seconds by phase, for the benchmark's breakdown (zero on the GPU backend).
+            phases = take_phase_seconds()
             rows.append(
                 {
                     "block": block.block,
                     "factors": to_bytes(x),
                     "gram": _gram_bytes(x) if settings.config.implicit else None,
                     "seconds": time.perf_counter() - started,
+                    "hermitian": phases["hermitian"],
+                    "solve": phases["solve"],
                 }
             )
-        yield pd.DataFrame(rows, columns=["block", "factors", "gram", "seconds"])
+        yield pd.DataFrame(rows, columns=SOLVED_COLUMNS)
 
 
 def initial_block_factors(
@@ -149,10 +157,12 @@ def initial_block_factors(
                 ),
                 "gram": None,
                 "seconds": 0.0,
+                "hermitian": 0.0,
+                "solve": 0.0,
             }
             for record in pdf.to_dict("records")
         ]
-        yield pd.DataFrame(rows, columns=["block", "factors", "gram", "seconds"])
+        yield pd.DataFrame(rows, columns=SOLVED_COLUMNS)
 
 
 def _outbox_rows(

@@ -296,6 +296,9 @@ class _Trainer:
         }
         if sorted(factors) != dst.block_ids:
             raise RuntimeError(f"ALS lost {dst.name} blocks: got {sorted(factors)}")
+        phases = self.summary.details.setdefault("phaseSeconds", {"hermitian": 0.0, "solve": 0.0})
+        for name in phases:
+            phases[name] += sum(r[name] for r in solved)
         yty = None
         if job.implicit:
             yty = sum(from_bytes(r["gram"], np.float64).reshape(job.rank, job.rank) for r in solved)
