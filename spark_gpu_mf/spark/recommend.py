@@ -153,11 +153,14 @@ def recommend_for_all(
     schema = recommendation_schema(src_col, dst_col)
     src = src.select("id", "features")
     dst = dst.select("id", "features")
-    dst_count = dst.count()
+    # One job decides and collects: at most threshold-many rows come back, and fewer than that
+    # means they are all of them (a count, a first() and a collect cost three jobs).
     first = dst.select(F.size("features").alias("rank")).first()
-    rank = first["rank"] if first is not None else 0
-    if dst_count * max(rank, 1) * 4 <= broadcast_threshold:
-        candidates = spark.sparkContext.broadcast(collect_factors(dst))
+    rank = max(first["rank"] if first is not None else 1, 1)
+    limit = broadcast_threshold // (rank * 4)
+    ids, factors = collect_factors(dst.limit(limit + 1))
+    if len(ids) <= limit:
+        candidates = spark.sparkContext.broadcast((ids, factors))
         body = bind(
             top_k_against_broadcast,
             candidates=candidates,
