@@ -1,0 +1,587 @@
+"""Side-by-side benchmark: pyspark's ALS against spark_gpu_mf's, same data, same Spark session.
+
+    python jobs/benchmark.py                       # the full run behind docs/benchmarks.md
+    python jobs/benchmark.py --datasets sample,20000 --modes explicit --max-iter 3 --out-dir /tmp/b
+
+For every data set and mode (explicit ratings, implicit counts) it fits Spark's
+``pyspark.ml.recommendation.ALS`` and ours with the same params on the same cached training
+DataFrame, then reports: fit seconds (median and spread over ``--repeats``), held-out RMSE
+(explicit) or held-out sampled AUC (implicit), the speedup, ``recommendForAllUsers(10)`` seconds
+of both on the *same* factors (Spark's) and whether the top-10 lists agree, our time by phase
+(block build, hermitian, solve, exchange) and the FLOP floor: the fit's arithmetic at the float32
+GEMM speed measured in this run on this machine. Implicit mode also runs the ``implicit``
+library's CPU ALS (if installed) on the same confidences ``1 + alpha * r``.
+
+Spark "at its best": Spark's ALS calls BLAS/LAPACK through dev.ludovic.netlib, which uses a native
+``libblas.so.3`` / ``liblapack.so.3`` when it finds one and Java code otherwise. ``--spark-blas
+native`` (the default ``auto`` does this when the file exists) points the JVM at Debian's
+OpenBLAS (``apt-get install libopenblas0-pthread``) explicitly, so the benchmark gets native BLAS
+even where the system default ``libblas.so.3`` link is absent. The BLAS Spark used is reported.
+
+Outputs: ``benchmark.json`` (everything), ``benchmark.md`` (the tables) and ``benchmark.png``
+(fit time and speedups) under ``--out-dir``. Timings are wall-clock seconds on a machine that may
+be shared; compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+
+OPENBLAS_DIR = "/usr/lib/x86_64-linux-gnu/openblas-pthread"
+SIZES = {"1m": 1_000_000, "10m": 10_000_000}
+
+
+# ------------------------------------------------------------------------------------ arguments
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="benchmark.py",
+        description="Spark's ALS vs spark_gpu_mf's ALS on the same data in one Spark session.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--datasets", default="sample,1m,10m",
+                        help="comma-separated: 'sample' (Spark's bundled file), '1m', '10m' or a "
+                             "number of generated ratings")
+    parser.add_argument("--modes", default="explicit,implicit", help="explicit and/or implicit")
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--max-iter", type=int, default=10)
+    parser.add_argument("--reg-param", type=float, default=0.05)
+    parser.add_argument("--alpha", type=float, default=1.0, help="implicit confidence scale")
+    parser.add_argument("--num-blocks", type=int, default=10,
+                        help="numUserBlocks = numItemBlocks (Spark's default is 10)")
+    parser.add_argument("--repeats", type=int, default=1, help="fits per estimator")
+    parser.add_argument("--variants", default="default",
+                        help="our configurations: 'default' and/or solver settings such as "
+                             "'cholesky', 'cg3', 'cg5', 'cg3-fp16'")
+    parser.add_argument("--exact-max-ratings", type=int, default=2_000_000,
+                        help="run non-default variants only on data sets up to this size")
+    parser.add_argument("--recommend", type=int, default=10,
+                        help="k of recommendForAllUsers (0 skips it)")
+    parser.add_argument("--no-spark", action="store_true",
+                        help="skip Spark's ALS (ours only: quick profiling)")
+    parser.add_argument("--no-implicit-lib", action="store_true",
+                        help="skip the implicit library in implicit mode")
+    parser.add_argument("--spark-blas", choices=("auto", "native", "java"), default="auto",
+                        help="native: Debian's OpenBLAS under " + OPENBLAS_DIR)
+    parser.add_argument("--master", default="local[2]")
+    parser.add_argument("--driver-memory", default="6g")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default="docs/benchmark")
+    parser.add_argument("--quiet", action="store_true")
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------ session
+
+
+def native_blas_options(mode: str) -> str:
+    """JVM options that make dev.ludovic.netlib load Debian's OpenBLAS (or none)."""
+    lib = os.path.join(OPENBLAS_DIR, "libblas.so.3")
+    if mode == "java" or (mode == "auto" and not os.path.exists(lib)):
+        # A path that does not exist: netlib falls back to its Java implementations.
+        return ("-Ddev.ludovic.netlib.blas.nativeLibPath=/nonexistent/libblas.so.3 "
+                "-Ddev.ludovic.netlib.lapack.nativeLibPath=/nonexistent/liblapack.so.3")
+    if not os.path.exists(lib):
+        raise SystemExit(f"benchmark.py: error: --spark-blas native needs {lib} "
+                         "(apt-get install libopenblas0-pthread)")
+    return (f"-Ddev.ludovic.netlib.blas.nativeLibPath={lib} "
+            f"-Ddev.ludovic.netlib.lapack.nativeLibPath={OPENBLAS_DIR}/liblapack.so.3")
+
+
+def make_session(args):
+    from pyspark.sql import SparkSession
+
+    spark = (
+        SparkSession.builder.master(args.master)
+        .appName("spark_gpu_mf benchmark")
+        .config("spark.driver.memory", args.driver_memory)
+        .config("spark.driver.extraJavaOptions", native_blas_options(args.spark_blas))
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.python.worker.reuse", "true")
+        .config("spark.sql.shuffle.partitions", "4")
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+def spark_blas(spark) -> dict:
+    """Which BLAS and LAPACK implementation Spark's ALS calls (dev.ludovic.netlib's choice)."""
+    jvm = spark.sparkContext._jvm
+    return {
+        "blas": jvm.dev.ludovic.netlib.blas.BLAS.getInstance().getClass().getSimpleName(),
+        "lapack": jvm.dev.ludovic.netlib.lapack.LAPACK.getInstance().getClass().getSimpleName(),
+        "javaOptions": spark.sparkContext.getConf().get("spark.driver.extraJavaOptions", ""),
+    }
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class Dataset:
+    name: str
+    implicit: bool
+    train: tuple  # (user, item, rating) int32, int32, float32
+    test: tuple
+
+
+def load_dataset(spark, name: str, implicit: bool, seed: int) -> Dataset:
+    from spark_gpu_mf import datasets
+
+    if name == "sample":
+        table = datasets.read_spark_sample(spark).toArrow()
+        arrays = tuple(table.column(c).to_numpy() for c in ("user", "item", "rating"))
+        arrays = (arrays[0].astype(np.int32), arrays[1].astype(np.int32),
+                  arrays[2].astype(np.float32))
+        train, test = datasets.train_test_split(arrays, 0.2, seed=seed)
+        return Dataset(name, implicit, train, test)
+    size = SIZES.get(name.lower()) or int(float(name))
+    generate = datasets.generate_interactions if implicit else datasets.generate_ratings
+    data = generate(size, seed=seed)
+    train, test = datasets.train_test_split(data, 0.2, seed=seed)
+    return Dataset(name, implicit, train.as_tuple(), test.as_tuple())
+
+
+def training_frame(spark, data: Dataset):
+    from spark_gpu_mf import datasets
+
+    df = datasets.to_dataframe(spark, data.train, via="arrow").cache()
+    df.count()
+    return df
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+def factors_of(model):
+    from spark_gpu_mf.spark.factors import collect_factors
+
+    return collect_factors(model.userFactors), collect_factors(model.itemFactors)
+
+
+def _lookup(ids: np.ndarray, query: np.ndarray):
+    pos = np.searchsorted(ids, query)
+    pos = np.minimum(pos, max(len(ids) - 1, 0))
+    found = (ids[pos] == query) if len(ids) else np.zeros(len(query), bool)
+    return pos, found
+
+
+def heldout_rmse(users, items, test) -> float:
+    """RMSE on test pairs whose user and item both have factors (coldStartStrategy='drop')."""
+    (uid, uf), (iid, itf) = users, items
+    u, i, r = test
+    pu, fu = _lookup(uid, u)
+    pi, fi = _lookup(iid, i)
+    keep = fu & fi
+    pred = np.einsum("ij,ij->i", uf[pu[keep]], itf[pi[keep]], dtype=np.float64)
+    return float(np.sqrt(np.mean((r[keep] - pred) ** 2)))
+
+
+def heldout_auc(users, items, test, seed: int = 0) -> float:
+    """Share of held-out interactions scored above a random item for the same user (sampled AUC)."""
+    (uid, uf), (iid, itf) = users, items
+    u, i, _ = test
+    pu, fu = _lookup(uid, u)
+    pi, fi = _lookup(iid, i)
+    keep = fu & fi
+    rng = np.random.default_rng(seed)
+    negatives = rng.integers(0, len(iid), int(keep.sum()))
+    pos = np.einsum("ij,ij->i", uf[pu[keep]], itf[pi[keep]])
+    neg = np.einsum("ij,ij->i", uf[pu[keep]], itf[negatives])
+    return float(np.mean(pos > neg) + 0.5 * np.mean(pos == neg))
+
+
+def measure_gemm_gflops(repeats: int = 5, n: int = 2048) -> dict:
+    """float32 GEMM speed of this machine now, with every core (NumPy's OpenBLAS)."""
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).random((n, n), dtype=np.float32)
+    a @ b
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        rates.append(2 * n**3 / (time.perf_counter() - started) / 1e9)
+    return {"median": statistics.median(rates), "max": max(rates), "min": min(rates), "n": n}
+
+
+def fit_flops(num_ratings: int, num_users: int, num_items: int, rank: int, iterations: int,
+              implicit: bool) -> float:
+    """Arithmetic of an ALS fit with full k x k products (what the floor charges).
+
+    Per half-iteration: each rating adds ``q q^T`` (2k^2) and ``r q`` (2k) to its row; each row
+    is solved by Cholesky (k^3/3 + 2k^2); implicit adds ``Y^T Y`` of the fixed side (2k^2 per
+    source row).
+    """
+    k = rank
+    per_half_ratings = num_ratings * (2 * k * k + 2 * k)
+    solves = (num_users + num_items) * (k**3 / 3 + 2 * k * k)
+    gram = (num_users + num_items) * 2 * k * k if implicit else 0
+    return iterations * (2 * per_half_ratings + solves + gram)
+
+
+# ------------------------------------------------------------------------------------ runs
+
+
+def _timed(fn):
+    started = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - started
+
+
+def _spread(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "all": values}
+
+
+def variant_params(variant: str) -> dict:
+    """Our extra params for a variant name: 'default', 'cholesky', 'cg3', 'cg5-fp16', ..."""
+    if variant == "default":
+        return {}
+    if variant == "cholesky":
+        return {"solver": "cholesky"}
+    if variant.startswith("cg"):
+        head, _, precision = variant.partition("-")
+        params = {"solver": "cg", "cgIterations": int(head[2:] or 3)}
+        if precision:
+            params["precision"] = precision
+        return params
+    raise SystemExit(f"benchmark.py: error: unknown variant {variant!r}")
+
+
+def fit_spark(df, args, implicit: bool, seed: int):
+    from pyspark.ml.recommendation import ALS as SparkALS
+
+    est = SparkALS(rank=args.rank, maxIter=args.max_iter, regParam=args.reg_param,
+                   implicitPrefs=implicit, alpha=args.alpha, numUserBlocks=args.num_blocks,
+                   numItemBlocks=args.num_blocks, seed=seed)
+    return _timed(lambda: est.fit(df))
+
+
+def fit_ours(df, args, implicit: bool, seed: int, variant: str):
+    from spark_gpu_mf import ALS
+
+    est = ALS(rank=args.rank, maxIter=args.max_iter, regParam=args.reg_param,
+              implicitPrefs=implicit, alpha=args.alpha, numUserBlocks=args.num_blocks,
+              numItemBlocks=args.num_blocks, seed=seed, **variant_params(variant))
+    return _timed(lambda: est.fit(df))
+
+
+def fit_implicit_lib(data: Dataset, args) -> dict | None:
+    """The ``implicit`` library's CPU ALS on confidences ``1 + alpha * r`` (its own objective:
+    plain lambda, not Spark's lambda * n_u), all cores, conjugate gradient as it defaults to."""
+    try:
+        import scipy.sparse as sp
+        from implicit.cpu.als import AlternatingLeastSquares
+    except ImportError:
+        return None
+    u, i, r = data.train
+    uid, urow = np.unique(u, return_inverse=True)
+    iid, irow = np.unique(i, return_inverse=True)
+    matrix = sp.csr_matrix((r.astype(np.float32), (urow, irow)), shape=(len(uid), len(iid)))
+    cores = os.cpu_count() or 1
+    model = AlternatingLeastSquares(factors=args.rank, regularization=args.reg_param,
+                                    alpha=args.alpha, iterations=args.max_iter,
+                                    calculate_training_loss=False, random_state=args.seed,
+                                    num_threads=cores)
+    _, seconds = _timed(lambda: model.fit(matrix, show_progress=False))
+    users = (uid.astype(np.int32), np.asarray(model.user_factors, np.float32))
+    items = (iid.astype(np.int32), np.asarray(model.item_factors, np.float32))
+    return {"fitSeconds": seconds, "auc": heldout_auc(users, items, data.test, args.seed),
+            "threads": cores, "version": __import__("implicit").__version__}
+
+
+def _noop_write(df) -> None:
+    df.write.format("noop").mode("overwrite").save()
+
+
+def compare_top_k(theirs, mine, tolerance: float = 1e-6) -> dict:
+    """How many users get the same top-k list; differences only among (near-)tied scores aside."""
+    spark_lists = {row[0]: row[1] for row in theirs.collect()}
+    our_lists = {row[0]: row[1] for row in mine.collect()}
+    identical = ties = different = 0
+    for key, recs in spark_lists.items():
+        ours = our_lists.get(key)
+        if ours is not None and [e[0] for e in ours] == [e[0] for e in recs]:
+            identical += 1
+            continue
+        if ours is not None and len(ours) == len(recs):
+            a = np.array([e[1] for e in recs])
+            b = np.array([e[1] for e in ours])
+            scale = max(1e-12, float(np.max(np.abs(a))))
+            # Same scores at every position: only the order of tied items differs.
+            if np.all(np.abs(a - b) <= tolerance * scale):
+                ties += 1
+                continue
+        different += 1
+    return {"users": len(spark_lists), "identical": identical, "tiesOnly": ties,
+            "different": different, "missing": len(set(spark_lists) - set(our_lists))}
+
+
+def recommend_benchmark(spark_model, k: int, repeats: int) -> dict:
+    """recommendForAllUsers(k) of Spark's model and of ours holding Spark's factors."""
+    from spark_gpu_mf import ALSModel
+
+    ours = ALSModel._create(spark_model.rank, spark_model.userFactors, spark_model.itemFactors)
+    spark_times, our_times = [], []
+    for _ in range(repeats):
+        spark_times.append(_timed(lambda: _noop_write(spark_model.recommendForAllUsers(k)))[1])
+        our_times.append(_timed(lambda: _noop_write(ours.recommendForAllUsers(k)))[1])
+    agreement = compare_top_k(spark_model.recommendForAllUsers(k), ours.recommendForAllUsers(k))
+    return {"k": k, "sparkSeconds": _spread(spark_times), "oursSeconds": _spread(our_times),
+            "speedup": statistics.median(spark_times) / statistics.median(our_times),
+            "agreement": agreement}
+
+
+def phase_split(summary, fit_seconds: float, parallelism: int) -> dict:
+    """Our fit time by phase, from the training summary.
+
+    ``blockBuild``: setup before the first iteration (blocks, caching). ``hermitian`` and
+    ``solve``: executor seconds summed over tasks, divided by the parallelism (the wall time
+    they take when tasks fill every core). ``exchange``: the rest of the iterations (jobs,
+    Arrow, broadcasts, driver); ``other``: after the iterations (materializing the factors).
+    """
+    iterations = sum(e["seconds"] for e in summary.iterations)
+    phases = summary.details.get("phaseSeconds", {})
+    hermitian = phases.get("hermitian", 0.0) / parallelism
+    solve = phases.get("solve", 0.0) / parallelism
+    return {
+        "blockBuild": summary.setup_seconds,
+        "hermitian": hermitian,
+        "solve": solve,
+        "exchange": max(0.0, iterations - hermitian - solve),
+        "other": max(0.0, fit_seconds - summary.setup_seconds - iterations),
+    }
+
+
+def run_case(spark, args, name: str, implicit: bool, gemm: dict, log) -> dict:
+    data = load_dataset(spark, name, implicit, args.seed)
+    df = training_frame(spark, data)
+    u, i, _ = data.train
+    case = {"dataset": name, "mode": "implicit" if implicit else "explicit",
+            "trainRatings": len(u), "testRatings": len(data.test[0]),
+            "users": len(np.unique(u)), "items": len(np.unique(i))}
+    metric = heldout_auc if implicit else heldout_rmse
+    metric_name = "auc" if implicit else "rmse"
+    flops = fit_flops(len(u), case["users"], case["items"], args.rank, args.max_iter, implicit)
+    case["floorSeconds"] = flops / (gemm["median"] * 1e9)
+    case["fitGflop"] = flops / 1e9
+    log(f"{name} {case['mode']}: {len(u):,} training ratings, {case['users']:,} users, "
+        f"{case['items']:,} items; floor {case['floorSeconds']:.2f}s")
+    spark_model = None
+    if not args.no_spark:
+        times = []
+        for _ in range(args.repeats):
+            spark_model, seconds = fit_spark(df, args, implicit, args.seed)
+            times.append(seconds)
+            log(f"  Spark ALS fit {seconds:.2f}s")
+        users, items = factors_of(spark_model)
+        case["spark"] = {"fitSeconds": _spread(times), metric_name: metric(users, items, data.test)}
+    parallelism = spark.sparkContext.defaultParallelism
+    case["ours"] = {}
+    variants = [v for v in args.variants.split(",") if v]
+    for variant in variants:
+        if variant != "default" and len(u) > args.exact_max_ratings:
+            continue
+        times, model = [], None
+        for _ in range(args.repeats):
+            model, seconds = fit_ours(df, args, implicit, args.seed, variant)
+            times.append(seconds)
+            log(f"  ours ({variant}) fit {seconds:.2f}s")
+        users, items = factors_of(model)
+        entry = {"params": variant_params(variant), "fitSeconds": _spread(times),
+                 metric_name: metric(users, items, data.test),
+                 "phases": phase_split(model.summary, times[-1], parallelism),
+                 "dataflow": model.summary.details.get("dataflow")}
+        entry["floorRatio"] = entry["fitSeconds"]["median"] / case["floorSeconds"]
+        if "spark" in case:
+            entry["speedup"] = case["spark"]["fitSeconds"]["median"] / entry["fitSeconds"]["median"]
+            if not implicit:
+                entry["rmseRelativeToSpark"] = entry["rmse"] / case["spark"]["rmse"] - 1
+        case["ours"][variant] = entry
+    if implicit and not args.no_implicit_lib:
+        lib = fit_implicit_lib(data, args)
+        if lib is not None:
+            case["implicitLib"] = lib
+            log(f"  implicit library fit {lib['fitSeconds']:.2f}s")
+    if spark_model is not None and args.recommend and not implicit:
+        case["recommend"] = recommend_benchmark(spark_model, args.recommend, args.repeats)
+        log(f"  recommendForAllUsers({args.recommend}): Spark "
+            f"{case['recommend']['sparkSeconds']['median']:.2f}s, ours "
+            f"{case['recommend']['oursSeconds']['median']:.2f}s")
+    df.unpersist()
+    return case
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [
+        (f"Rank {report['params']['rank']}, {report['params']['maxIter']} iterations, regParam "
+        f"{report['params']['regParam']}, {report['params']['numBlocks']} user and item blocks, "
+        f"{env['master']}, {env['cores']} cores; Spark {env['spark']} ALS with "
+        f"{env['sparkBlas']['blas']} / {env['sparkBlas']['lapack']}; float32 GEMM "
+        f"{env['gemmGflops']['median']:.0f} GFLOP/s (median of 5, range "
+        f"{env['gemmGflops']['min']:.0f}-{env['gemmGflops']['max']:.0f}). Seconds are medians "
+        f"of {report['params']['repeats']} fit(s) (range in brackets)."),
+        "",
+        ("| data | mode | ratings (train) | estimator | fit s | held-out | speedup | "
+         "x floor | phases: build / hermitian / solve / exchange s |"),
+        "|---|---|---:|---|---:|---:|---:|---:|---|",
+    ]
+
+    def seconds(entry):
+        s = entry["fitSeconds"]
+        if len(s["all"]) > 1:
+            return f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]"
+        return f"{s['median']:.2f}"
+
+    for case in report["cases"]:
+        key = "auc" if case["mode"] == "implicit" else "rmse"
+        head = f"| {case['dataset']} | {case['mode']} | {case['trainRatings']:,} "
+        if "spark" in case:
+            lines.append(head + f"| Spark ALS | {seconds(case['spark'])} | "
+                         f"{key} {case['spark'][key]:.4f} | 1.0 | "
+                         f"{case['spark']['fitSeconds']['median'] / case['floorSeconds']:.1f} | |")
+        for variant, entry in case["ours"].items():
+            p = entry["phases"]
+            speed = f"{entry['speedup']:.1f}" if "speedup" in entry else "-"
+            rel = (f" ({entry['rmseRelativeToSpark'] * 100:+.2f}%)"
+                   if "rmseRelativeToSpark" in entry else "")
+            lines.append(
+                head + f"| ours ({variant}) | {seconds(entry)} | {key} {entry[key]:.4f}{rel} | "
+                f"{speed} | {entry['floorRatio']:.1f} | {p['blockBuild']:.2f} / "
+                f"{p['hermitian']:.2f} / {p['solve']:.2f} / {p['exchange']:.2f} |"
+            )
+        if "implicitLib" in case:
+            lib = case["implicitLib"]
+            speed = (f"{case['spark']['fitSeconds']['median'] / lib['fitSeconds']:.1f}"
+                     if "spark" in case else "-")
+            lines.append(head + f"| implicit {lib['version']} ({lib['threads']} threads) | "
+                         f"{lib['fitSeconds']:.2f} | auc {lib['auc']:.4f} | {speed} | "
+                         f"{lib['fitSeconds'] / case['floorSeconds']:.1f} | |")
+        lines.append(f"| | | | FLOP floor ({case['fitGflop']:.0f} GFLOP) | "
+                     f"{case['floorSeconds']:.2f} | | | 1.0 | |")
+    recs = [c for c in report["cases"] if "recommend" in c]
+    if recs:
+        lines += ["", ("| data | recommendForAllUsers(k) | Spark s | ours s | speedup | "
+                       "identical lists | ties only | different |"),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for case in recs:
+            r = case["recommend"]
+            a = r["agreement"]
+            lines.append(f"| {case['dataset']} | {r['k']} | {r['sparkSeconds']['median']:.2f} | "
+                         f"{r['oursSeconds']['median']:.2f} | {r['speedup']:.1f} | "
+                         f"{a['identical']:,} / {a['users']:,} | {a['tiesOnly']} | "
+                         f"{a['different']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [c for c in report["cases"] if "spark" in c and "default" in c["ours"]]
+    if not cases:
+        return
+    labels = [f"{c['dataset']}\n{c['mode']}" for c in cases]
+    x = np.arange(len(cases))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    spark_s = [c["spark"]["fitSeconds"]["median"] for c in cases]
+    ours_s = [c["ours"]["default"]["fitSeconds"]["median"] for c in cases]
+    floor_s = [c["floorSeconds"] for c in cases]
+    left.bar(x - 0.27, spark_s, 0.27, label="Spark ALS")
+    left.bar(x, ours_s, 0.27, label="spark_gpu_mf (default)")
+    left.bar(x + 0.27, floor_s, 0.27, label="FLOP floor")
+    left.set_yscale("log")
+    left.set_xticks(x, labels)
+    left.set_ylabel("fit seconds (log)")
+    left.set_title(f"Fit, rank {report['params']['rank']}, {report['params']['maxIter']} iterations")
+    left.legend(fontsize=8)
+    speedups = [c["ours"]["default"]["speedup"] for c in cases]
+    right.bar(x, speedups, 0.5, color="tab:green")
+    for xi, s in zip(x, speedups):
+        right.text(xi, s, f"{s:.1f}x", ha="center", va="bottom", fontsize=9)
+    right.set_xticks(x, labels)
+    right.set_ylabel("speedup over Spark ALS")
+    right.set_title("Fit speedup (same data, same session)")
+    fig.suptitle(f"{report['environment']['cores']} cores, Spark ALS with "
+                 f"{report['environment']['sparkBlas']['blas']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(message, flush=True)
+
+    import pyspark
+
+    spark = make_session(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    gemm = measure_gemm_gflops()
+    report = {
+        "command": " ".join(["python jobs/benchmark.py", *(argv or sys.argv[1:])]),
+        "params": {"rank": args.rank, "maxIter": args.max_iter, "regParam": args.reg_param,
+                   "alpha": args.alpha, "numBlocks": args.num_blocks, "repeats": args.repeats,
+                   "seed": args.seed},
+        "environment": {
+            "spark": pyspark.__version__, "numpy": np.__version__, "master": args.master,
+            "cores": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+            "sparkBlas": spark_blas(spark), "gemmGflops": gemm,
+            "loadAverage": os.getloadavg(),
+        },
+        "cases": [],
+    }
+    log(f"Spark BLAS: {report['environment']['sparkBlas']['blas']}; float32 GEMM "
+        f"{gemm['median']:.0f} GFLOP/s")
+    try:
+        for name in [d for d in args.datasets.split(",") if d]:
+            for mode in [m for m in args.modes.split(",") if m]:
+                case = run_case(spark, args, name, mode == "implicit", gemm, log)
+                report["cases"].append(case)
+                _write(report, args)
+    finally:
+        report["environment"]["loadAverageAfter"] = os.getloadavg()
+        _write(report, args)
+    log(markdown(report))
+    return report
+
+
+def _write(report: dict, args) -> None:
+    with open(os.path.join(args.out_dir, "benchmark.json"), "w") as f:
+        json.dump(report, f, indent=2, default=float)
+    with open(os.path.join(args.out_dir, "benchmark.md"), "w") as f:
+        f.write(markdown(report))
+    plot(report, os.path.join(args.out_dir, "benchmark.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""jobs/benchmark.py end to end on tiny data: it runs, and its outputs say what they should.
+
+Nothing here checks a timing (timings belong in docs/benchmarks.md, from the job itself).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_JOB = Path(__file__).resolve().parents[1] / "jobs" / "benchmark.py"
+_spec = importlib.util.spec_from_file_location("gpumf_benchmark_job", _JOB)
+benchmark = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = benchmark  # dataclasses look their module up there
+_spec.loader.exec_module(benchmark)
+
+
+@pytest.fixture(scope="module")
+def report(spark, tmp_path_factory):
+    out = tmp_path_factory.mktemp("benchmark")
+    result = benchmark.main(
+        ["--datasets", "sample,3000", "--modes", "explicit,implicit", "--rank", "4",
+         "--max-iter", "2", "--variants", "default,cholesky", "--recommend", "5",
+         "--out-dir", str(out), "--quiet", "--no-implicit-lib"]
+    )
+    return result, out
+
+
+def test_every_case_has_both_estimators_metrics_and_phases(report):
+    result, _ = report
+    cases = {(c["dataset"], c["mode"]): c for c in result["cases"]}
+    assert set(cases) == {(d, m) for d in ("sample", "3000") for m in ("explicit", "implicit")}
+    for (_, mode), case in cases.items():
+        metric = "auc" if mode == "implicit" else "rmse"
+        assert np.isfinite(case["spark"][metric])
+        assert set(case["ours"]) == {"default", "cholesky"}
+        for entry in case["ours"].values():
+            assert np.isfinite(entry[metric]) and entry["speedup"] > 0
+            assert set(entry["phases"]) == {"blockBuild", "hermitian", "solve", "exchange", "other"}
+            assert entry["phases"]["hermitian"] > 0
+        assert case["floorSeconds"] > 0
+    assert result["environment"]["sparkBlas"]["blas"]
+    assert result["environment"]["gemmGflops"]["median"] > 0
+
+
+def test_exact_solver_matches_sparks_accuracy(report):
+    """Same params, same seed: the Cholesky path gives Spark's factors, hence its RMSE."""
+    result, _ = report
+    for case in result["cases"]:
+        if case["mode"] == "explicit":
+            assert abs(case["ours"]["cholesky"]["rmseRelativeToSpark"]) < 1e-4
+
+
+def test_recommendations_on_the_same_factors_agree(report):
+    result, _ = report
+    for case in result["cases"]:
+        if case["mode"] == "explicit":
+            agreement = case["recommend"]["agreement"]
+            assert agreement["different"] == 0 and agreement["missing"] == 0
+            assert agreement["identical"] + agreement["tiesOnly"] == agreement["users"] > 0
+
+
+def test_outputs_are_written(report):
+    result, out = report
+    assert json.loads((out / "benchmark.json").read_text())["cases"] == json.loads(
+        json.dumps(result["cases"], default=float)
+    )
+    table = (out / "benchmark.md").read_text()
+    assert "| Spark ALS |" in table and "| ours (default) |" in table and "FLOP floor" in table
+    assert (out / "benchmark.png").stat().st_size > 0
+
+
+def test_flop_count_of_a_fit():
+    k = 4
+    per_iteration = 2 * 10 * (2 * k * k + 2 * k) + (3 + 2) * (k**3 / 3 + 2 * k * k)
+    assert benchmark.fit_flops(10, 3, 2, k, 7, implicit=False) == pytest.approx(7 * per_iteration)
+    assert benchmark.fit_flops(10, 3, 2, k, 1, implicit=True) == pytest.approx(
+        per_iteration + 5 * 2 * k * k
+    )
+
+
+def test_variant_names():
+    assert benchmark.variant_params("default") == {}
+    assert benchmark.variant_params("cholesky") == {"solver": "cholesky"}
+    assert benchmark.variant_params("cg3-fp16") == {
+        "solver": "cg", "cgIterations": 3, "precision": "fp16"
+    }
