@@ -177,7 +177,8 @@ def load_datasets(spark, args) -> list[Dataset]:
             pdf = pd.DataFrame(
                 {"user": arrays[0], "item": arrays[1], "rating": arrays[2], "holdout": holdout}
             ).astype({"user": "int32", "item": "int32", "rating": "float32"})
-            frame = spark.createDataFrame(pdf).cache()
+            parallelism = spark.sparkContext.defaultParallelism
+            frame = spark.createDataFrame(pdf).coalesce(parallelism).cache()
             frame.count()
             train = tuple(a[~holdout] for a in arrays)
             result.append(

@@ -101,6 +101,8 @@ logger = logging.getLogger("spark_gpu_mf")
 
 # Above this many rows, an id -> (block, row) map is joined by a shuffle instead of a broadcast.
 _BROADCAST_MAP_ROWS = 20_000_000
+# The setup's scans of the ratings use at most this many tasks per task slot (coalesced).
+_SCAN_TASKS_PER_SLOT = 4
 # Up to this many ratings, StratifiedRunner.evaluate keeps the cells on the driver (12 bytes each).
 LOCAL_EVALUATION_RATINGS = 5_000_000
 
@@ -324,6 +326,11 @@ def build_strata(
     started = time.perf_counter()
     sc = spark.sparkContext
     sc.setJobDescription(f"spark_gpu_mf {label}: count ratings per user and item")
+    most = _SCAN_TASKS_PER_SLOT * max(1, sc.defaultParallelism)
+    if ratings.rdd.getNumPartitions() > most:
+        # Input from createDataFrame or many small files can have thousands of partitions; the
+        # setup scans it three times, and each task costs scheduling time whatever its size.
+        ratings = ratings.coalesce(most)
     ratings = ratings.persist(storage_level)
     try:
         counts = _counts(ratings, has_validation)
