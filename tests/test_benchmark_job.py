@@ -25,7 +25,7 @@ def report(spark, tmp_path_factory):
     out = tmp_path_factory.mktemp("benchmark")
     result = benchmark.main(
         ["--datasets", "sample,3000", "--modes", "explicit,implicit", "--rank", "4",
-         "--max-iter", "2", "--variants", "default,cholesky", "--recommend", "5",
+         "--max-iter", "2", "--variants", "default,cholesky", "--recommend", "5", "--repeats", "1",
          "--out-dir", str(out), "--quiet", "--no-implicit-lib"]
     )
     return result, out
