@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 import pytest
+from numba import njit
 from pyspark.errors import IllegalArgumentException
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.evaluation import RegressionEvaluator
@@ -28,7 +29,7 @@ from spark_gpu_mf.model import ALSModel
 from spark_gpu_mf.sgd import cells as cells_module
 from spark_gpu_mf.sgd import mascot_tasks
 from spark_gpu_mf.sgd.cells import Cell
-from spark_gpu_mf.sgd.half import from_half_bits, to_half_bits
+from spark_gpu_mf.sgd.half import float_to_half, from_half_bits, half_to_float, to_half_bits
 from spark_gpu_mf.sgd.mascot_groups import GroupPrecision, count_groups, is_check_epoch
 from spark_gpu_mf.sgd.mascot_numba import cell_sgd
 from spark_gpu_mf.sgd.mascot_train import learning_rate
@@ -124,6 +125,36 @@ def test_half_bits_round_like_numpy_and_cuda():
     np.testing.assert_array_equal(from_half_bits(bits), expected)
     assert from_half_bits(bits)[1] == 1.0 and from_half_bits(bits)[2] == 1 + 2**-9  # ties to even
     assert np.isinf(from_half_bits(bits)[4])
+
+
+@njit
+def _widen_all(bits, out):
+    for j in range(bits.shape[0]):
+        out[j] = half_to_float(bits[j])
+
+
+@njit
+def _narrow_all(values, out):
+    for j in range(values.shape[0]):
+        out[j] = float_to_half(values[j])
+
+
+def test_numba_half_intrinsics_are_exact_conversions():
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    widened = np.empty(bits.size, np.float32)
+    _widen_all(bits, widened)
+    reference = bits.view(np.float16).astype(np.float32)
+    same = (widened == reference) | (np.isnan(widened) & np.isnan(reference))
+    assert same.all()  # every float16 value, infinities and NaNs included
+    rng = np.random.default_rng(3)
+    values = np.concatenate(
+        [rng.normal(0, 1, 200_000), rng.normal(0, 3e4, 1000), 2.0 ** rng.uniform(-26, -12, 10_000),
+         (1 + (2 * np.arange(1000) + 1) * 2.0**-11)]  # halfway cases: ties to even
+    ).astype(np.float32)  # fmt: skip
+    narrowed = np.empty(values.size, np.uint16)
+    _narrow_all(values, narrowed)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(narrowed, values.astype(np.float16).view(np.uint16))
 
 
 # --------------------------------------------------------------------------- CPU kernel
