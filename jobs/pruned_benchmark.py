@@ -382,21 +382,21 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in dict.fromkeys(r["dataset"] for r in rows):
+    names = list(dict.fromkeys(r["dataset"] for r in rows))
+    for name, color in zip(names, plt.get_cmap("tab10").colors):
         mine = [r for r in rows if r["dataset"] == name]
         rates = [r["rate"] for r in mine]
-        left.plot(rates, [r["fitSpeedup"] for r in mine], "o-", label=f"{name}: fit")
-        left.plot(rates, [r["computeCpuSpeedup"] for r in mine], "s--", label=f"{name}: SGD CPU")
-        left.plot(rates, [1 / r["macFraction"] for r in mine], ":", label=f"{name}: 1 / MACs")
-        right.plot(rates, [100 * r["testRmseChange"] for r in mine], "o-", label=name)
-        right.plot(
-            rates,
-            [100 * r["staleTestRmseChange"] for r in mine],
-            "x:",
-            label=f"{name}: untruncated",
-        )
+        left.plot(rates, [r["fitSpeedup"] for r in mine], "o-", color=color, label=f"{name}: fit")
+        left.plot(rates, [r["computeCpuSpeedup"] for r in mine], "s--", color=color,
+                  label=f"{name}: SGD CPU")  # fmt: skip
+        left.plot(rates, [1 / r["macFraction"] for r in mine], ":", color=color,
+                  label=f"{name}: 1 / MACs")  # fmt: skip
+        right.plot(rates, [100 * r["testRmseChange"] for r in mine], "o-", color=color,
+                   label=name)  # fmt: skip
+        right.plot(rates, [100 * r["staleTestRmseChange"] for r in mine], "x:", color=color,
+                   label=f"{name}: untruncated")  # fmt: skip
     left.axhspan(*PAPER_SPEEDUP, color="grey", alpha=0.2, label="paper 1.2-1.65x")
-    left.set(xlabel="pruning rate", ylabel="speedup over rate 0", yscale="log")
+    left.set(xlabel="pruning rate", ylabel="speedup over rate 0")
     right.axhline(100 * PAPER_MAX_ERROR_INCREASE, color="grey", ls="--", label="paper <= 20.08%")
     right.set(xlabel="pruning rate", ylabel="held-out RMSE change (%)")
     left.legend(fontsize=7)
