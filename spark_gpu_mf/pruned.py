@@ -18,16 +18,13 @@ from pyspark.sql import DataFrame
 from spark_gpu_mf import conf
 from spark_gpu_mf.model import COLD_START_STRATEGIES, ALSModel
 from spark_gpu_mf.params import BACKENDS, HasBackend, validate_params
+from spark_gpu_mf.sgd.params import HasInitStd, HasNumBlocks, HasRank, HasRatingCol
 from spark_gpu_mf.sgd.pruned_cuda import MAX_RANK
 from spark_gpu_mf.sgd.pruned_numba import OPTIMIZERS
 from spark_gpu_mf.sgd.pruned_params import (
-    HasInitStd,
-    HasNumBlocks,
     HasOptimizer,
     HasPruneStartEpoch,
     HasPruningRate,
-    HasRank,
-    HasRatingCol,
     HasTruncateFactors,
 )
 from spark_gpu_mf.sgd.pruned_train import PrunedJob, train

@@ -1,10 +1,8 @@
-"""Params of ``PrunedMF``, declared like ``pyspark.ml.param.shared``: one mixin per param.
+"""PrunedMF's own params, declared like ``pyspark.ml.param.shared``: one mixin per param.
 
-The pruning params (``pruningRate``, ``pruneStartEpoch``, ``optimizer``, ``truncateFactors``) are
-PrunedMF's own.
-``rank``, ``ratingCol``, ``initStd`` and ``numBlocks`` are generic SGD params that
-``spark_gpu_mf/sgd/params.py`` (shared with MascotMF) did not provide when PrunedMF was written;
-they belong there once it does. Spark's own mixins (``HasMaxIter``, ``HasRegParam``, ``HasSeed``,
+``pruningRate``, ``pruneStartEpoch``, ``optimizer`` and ``truncateFactors`` are here. The generic
+SGD params (``rank``, ``ratingCol``, ``initStd``, ``numBlocks``) come from ``sgd/params.py``, shared
+with MascotMF, and Spark's own mixins (``HasMaxIter``, ``HasRegParam``, ``HasSeed``,
 ``HasStepSize``, ``_ALSModelParams``) are reused as they are.
 
 Defaults are the DP-MF authors' (their LIBMF fork, papers.md "Implementation spec" B): rank 30,
@@ -18,90 +16,11 @@ from pyspark.ml.param import Param, Params, TypeConverters
 from spark_gpu_mf.sgd.pruned_numba import OPTIMIZERS
 
 __all__ = [
-    "HasInitStd",
-    "HasNumBlocks",
     "HasOptimizer",
     "HasPruneStartEpoch",
     "HasPruningRate",
-    "HasRank",
-    "HasRatingCol",
     "HasTruncateFactors",
 ]
-
-
-class HasRank(Params):
-    """Mixin for param rank: number of latent factors (>= 1)."""
-
-    rank: Param[int] = Param(
-        Params._dummy(),
-        "rank",
-        "rank of the factorization (>= 1)",
-        typeConverter=TypeConverters.toInt,
-    )
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    def getRank(self) -> int:
-        """Gets the value of rank or its default value."""
-        return self.getOrDefault(self.rank)
-
-
-class HasRatingCol(Params):
-    """Mixin for param ratingCol: column name for ratings."""
-
-    ratingCol: Param[str] = Param(
-        Params._dummy(),
-        "ratingCol",
-        "column name for ratings",
-        typeConverter=TypeConverters.toString,
-    )
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    def getRatingCol(self) -> str:
-        """Gets the value of ratingCol or its default value."""
-        return self.getOrDefault(self.ratingCol)
-
-
-class HasInitStd(Params):
-    """Mixin for param initStd: standard deviation of the normal initial factors (> 0)."""
-
-    initStd: Param[float] = Param(
-        Params._dummy(),
-        "initStd",
-        "standard deviation of the N(0, initStd^2) initial factors, in the scale of ratings "
-        "divided by their standard deviation (> 0)",
-        typeConverter=TypeConverters.toFloat,
-    )
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    def getInitStd(self) -> float:
-        """Gets the value of initStd or its default value."""
-        return self.getOrDefault(self.initStd)
-
-
-class HasNumBlocks(Params):
-    """Mixin for param numBlocks: DSGD blocks per side (>= 1)."""
-
-    numBlocks: Param[int] = Param(
-        Params._dummy(),
-        "numBlocks",
-        "number of user blocks and of item blocks for stratified SGD (>= 1): an epoch is "
-        "numBlocks sub-epochs of numBlocks parallel tasks. The fit is a function of the seed, "
-        "the data and numBlocks.",
-        typeConverter=TypeConverters.toInt,
-    )
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    def getNumBlocks(self) -> int:
-        """Gets the value of numBlocks or its default value."""
-        return self.getOrDefault(self.numBlocks)
 
 
 class HasOptimizer(Params):

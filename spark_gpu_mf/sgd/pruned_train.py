@@ -195,7 +195,7 @@ def _truncate(runner: StratifiedRunner, thresholds: dict, summary) -> None:
 
 
 def _scalar(statistics, name: str) -> float:
-    """A summed statistic as a float (``cells.pack_arrays`` sends 0-d arrays as shape (1,))."""
+    """A summed statistic as a float, whatever its shape (a 0-d or one-element array)."""
     return float(np.sum(statistics.get(name, 0.0)))
 
 
