@@ -19,10 +19,12 @@ join.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 _ID_SHIFT = 1 << 31
 
@@ -155,19 +157,91 @@ def build_partition_blocks(
     """applyInPandas body: all ratings of one partition key in, one row per block out."""
     if pdf.empty:
         return pd.DataFrame(columns=BLOCK_SCHEMA_COLUMNS)
-    keys = pdf[key_col].to_numpy(np.int32)
-    others = pdf[other_col].to_numpy(np.int32)
-    ratings = pdf["rating"].to_numpy(np.float32)
+    return _partition_blocks(
+        int(pdf["pkey"].iloc[0]),
+        pdf[key_col].to_numpy(np.int32),
+        pdf[other_col].to_numpy(np.int32),
+        pdf["rating"].to_numpy(np.float32),
+        num_blocks,
+        num_other_blocks,
+    )
+
+
+def _partition_blocks(pkey, keys, others, ratings, num_blocks, num_other_blocks) -> pd.DataFrame:
     blocks = np.mod(keys, num_blocks)
     order, sorted_blocks = _stable_argsort(blocks, num_blocks)
     bounds = np.flatnonzero(np.diff(sorted_blocks)) + 1
     rows = []
     for part in np.split(order, bounds):
+        if len(part) == 0:
+            continue
         block = int(blocks[part[0]])
         row = build_block(block, keys[part], others[part], ratings[part], num_other_blocks)
-        row["pkey"] = int(pdf["pkey"].iloc[0])
+        row["pkey"] = pkey
         rows.append(row)
     return pd.DataFrame(rows, columns=BLOCK_SCHEMA_COLUMNS)
 
 
 BLOCK_SCHEMA_COLUMNS = [field.split()[0] for field in BLOCK_SCHEMA.split(", ")]
+
+PACKED_SCHEMA = "pkey int, keys binary, others binary, ratings binary"
+
+
+def pack_ratings(
+    batches: Iterator[pa.RecordBatch],
+    key_col: str,
+    other_col: str,
+    num_blocks: int,
+    partition_keys: Sequence[int],
+) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: each Arrow batch of ratings as one row per partition key.
+
+    The row holds the batch's ratings of that key's blocks as three packed arrays, so the
+    shuffle that brings a partition's ratings together moves a few large binary values instead
+    of one row per rating (which Spark hashes, serializes and, for the grouping, sorts). Block
+    ``b`` goes to partition ``b mod len(partition_keys)``, keyed ``partition_keys[...]``.
+    """
+    num_partitions = len(partition_keys)
+    pkeys = np.asarray(partition_keys, np.int32)
+    for batch in batches:
+        keys = batch.column(key_col).to_numpy(zero_copy_only=False).astype(np.int32)
+        others = batch.column(other_col).to_numpy(zero_copy_only=False).astype(np.int32)
+        ratings = batch.column("rating").to_numpy(zero_copy_only=False).astype(np.float32)
+        partition = np.mod(np.mod(keys, num_blocks), num_partitions)
+        order, sorted_partition = _stable_argsort(partition, num_partitions)
+        bounds = np.flatnonzero(np.diff(sorted_partition)) + 1
+        out = {"pkey": [], "keys": [], "others": [], "ratings": []}
+        for part in np.split(order, bounds):
+            if len(part) == 0:
+                continue
+            out["pkey"].append(int(pkeys[partition[part[0]]]))
+            out["keys"].append(to_bytes(keys[part]))
+            out["others"].append(to_bytes(others[part]))
+            out["ratings"].append(to_bytes(ratings[part]))
+        yield pa.RecordBatch.from_pydict(out, schema=_PACKED_ARROW)
+
+
+_PACKED_ARROW = pa.schema(
+    [("pkey", pa.int32()), ("keys", pa.binary()), ("others", pa.binary()),
+     ("ratings", pa.binary())]
+)
+
+
+def build_packed_blocks(
+    pdf: pd.DataFrame, num_blocks: int, num_other_blocks: int
+) -> pd.DataFrame:
+    """applyInPandas body: one partition key's packed ratings (``pack_ratings``) to blocks."""
+    if pdf.empty:
+        return pd.DataFrame(columns=BLOCK_SCHEMA_COLUMNS)
+
+    def joined(column, dtype):
+        return np.concatenate([from_bytes(v, dtype) for v in pdf[column]])
+
+    return _partition_blocks(
+        int(pdf["pkey"].iloc[0]),
+        joined("keys", np.int32),
+        joined("others", np.int32),
+        joined("ratings", np.float32),
+        num_blocks,
+        num_other_blocks,
+    )

@@ -28,9 +28,15 @@ from spark_gpu_mf.backends.spark_random import factor_seeds, initial_factors
 from spark_gpu_mf.errors import illegal_argument
 from spark_gpu_mf.executor import als_tasks
 from spark_gpu_mf.executor.als_tasks import OUTBOX_SCHEMA, OWN, SOLVED_SCHEMA, SourceFactors, TaskSettings
-from spark_gpu_mf.executor.blocks import BLOCK_SCHEMA, build_partition_blocks, from_bytes
+from spark_gpu_mf.executor.blocks import (
+    BLOCK_SCHEMA,
+    PACKED_SCHEMA,
+    build_packed_blocks,
+    from_bytes,
+    pack_ratings,
+)
 from spark_gpu_mf.spark.factors import FACTORS_SCHEMA, factors_dataframe
-from spark_gpu_mf.spark.partitioning import key_of_block, partition_keys
+from spark_gpu_mf.spark.partitioning import partition_keys
 from spark_gpu_mf.summary import TrainingSummary
 
 logger = logging.getLogger("spark_gpu_mf")
@@ -156,20 +162,19 @@ class _Trainer:
     ) -> Side:
         parallelism = max(1, self.sc.defaultParallelism)
         num_partitions = min(num_blocks, parallelism)
-        keyed = self.ratings.select(
-            key_of_block(F.pmod(F.col(key), F.lit(num_blocks)), num_partitions).alias("pkey"),
-            F.col(key).alias("key"),
-            F.col(other).alias("other"),
-            "rating",
-        ).repartition(num_partitions, "pkey")
-        blocks = keyed.groupBy("pkey").applyInPandas(
+        # Ratings travel packed, one row per (input batch, partition key), not one per rating.
+        packed = self.ratings.select(key, other, "rating").mapInArrow(
             bind(
-                build_partition_blocks,
-                key_col="key",
-                other_col="other",
+                pack_ratings,
+                key_col=key,
+                other_col=other,
                 num_blocks=num_blocks,
-                num_other_blocks=num_other,
+                partition_keys=partition_keys(num_partitions),
             ),
+            PACKED_SCHEMA,
+        ).repartition(num_partitions, "pkey")
+        blocks = packed.groupBy("pkey").applyInPandas(
+            bind(build_packed_blocks, num_blocks=num_blocks, num_other_blocks=num_other),
             BLOCK_SCHEMA,
         )
         blocks = self._persist(blocks, self.job.intermediate_level)
