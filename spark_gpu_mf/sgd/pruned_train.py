@@ -67,13 +67,10 @@ class PrunedResult:
     summary: TrainingSummary
 
 
-def rating_scale(ratings: DataFrame) -> tuple[float, int]:
-    """``(standard deviation of the ratings, or 1 if they are all equal; number of ratings)``."""
-    row = ratings.agg(
-        F.stddev_pop("rating").alias("std"), F.count(F.lit(1)).alias("count")
-    ).collect()[0]
-    std = row["std"]
-    return (float(std) if std and std > 0 else 1.0), int(row["count"])
+def rating_scale(ratings: DataFrame) -> float:
+    """LIBMF's scale: the standard deviation of the ratings (1 if they are all equal or none)."""
+    std = ratings.agg(F.stddev_pop("rating")).collect()[0][0]
+    return float(std) if std and std > 0 else 1.0
 
 
 def train(spark: SparkSession, ratings: DataFrame, job: PrunedJob) -> PrunedResult:
@@ -85,7 +82,7 @@ def train(spark: SparkSession, ratings: DataFrame, job: PrunedJob) -> PrunedResu
     strata = runner = None
     try:
         sc.setJobDescription("spark_gpu_mf PrunedMF: rating scale")
-        scale, _ = rating_scale(ratings)
+        scale = rating_scale(ratings)
         scaled = ratings.withColumn("rating", (F.col("rating") / F.lit(scale)).cast(T.FloatType()))
         strata = build_strata(
             spark, scaled, num_blocks=job.num_blocks, seed=job.seed, label="PrunedMF"
