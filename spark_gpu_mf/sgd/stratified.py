@@ -14,7 +14,7 @@ Dataflow (measured and justified in ``docs/mascot.md``)
   and builds every non-empty cell once (block-local row numbers and ratings in a fixed seeded
   order), cached as an RDD with one cell per partition. A sub-epoch is then one job of ``b``
   tasks, ``SparkContext.runJob`` on the partitions of its stratum's cells: no filter, no shuffle,
-  and no SQL planning (a ``mapInArrow`` stage over a cached cell DataFrame took about twice as long here).
+  no SQL planning (a ``mapInArrow`` stage over a cached cell DataFrame took about twice as long).
 * **Row state lives on the driver** between sub-epochs, as NumPy arrays per block: factors and any
   optimizer state an estimator keeps per row. Before a sub-epoch every block that will change is
   broadcast (one broadcast per block, reused until the block changes); each task unpacks the two
