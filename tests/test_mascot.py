@@ -260,7 +260,8 @@ def test_overflow_raises_instead_of_leaving_infinities():
     cell = Cell(0, 0, np.array([0, 1] * 20, np.int32), np.array([0, 1] * 20, np.int32),
                 np.full(40, 5e4, np.float32))  # fmt: skip
     settings = {"lr": 1.0, "reg": 0.0, "collect": False, "sample_ratio": 0.05, "epoch": 3,
-                "user_group_fp32": flags.astype(np.uint8), "item_group_fp32": flags.astype(np.uint8),
+                "user_group_fp32": flags.astype(np.uint8),
+                "item_group_fp32": flags.astype(np.uint8),
                 "backend": "numpy"}  # fmt: skip
     with pytest.raises(FloatingPointError, match="diverged in epoch 3"):
         mascot_tasks.update_cell(cell, users, items, settings)
