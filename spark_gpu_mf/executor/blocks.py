@@ -57,7 +57,7 @@ class Block:
     out_rows: np.ndarray
 
     @classmethod
-    def from_row(cls, row) -> "Block":
+    def from_row(cls, row) -> Block:
         return cls(
             block=int(row["block"]),
             ids=from_bytes(row["ids"], np.int32),

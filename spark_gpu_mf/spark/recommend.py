@@ -12,8 +12,7 @@ Results follow Spark's order: rating descending, equal ratings by larger id firs
 
 from __future__ import annotations
 
-from spark_gpu_mf.executor.binding import bind
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +20,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from spark_gpu_mf.executor.binding import bind
 from spark_gpu_mf.executor.runtime import BackendChoice, executor_backend
 from spark_gpu_mf.spark.factors import collect_factors
 
