@@ -16,15 +16,12 @@ once (fibers switch only at shuffles), timing.
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from spark_gpu_mf.backends import cuda_kernels
 from spark_gpu_mf.sgd import mascot_cuda
 from spark_gpu_mf.sgd.half import from_half_bits, to_half_bits
 from spark_gpu_mf.sgd.mascot_numba import cell_sgd
@@ -53,24 +50,7 @@ needs_gxx = pytest.mark.skipif(shim.compiler() is None, reason="needs g++ for th
 # --------------------------------------------------------------------------- compiles
 
 
-@pytest.mark.parametrize("arch", compile_checks.ARCHS)
-def test_nvrtc_compiles_without_spills(arch):
-    log, cubin = compile_checks.nvrtc_compile(cuda_kernels.kernel_source(SOURCE), SOURCE, arch)
-    assert len(cubin) > 0
-    report = compile_checks.parse_ptxas(log)
-    compile_checks.assert_no_spills(report, ENTRY_POINTS, f"NVRTC {SOURCE} sm_{arch}")
-    assert all(r.smem_bytes == 0 and r.stack_bytes == 0 for r in report.values())
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
-def test_nvcc_compiles_without_spills(tmp_path):
-    path = tmp_path / SOURCE
-    path.write_text(cuda_kernels.kernel_source(SOURCE))
-    cmd = ["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(path) + ".cubin", str(path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    report = compile_checks.parse_ptxas(result.stderr)
-    compile_checks.assert_no_spills(report, ENTRY_POINTS, f"nvcc {SOURCE}")
+# Compilation for sm_80/sm_90 without spills: tests/test_kernels_compile.py.
 
 
 def test_launcher_picks_the_smallest_entry_point():

@@ -71,21 +71,22 @@ def module_source() -> str:
 
 
 @functools.cache
-def _memoized_loader():
+def _memoized_loader(files: tuple[str, ...]):
     import cupy
 
     @cupy.memoize(for_each_device=True)
     def load():
         # Entry points are extern "C", so no name_expressions are needed to look them up.
-        return cupy.RawModule(code=module_source(), options=COMPILE_OPTIONS)
+        return cupy.RawModule(code=_expand_includes(files), options=COMPILE_OPTIONS)
 
     return load
 
 
-def get_module():
-    """The compiled kernels for the current CUDA device (compiled once per device and process;
-    CuPy also caches the binary on disk across processes)."""
-    return _memoized_loader()()
+def get_module(files: tuple[str, ...] = KERNEL_FILES):
+    """The compiled kernels of ``files`` for the current CUDA device: compiled once per device
+    and process (CuPy also caches the binary on disk across processes). The default is the ALS
+    kernels; the SGD estimators load their own file the same way."""
+    return _memoized_loader(tuple(files))()
 
 
 # --------------------------------------------------------------------------- launch shapes

@@ -10,7 +10,6 @@ functions, which run on GPU executors; the driver never calls them.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -175,21 +174,9 @@ def _host(xp, array) -> np.ndarray:
     return np.asarray(array) if xp is np else xp.asnumpy(array)
 
 
-@functools.cache
-def _memoized_loader():
-    import cupy
-
-    @cupy.memoize(for_each_device=True)
-    def load():
-        source = cuda_kernels.kernel_source(KERNEL_FILE)
-        return cupy.RawModule(code=source, options=cuda_kernels.COMPILE_OPTIONS)
-
-    return load
-
-
 def get_module():
     """The compiled ``sgd_mascot.cu`` for the current CUDA device (GPU executors only)."""
-    return _memoized_loader()()
+    return cuda_kernels.get_module((KERNEL_FILE,))
 
 
 def cell_sgd_cupy(

@@ -10,8 +10,6 @@ two functions, which run on GPU executors; the driver never calls them.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from spark_gpu_mf.backends import cuda_kernels
@@ -109,21 +107,9 @@ def launch_cell(
     return float(sse.sum()), int(macs.sum())
 
 
-@functools.cache
-def _memoized_loader():
-    import cupy
-
-    @cupy.memoize(for_each_device=True)
-    def load():
-        source = cuda_kernels.kernel_source(KERNEL_FILE)
-        return cupy.RawModule(code=source, options=cuda_kernels.COMPILE_OPTIONS)
-
-    return load
-
-
 def get_module():
     """The compiled ``sgd_pruned.cu`` for the current CUDA device (GPU executors only)."""
-    return _memoized_loader()()
+    return cuda_kernels.get_module((KERNEL_FILE,))
 
 
 def sgd_cell_cupy(
