@@ -40,8 +40,10 @@ def _storage_level(name: str) -> Optional[StorageLevel]:
 
 
 def _is_storage_level(name: Any) -> bool:
-    return isinstance(name, str) and name.isupper() and isinstance(
-        getattr(StorageLevel, name, None), StorageLevel
+    return (
+        isinstance(name, str)
+        and name.isupper()
+        and isinstance(getattr(StorageLevel, name, None), StorageLevel)
     )
 
 
@@ -326,7 +328,10 @@ class ALS(
         )
         result = train(spark, ratings, self._job(spark))
         model = ALSModel._create(
-            self.getRank(), result.user_factors, result.item_factors, uid=self.uid,
+            self.getRank(),
+            result.user_factors,
+            result.item_factors,
+            uid=self.uid,
             summary=result.summary,
         )
         model.setBlockSize(self.getBlockSize())

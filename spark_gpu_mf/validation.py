@@ -52,9 +52,9 @@ def checked_id(dataset: DataFrame, name: str) -> Column:
     dtype = require_column(dataset.schema, name)
     column = dataset[name]
     if isinstance(dtype, T.IntegerType):
-        return F.when(column.isNull(), F.raise_error(F.lit(f"{name} Ids MUST NOT be Null"))).otherwise(
-            column
-        )
+        return F.when(
+            column.isNull(), F.raise_error(F.lit(f"{name} Ids MUST NOT be Null"))
+        ).otherwise(column)
     if isinstance(dtype, T.NumericType):
         casted = column.cast(T.IntegerType())
         return F.when(
@@ -84,7 +84,10 @@ def checked_rating(dataset: DataFrame, name: str) -> Column:
     casted = dataset[name].cast(T.DoubleType())
     infinite = F.concat(F.lit("Ratings MUST NOT be Infinity, but got "), casted.cast("string"))
     return (
-        F.when(casted.isNull() | F.isnan(casted), F.raise_error(F.lit("Ratings MUST NOT be Null or NaN")))
+        F.when(
+            casted.isNull() | F.isnan(casted),
+            F.raise_error(F.lit("Ratings MUST NOT be Null or NaN")),
+        )
         .when(F.abs(casted) > F.lit(FLOAT32_MAX), F.raise_error(infinite))
         .otherwise(casted)
         .cast(T.FloatType())

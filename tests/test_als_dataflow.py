@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from spark_gpu_mf import ALS, datasets
 from spark_gpu_mf.spark import als_train
 

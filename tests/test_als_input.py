@@ -1,4 +1,4 @@
-"""Bad input fails ALS.fit and ALSModel.transform with Spark's messages, nothing silently changed."""
+"""Bad input fails ALS.fit and ALSModel.transform with Spark's messages; nothing changes quietly."""
 
 from __future__ import annotations
 
@@ -24,9 +24,14 @@ def _first_line(error: BaseException) -> str:
     """The error's Spark message; the offending value is masked, since which bad row a task
     meets first depends on row order."""
     text = str(error)
-    for marker in ("[USER_RAISED_EXCEPTION]", "[CAST_OVERFLOW]", "requirement failed", "[FIELD_NOT"):
+    for marker in (
+        "[USER_RAISED_EXCEPTION]",
+        "[CAST_OVERFLOW]",
+        "requirement failed",
+        "[FIELD_NOT",
+    ):
         if marker in text:
-            text = text[text.index(marker):]
+            text = text[text.index(marker) :]
             break
     line = re.sub(r"but got \S+", "but got <value>", text.splitlines()[0])
     return re.sub(r"The value \S+ of the type", "The value <value> of the type", line)
@@ -43,16 +48,30 @@ def _both_fail(dataset, **params):
 
 
 BAD_DATA = {
-    "null int user": lambda df: df.withColumn("user", F.when(F.col("user") == 1, None).otherwise(F.col("user")).cast("int")),
-    "null long item": lambda df: df.withColumn("item", F.when(F.col("item") == 1, None).otherwise(F.col("item")).cast("long")),
+    "null int user": lambda df: df.withColumn(
+        "user", F.when(F.col("user") == 1, None).otherwise(F.col("user")).cast("int")
+    ),
+    "null long item": lambda df: df.withColumn(
+        "item", F.when(F.col("item") == 1, None).otherwise(F.col("item")).cast("long")
+    ),
     "fractional user": lambda df: df.withColumn("user", F.col("user") + 0.5),
-    "out of int range item (non-ANSI cast)": lambda df: df.withColumn("item", F.col("item").cast("long") + 3_000_000_000),
+    "out of int range item (non-ANSI cast)": lambda df: df.withColumn(
+        "item", F.col("item").cast("long") + 3_000_000_000
+    ),
     "string user": lambda df: df.withColumn("user", F.col("user").cast("string")),
     "boolean item": lambda df: df.withColumn("item", F.col("item") > 0),
-    "null rating": lambda df: df.withColumn("rating", F.when(F.col("user") == 2, None).otherwise(F.col("rating"))),
-    "NaN rating": lambda df: df.withColumn("rating", F.when(F.col("user") == 2, float("nan")).otherwise(F.col("rating"))),
-    "+inf rating": lambda df: df.withColumn("rating", F.when(F.col("user") == 2, float("inf")).otherwise(F.col("rating"))),
-    "-inf rating": lambda df: df.withColumn("rating", F.when(F.col("user") == 2, float("-inf")).otherwise(F.col("rating"))),
+    "null rating": lambda df: df.withColumn(
+        "rating", F.when(F.col("user") == 2, None).otherwise(F.col("rating"))
+    ),
+    "NaN rating": lambda df: df.withColumn(
+        "rating", F.when(F.col("user") == 2, float("nan")).otherwise(F.col("rating"))
+    ),
+    "+inf rating": lambda df: df.withColumn(
+        "rating", F.when(F.col("user") == 2, float("inf")).otherwise(F.col("rating"))
+    ),
+    "-inf rating": lambda df: df.withColumn(
+        "rating", F.when(F.col("user") == 2, float("-inf")).otherwise(F.col("rating"))
+    ),
     "string rating": lambda df: df.withColumn("rating", F.col("rating").cast("string")),
     "missing rating column": lambda df: df.drop("rating"),
     "missing user column": lambda df: df.drop("user"),

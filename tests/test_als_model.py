@@ -84,7 +84,9 @@ def _assert_same_recommendations(mine, theirs, k):
     for key, spark_list in theirs.items():
         ours = mine[key]
         assert len(ours) == len(spark_list) == min(k, len(spark_list))
-        np.testing.assert_allclose([s for _, s in ours], [s for _, s in spark_list], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            [s for _, s in ours], [s for _, s in spark_list], rtol=1e-5, atol=1e-6
+        )
         spark_scores = dict(spark_list)
         for item, score in ours:  # same items, except where scores tie within rounding
             if item not in spark_scores:
@@ -109,7 +111,9 @@ def test_recommend_for_all_matches_spark(spark, fitted, threshold):
 def test_recommend_more_than_exists_returns_everything(fitted):
     ours, theirs = fitted
     mine = _recommendations(ours.recommendForAllUsers(10_000))
-    _assert_same_recommendations(mine, _recommendations(theirs.recommendForAllUsers(10_000)), 10_000)
+    _assert_same_recommendations(
+        mine, _recommendations(theirs.recommendForAllUsers(10_000)), 10_000
+    )
 
 
 def test_recommend_for_subsets_collapses_duplicates_and_skips_unknown_ids(spark, fitted):
@@ -165,9 +169,10 @@ def test_metadata_has_sparks_layout_and_params(spark, fitted, tmp_path):
         assert mine[key] == spark_meta[key], key
     assert sorted(os.listdir(tmp_path / "ours")) == ["itemFactors", "metadata", "userFactors"]
     for part in ("userFactors", "itemFactors"):
-        assert spark.read.parquet(str(tmp_path / "ours" / part)).schema == spark.read.parquet(
-            str(tmp_path / "spark" / part)
-        ).schema
+        assert (
+            spark.read.parquet(str(tmp_path / "ours" / part)).schema
+            == spark.read.parquet(str(tmp_path / "spark" / part)).schema
+        )
 
 
 def test_sparks_saved_model_loads_as_ours(spark, fitted, ratings, tmp_path):
@@ -208,8 +213,17 @@ def test_damaged_models_name_what_is_wrong(spark, fitted, tmp_path):
 
 
 def test_estimator_save_load_keeps_every_param(tmp_path):
-    als = ALS(rank=7, maxIter=3, regParam=0.2, implicitPrefs=True, solver="cholesky",
-              cgIterations=9, precision="fp16", backend="numpy", seed=5)
+    als = ALS(
+        rank=7,
+        maxIter=3,
+        regParam=0.2,
+        implicitPrefs=True,
+        solver="cholesky",
+        cgIterations=9,
+        precision="fp16",
+        backend="numpy",
+        seed=5,
+    )
     path = str(tmp_path / "als")
     als.save(path)
     loaded = ALS.load(path)
@@ -235,8 +249,9 @@ def test_cross_validator_selects_and_persists(spark, ratings, tmp_path):
     als = ALS(maxIter=2, seed=1, coldStartStrategy="drop")
     grid = ParamGridBuilder().addGrid(als.rank, [2, 6]).addGrid(als.regParam, [0.05, 0.5]).build()
     evaluator = RegressionEvaluator(metricName="rmse", labelCol="rating")
-    cv = CrossValidator(estimator=als, estimatorParamMaps=grid, evaluator=evaluator, numFolds=2,
-                        seed=3)
+    cv = CrossValidator(
+        estimator=als, estimatorParamMaps=grid, evaluator=evaluator, numFolds=2, seed=3
+    )
     model = cv.fit(ratings)
     assert len(model.avgMetrics) == 4 and all(np.isfinite(model.avgMetrics))
     assert isinstance(model.bestModel, ALSModel)

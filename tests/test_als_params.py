@@ -54,12 +54,28 @@ def test_every_spark_setter_and_getter_exists_and_round_trips(spark):
         if name.startswith(("set", "get")) and callable(getattr(SparkALS, name)):
             assert hasattr(ours, name), name
     values = {
-        "Rank": 7, "MaxIter": 3, "RegParam": 0.5, "NumUserBlocks": 3, "NumItemBlocks": 4,
-        "ImplicitPrefs": True, "Alpha": 2.0, "UserCol": "u", "ItemCol": "i", "RatingCol": "r",
-        "Nonnegative": True, "IntermediateStorageLevel": "MEMORY_ONLY",
-        "FinalStorageLevel": "DISK_ONLY", "ColdStartStrategy": "drop", "PredictionCol": "p",
-        "CheckpointInterval": 5, "Seed": 42, "BlockSize": 128, "Solver": "cholesky",
-        "CgIterations": 5, "Precision": "fp16", "Backend": "numpy",
+        "Rank": 7,
+        "MaxIter": 3,
+        "RegParam": 0.5,
+        "NumUserBlocks": 3,
+        "NumItemBlocks": 4,
+        "ImplicitPrefs": True,
+        "Alpha": 2.0,
+        "UserCol": "u",
+        "ItemCol": "i",
+        "RatingCol": "r",
+        "Nonnegative": True,
+        "IntermediateStorageLevel": "MEMORY_ONLY",
+        "FinalStorageLevel": "DISK_ONLY",
+        "ColdStartStrategy": "drop",
+        "PredictionCol": "p",
+        "CheckpointInterval": 5,
+        "Seed": 42,
+        "BlockSize": 128,
+        "Solver": "cholesky",
+        "CgIterations": 5,
+        "Precision": "fp16",
+        "Backend": "numpy",
     }
     for suffix, value in values.items():
         assert getattr(ours, "set" + suffix)(value) is ours
@@ -67,7 +83,9 @@ def test_every_spark_setter_and_getter_exists_and_round_trips(spark):
     ours.setNumBlocks(6)
     assert (ours.getNumUserBlocks(), ours.getNumItemBlocks()) == (6, 6)
     # Like Spark's, the constructor has no predictionCol keyword.
-    kwargs = {name[0].lower() + name[1:]: v for name, v in values.items() if name != "PredictionCol"}
+    kwargs = {
+        name[0].lower() + name[1:]: v for name, v in values.items() if name != "PredictionCol"
+    }
 
     def named(instance):
         return {p.name: v for p, v in instance.extractParamMap().items()}
@@ -95,10 +113,18 @@ def test_model_params_and_defaults_match_sparks_fitted_model(spark):
 
 
 INVALID = [
-    ("rank", 0), ("maxIter", -1), ("regParam", -1.0), ("numUserBlocks", 0),
-    ("numItemBlocks", 0), ("alpha", -0.5), ("checkpointInterval", 0),
-    ("intermediateStorageLevel", "NONE"), ("intermediateStorageLevel", "BOGUS"),
-    ("finalStorageLevel", "BOGUS"), ("coldStartStrategy", "foo"), ("blockSize", 0),
+    ("rank", 0),
+    ("maxIter", -1),
+    ("regParam", -1.0),
+    ("numUserBlocks", 0),
+    ("numItemBlocks", 0),
+    ("alpha", -0.5),
+    ("checkpointInterval", 0),
+    ("intermediateStorageLevel", "NONE"),
+    ("intermediateStorageLevel", "BOGUS"),
+    ("finalStorageLevel", "BOGUS"),
+    ("coldStartStrategy", "foo"),
+    ("blockSize", 0),
 ]
 
 

@@ -85,8 +85,9 @@ def test_the_memory_budget_bounds_what_a_block_solve_allocates():
     for solver in ("cholesky", "cg"):
         peaks = {}
         for budget in (1 << 20, 1 << 30):
-            config = numpy_backend.SolveConfig(rank=32, reg_param=0.1, solver=solver,
-                                               memory_budget_bytes=budget)
+            config = numpy_backend.SolveConfig(
+                rank=32, reg_param=0.1, solver=solver, memory_budget_bytes=budget
+            )
             tracemalloc.start()
             numpy_backend.update_block(indptr, indices, values, Y, None, config)
             peaks[budget] = tracemalloc.get_traced_memory()[1]
@@ -119,15 +120,16 @@ def test_checkpointing_off_is_said_out_loud(spark, ratings, caplog):
 
 def test_regparam_zero_with_a_singular_system_fails_with_sparks_message(spark):
     # user 0 rated one item: at rank 4 with no regularization its system is singular.
-    df = spark.createDataFrame([(0, 0, 4.0), (1, 0, 3.0), (1, 1, 2.0), (2, 1, 5.0)],
-                               ["user", "item", "rating"])
+    df = spark.createDataFrame(
+        [(0, 0, 4.0), (1, 0, 3.0), (1, 1, 2.0), (2, 1, 5.0)], ["user", "item", "rating"]
+    )
     messages = []
     for cls, extra in ((SparkALS, {}), (ALS, {"solver": "cholesky"})):
         with pytest.raises(Exception) as caught:
             cls(rank=4, regParam=0.0, maxIter=1, seed=1, **extra).fit(df)
         text = str(caught.value)
         assert "because A is not positive definite" in text, text[-500:]
-        messages.append(text[text.index("LAPACK.dppsv"):].splitlines()[0])
+        messages.append(text[text.index("LAPACK.dppsv") :].splitlines()[0])
     assert messages[0] == messages[1]
 
 
@@ -169,8 +171,14 @@ def test_an_interrupted_save_leaves_nothing_that_loads(spark, ratings, tmp_path,
     "damage,message",
     [
         (lambda p: _write_metadata(p, "not json"), "not valid JSON"),
-        (lambda p: _write_metadata(p, '{"class": "org.apache.spark.ml.recommendation.ALSModel",'
-                                      ' "uid": "x", "paramMap": {}}'), "no valid rank"),
+        (
+            lambda p: _write_metadata(
+                p,
+                '{"class": "org.apache.spark.ml.recommendation.ALSModel",'
+                ' "uid": "x", "paramMap": {}}',
+            ),
+            "no valid rank",
+        ),
         (lambda p: _remove(p / "metadata"), "metadata is missing"),
         (lambda p: _replace_factors(p), "must have columns id int and features array<float>"),
     ],
@@ -202,9 +210,9 @@ def _replace_factors(path):
     from pyspark.sql import SparkSession
 
     _remove(path / "userFactors")
-    SparkSession.getActiveSession().createDataFrame([(1, "x")], "id int, features string").write.parquet(
-        str(path / "userFactors")
-    )
+    SparkSession.getActiveSession().createDataFrame(
+        [(1, "x")], "id int, features string"
+    ).write.parquet(str(path / "userFactors"))
 
 
 def test_saving_over_a_model_keeps_the_old_one_until_the_new_one_is_complete(
@@ -214,8 +222,9 @@ def test_saving_over_a_model_keeps_the_old_one_until_the_new_one_is_complete(
     path = str(tmp_path / "model")
     old.save(path)
     new = ALS(rank=5, maxIter=1, seed=1).fit(ratings)
-    monkeypatch.setattr(persistence, "metadata_json",
-                        lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(
+        persistence, "metadata_json", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
+    )
     with pytest.raises(OSError, match="disk full"):
         new.write().overwrite().save(path)
     assert ALSModel.load(path).rank == 3

@@ -18,7 +18,9 @@ from spark_gpu_mf.spark.factors import collect_factors
 
 
 def _rmse(predictions):
-    evaluator = RegressionEvaluator(metricName="rmse", labelCol="rating", predictionCol="prediction")
+    evaluator = RegressionEvaluator(
+        metricName="rmse", labelCol="rating", predictionCol="prediction"
+    )
     return evaluator.evaluate(predictions)
 
 
@@ -70,9 +72,10 @@ def test_doctest_example_gives_sparks_predictions_and_recommendations(spark):
     test = spark.createDataFrame([(0, 2), (1, 0), (2, 0)], ["user", "item"])
     theirs = SparkALS(rank=10, seed=0, maxIter=5).fit(df)
     ours = ALS(rank=10, seed=0, maxIter=5, solver="cholesky").fit(df)
-    assert ours.transform(test).orderBy("user").collect() == theirs.transform(test).orderBy(
-        "user"
-    ).collect()
+    assert (
+        ours.transform(test).orderBy("user").collect()
+        == theirs.transform(test).orderBy("user").collect()
+    )
     for method in ("recommendForAllUsers", "recommendForAllItems"):
         mine = {r[0]: r[1] for r in getattr(ours, method)(3).collect()}
         spark_recs = {r[0]: r[1] for r in getattr(theirs, method)(3).collect()}
@@ -93,7 +96,8 @@ def test_max_iter_zero_returns_sparks_starting_factors(spark, small_ratings):
 
 @pytest.mark.parametrize("dataflow", ["broadcast", "messages"], indirect=True)
 @pytest.mark.parametrize(
-    "mode", [{}, {"implicitPrefs": True, "alpha": 2.0}, {"nonnegative": True}],
+    "mode",
+    [{}, {"implicitPrefs": True, "alpha": 2.0}, {"nonnegative": True}],
     ids=["explicit", "implicit", "nonnegative"],
 )
 def test_exact_solver_gives_sparks_factors(spark, small_ratings, dataflow, mode):
@@ -128,14 +132,18 @@ def test_default_fit_matches_sparks_heldout_rmse_on_sparks_sample_file(sample_sp
 
 def _ranking_quality(model, test, metric):
     """Spark's RankingEvaluator on top-10 recommendations against each user's liked test items."""
-    relevant = test.filter(F.col("rating") >= 4).groupBy("user").agg(
-        F.collect_list(F.col("item").cast("double")).alias("label")
+    relevant = (
+        test.filter(F.col("rating") >= 4)
+        .groupBy("user")
+        .agg(F.collect_list(F.col("item").cast("double")).alias("label"))
     )
     recs = model.recommendForAllUsers(10).select(
         "user", F.col("recommendations.item").cast("array<double>").alias("prediction")
     )
     joined = recs.join(relevant, "user")
-    evaluator = RankingEvaluator(metricName=metric, k=10, labelCol="label", predictionCol="prediction")
+    evaluator = RankingEvaluator(
+        metricName=metric, k=10, labelCol="label", predictionCol="prediction"
+    )
     return evaluator.evaluate(joined)
 
 
@@ -148,8 +156,9 @@ def test_implicit_ranking_quality_matches_spark(spark):
     ours = ALS(**params).fit(train_df)
     theirs = SparkALS(**params).fit(train_df)
     for metric in ("precisionAtK", "ndcgAtK"):
-        mine, spark_value = _ranking_quality(ours, test_df, metric), _ranking_quality(
-            theirs, test_df, metric
+        mine, spark_value = (
+            _ranking_quality(ours, test_df, metric),
+            _ranking_quality(theirs, test_df, metric),
         )
         assert spark_value > 0.05, metric  # the data has signal
         assert mine >= spark_value * 0.98, (metric, mine, spark_value)

@@ -67,8 +67,15 @@ def test_killing_an_executor_mid_fit_still_completes_the_same_model(spark, clust
     import signal
     import time
 
-    process = cluster.start_submit(JOB, str(tmp_path), "--solver", "cg", "--max-iter", "12",
-                                   conf={"spark.gpumf.broadcastThreshold": "0"})
+    process = cluster.start_submit(
+        JOB,
+        str(tmp_path),
+        "--solver",
+        "cg",
+        "--max-iter",
+        "12",
+        conf={"spark.gpumf.broadcastThreshold": "0"},
+    )
     killed = None
     log = []
     deadline = time.time() + 600

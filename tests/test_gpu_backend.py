@@ -289,7 +289,9 @@ def test_auto_on_a_cpu_cluster_is_numpy_without_a_warning(monkeypatch, fresh_war
         assert backends.select_backend("auto", local_mode=False) is numpy_backend
 
 
-def test_auto_in_local_mode_without_cupy_is_numpy_without_a_warning(monkeypatch, fresh_warning_state):
+def test_auto_in_local_mode_without_cupy_is_numpy_without_a_warning(
+    monkeypatch, fresh_warning_state
+):
     monkeypatch.setattr(backends, "_task_gpu_address", lambda: None)
     monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None)
     with warnings.catch_warnings():

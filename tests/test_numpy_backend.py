@@ -59,9 +59,18 @@ def test_normal_equations_match_the_row_by_row_formula(implicit, accumulate, ran
     indptr, indices, ratings = _random_csr(rng, 40, 25, 12)
     Y = rng.normal(size=(25, rank)).astype(np.float32)
     yty = nb.gram(Y) if implicit else None
-    A, b = nb.normal_equations(indptr, indices, ratings, Y, reg_param=0.3, implicit=implicit,
-                               alpha=1.7, yty=yty, accumulate=accumulate,
-                               memory_budget_bytes=64 * 1024)
+    A, b = nb.normal_equations(
+        indptr,
+        indices,
+        ratings,
+        Y,
+        reg_param=0.3,
+        implicit=implicit,
+        alpha=1.7,
+        yty=yty,
+        accumulate=accumulate,
+        memory_budget_bytes=64 * 1024,
+    )
     A_ref, b_ref = _reference(indptr, indices, ratings, Y, 0.3, implicit, 1.7)
     tolerance = 1e-12 if accumulate == "float64" else 2e-6
     assert A.dtype == (np.float64 if accumulate == "float64" else np.float32)
@@ -75,9 +84,14 @@ def test_a_tiny_memory_budget_gives_identical_factors():
     Y = rng.normal(size=(80, 16)).astype(np.float32)
     for solver in ("cholesky", "cg"):
         results = [
-            nb.update_block(indptr, indices, ratings, Y, None,
-                            nb.SolveConfig(rank=16, reg_param=0.1, solver=solver,
-                                           memory_budget_bytes=budget))
+            nb.update_block(
+                indptr,
+                indices,
+                ratings,
+                Y,
+                None,
+                nb.SolveConfig(rank=16, reg_param=0.1, solver=solver, memory_budget_bytes=budget),
+            )
             for budget in (1, 64 * 1024, 1 << 30)
         ]
         for other in results[1:]:
@@ -89,18 +103,27 @@ def test_cholesky_solution_equals_a_float64_solve():
     indptr, indices, ratings = _random_csr(rng, 60, 30, 20)
     Y = rng.normal(size=(30, 12)).astype(np.float32)
     A_ref, b_ref = _reference(indptr, indices, ratings, Y, 0.05)
-    x = nb.update_block(indptr, indices, ratings, Y, None,
-                        nb.SolveConfig(rank=12, reg_param=0.05, solver="cholesky"))
+    x = nb.update_block(
+        indptr,
+        indices,
+        ratings,
+        Y,
+        None,
+        nb.SolveConfig(rank=12, reg_param=0.05, solver="cholesky"),
+    )
     expected = np.linalg.solve(A_ref, b_ref[:, :, None])[:, :, 0]
     np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_singular_systems_raise_sparks_message():
     A = np.array([[[1.0, 2.0], [2.0, 4.0]], [[2.0, 0.0], [0.0, 1.0]]])
-    with pytest.raises(SingularMatrixError, match=r"^LAPACK.dppsv returned 2 because A is not "
-                                                  r"positive definite. Is A derived from a "
-                                                  r"singular matrix \(e.g. collinear column "
-                                                  r"values\)\?$"):
+    with pytest.raises(
+        SingularMatrixError,
+        match=r"^LAPACK.dppsv returned 2 because A is not "
+        r"positive definite. Is A derived from a "
+        r"singular matrix \(e.g. collinear column "
+        r"values\)\?$",
+    ):
         nb.solve_cholesky(A, np.ones((2, 2)))
 
 
@@ -113,8 +136,9 @@ def test_cg_converges_to_the_cholesky_solution_as_iterations_grow(precision):
     exact = nb.solve_cholesky(A, b)
     errors = []
     for iterations in (1, 3, 6, 12, 24):
-        x = nb.solve_cg(A, b, np.zeros_like(exact), iterations=iterations, precision=precision,
-                        tolerance=0.0)
+        x = nb.solve_cg(
+            A, b, np.zeros_like(exact), iterations=iterations, precision=precision, tolerance=0.0
+        )
         errors.append(np.linalg.norm(x - exact) / np.linalg.norm(exact))
     assert all(later <= earlier * 1.0001 for earlier, later in zip(errors, errors[1:]))
     assert errors[-1] < errors[0] / 100, errors
@@ -144,8 +168,9 @@ def test_fp16_on_a_large_rating_scale_keeps_ill_conditioned_rows_in_fp32(monkeyp
     assert np.abs(A).max() > 65504
     exact = nb.solve_cholesky(A, b)
     configs = {
-        p: nb.SolveConfig(rank=16, reg_param=0.1, solver="cg", cg_iterations=40, precision=p,
-                          cg_tolerance=0.0)
+        p: nb.SolveConfig(
+            rank=16, reg_param=0.1, solver="cg", cg_iterations=40, precision=p, cg_tolerance=0.0
+        )
         for p in ("fp16", "fp32")
     }
     with pytest.warns(RuntimeWarning, match="stored in fp32 instead"):
@@ -163,8 +188,9 @@ def test_fp16_is_used_where_it_is_safe():
     assert not precision_module.fp16_unsafe_rows(
         indptr, indices, ratings, Y, reg_param=0.1, implicit=False, alpha=1.0
     ).any()
-    config = nb.SolveConfig(rank=16, reg_param=0.1, solver="cg", cg_iterations=30,
-                            precision="fp16", cg_tolerance=0.0)
+    config = nb.SolveConfig(
+        rank=16, reg_param=0.1, solver="cg", cg_iterations=30, precision="fp16", cg_tolerance=0.0
+    )
     A, b = nb.normal_equations(indptr, indices, ratings, Y, reg_param=0.1)
     exact = nb.solve_cholesky(A, b)
     x = nb.update_block(indptr, indices, ratings, Y, None, config)
@@ -177,11 +203,13 @@ def test_the_fp16_safety_bound_uses_the_true_largest_entry():
     Y = rng.normal(size=(20, 5)).astype(np.float32)
     yty = nb.gram(Y)
     for implicit in (False, True):
-        A, _ = nb.normal_equations(indptr, indices, ratings, Y, reg_param=0.2, implicit=implicit,
-                                   alpha=0.7, yty=yty)
+        A, _ = nb.normal_equations(
+            indptr, indices, ratings, Y, reg_param=0.2, implicit=implicit, alpha=0.7, yty=yty
+        )
         reg = precision_module.row_regularization(indptr, ratings, 0.2, implicit)
-        peak = precision_module.largest_diagonal(indptr, indices, ratings, Y, implicit=implicit,
-                                                 alpha=0.7, yty=yty, reg=reg)
+        peak = precision_module.largest_diagonal(
+            indptr, indices, ratings, Y, implicit=implicit, alpha=0.7, yty=yty, reg=reg
+        )
         np.testing.assert_allclose(peak, np.abs(A).reshape(len(A), -1).max(axis=1), rtol=1e-9)
 
 
@@ -231,7 +259,7 @@ def test_block_layout_agrees_between_the_two_sides():
         for u in range(num_user_blocks):
             count = item_block.needed_counts[u]
             sent = user_blocks[u].ids[user_blocks[u].rows_needed_by(i)]
-            np.testing.assert_array_equal(sent, item_block.needed_ids[start:start + count])
+            np.testing.assert_array_equal(sent, item_block.needed_ids[start : start + count])
             start += count
     # Every rating is in both layouts exactly once, with its value.
     for blocks, keys, others in ((user_blocks, users, items), (item_blocks, items, users)):

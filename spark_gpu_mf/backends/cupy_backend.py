@@ -72,7 +72,7 @@ class Device:
         pass
 
     def cholesky_solve(self, A, b):
-        """float32 solution of the SPD systems ``A x = b`` (A float64), Spark's error if singular."""
+        """float32 solutions of SPD systems ``A x = b`` (A float64); Spark's error if singular."""
         return numpy_backend.solve_cholesky(np.asarray(A), np.asarray(b))
 
 
@@ -336,11 +336,29 @@ def _update_block(dev, indptr, indices, ratings, src_factors, previous, config, 
         if unsafe.any():
             # Same rule as numpy_backend: rows FP16 would round too coarsely are stored in FP32.
             warn_fp32_fallback(int(unsafe.sum()), len(unsafe))
-            out = _update_rows(dev, indptr, indices, ratings, src_factors, previous, config, yty,
-                               np.flatnonzero(~unsafe))
+            out = _update_rows(
+                dev,
+                indptr,
+                indices,
+                ratings,
+                src_factors,
+                previous,
+                config,
+                yty,
+                np.flatnonzero(~unsafe),
+            )
             fp32 = replace(config, precision="fp32")
-            kept = _update_rows(dev, indptr, indices, ratings, src_factors, previous, fp32, yty,
-                                np.flatnonzero(unsafe))
+            kept = _update_rows(
+                dev,
+                indptr,
+                indices,
+                ratings,
+                src_factors,
+                previous,
+                fp32,
+                yty,
+                np.flatnonzero(unsafe),
+            )
             out[unsafe] = kept[unsafe]
             return out
     return _update_rows(dev, indptr, indices, ratings, src_factors, previous, config, yty, None)

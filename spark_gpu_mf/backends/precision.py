@@ -2,11 +2,11 @@
 
 FP16 keeps 11 significant bits. With the per-row power-of-two scale (largest entry in
 [2^13, 2^14)) no entry overflows, but each entry may move by up to 2^-12 of the row's largest
-entry, so the stored matrix can differ from ``A`` by up to ``rank * 2^-12 * max|A|`` in norm. ``A``'s
-smallest eigenvalue is at least the regularization ``lambda * n`` (``Y^T Y`` and the rating terms are
-positive semidefinite). When that floor is not above the rounding bound (a large rating scale, a
-tiny ``regParam``) the FP16 matrix may not even be positive definite and CG on it can diverge;
-those rows are stored in FP32 instead. Both backends use this rule, so they agree.
+entry, so the stored matrix can differ from ``A`` by up to ``rank * 2^-12 * max|A|`` in norm.
+``A``'s smallest eigenvalue is at least the regularization ``lambda * n`` (``Y^T Y`` and the rating
+terms are positive semidefinite). When that floor is not above the rounding bound (a large rating
+scale, a tiny ``regParam``) the FP16 matrix may not even be positive definite and CG on it can
+diverge; those rows are stored in FP32 instead. Both backends use this rule, so they agree.
 
 ``max|A|`` of a positive semidefinite matrix is its largest diagonal entry, which costs one sparse
 product with the squared factors instead of the whole matrix.

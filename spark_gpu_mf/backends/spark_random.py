@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, uint64, int64
+from numba import int64, njit, uint64
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3775CD9E3775CD
@@ -136,7 +136,6 @@ def _gaussian_rows(state, n_rows, rank):
     have_next = False
     next_value = 0.0
     for row in range(n_rows):
-        total = 0.0
         for d in range(rank):
             if have_next:
                 have_next = False

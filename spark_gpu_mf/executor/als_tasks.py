@@ -74,7 +74,9 @@ class SourceFactors:
             stop = start + int(needed_counts[block])
             lo, hi = self.offsets[block], self.offsets[block + 1]
             found = np.searchsorted(self.ids[lo:hi], needed_ids[start:stop]) + lo
-            if found.size and (found[-1] >= hi or np.any(self.ids[found] != needed_ids[start:stop])):
+            if found.size and (
+                found[-1] >= hi or np.any(self.ids[found] != needed_ids[start:stop])
+            ):
                 raise InconsistentBlocksError()
             positions[start:stop] = found
             start = stop
@@ -82,7 +84,7 @@ class SourceFactors:
 
 
 def _fail_first_attempt() -> None:
-    """Fail this task if it is partition 0's first attempt (``spark.gpumf.test.failFirstAttempt``)."""
+    """Fail partition 0's first attempt (``spark.gpumf.test.failFirstAttempt``)."""
     from pyspark import TaskContext
 
     context = TaskContext.get()
@@ -127,8 +129,9 @@ def solve_with_broadcast(
                 lo, hi = prev.offsets[block.block], prev.offsets[block.block + 1]
                 warm = prev.factors[lo:hi]
             take_phase_seconds()
-            x = _solve(block, src.gather(block.needed_ids, block.needed_counts), warm, settings,
-                       src.yty)
+            x = _solve(
+                block, src.gather(block.needed_ids, block.needed_counts), warm, settings, src.yty
+            )
             # Executor seconds by phase, for the benchmark's breakdown (zero on the GPU backend).
             phases = take_phase_seconds()
             rows.append(

@@ -11,23 +11,27 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field, replace
-from spark_gpu_mf.executor.binding import bind, bind_pair
-from spark_gpu_mf.executor.runtime import BackendChoice
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from spark_gpu_mf import conf
 from spark_gpu_mf.backends.numpy_backend import SolveConfig
 from spark_gpu_mf.backends.spark_random import factor_seeds, initial_factors
 from spark_gpu_mf.errors import illegal_argument
 from spark_gpu_mf.executor import als_tasks
-from spark_gpu_mf.executor.als_tasks import OUTBOX_SCHEMA, OWN, SOLVED_SCHEMA, SourceFactors, TaskSettings
+from spark_gpu_mf.executor.als_tasks import (
+    OUTBOX_SCHEMA,
+    OWN,
+    SOLVED_SCHEMA,
+    SourceFactors,
+    TaskSettings,
+)
+from spark_gpu_mf.executor.binding import bind, bind_pair
 from spark_gpu_mf.executor.blocks import (
     BLOCK_SCHEMA,
     PACKED_SCHEMA,
@@ -35,12 +39,12 @@ from spark_gpu_mf.executor.blocks import (
     from_bytes,
     pack_ratings,
 )
+from spark_gpu_mf.executor.runtime import BackendChoice
 from spark_gpu_mf.spark.factors import FACTORS_SCHEMA, factors_dataframe
 from spark_gpu_mf.spark.partitioning import partition_keys
 from spark_gpu_mf.summary import TrainingSummary
 
 logger = logging.getLogger("spark_gpu_mf")
-
 
 
 @dataclass(frozen=True)
@@ -163,16 +167,20 @@ class _Trainer:
         parallelism = max(1, self.sc.defaultParallelism)
         num_partitions = min(num_blocks, parallelism)
         # Ratings travel packed, one row per (input batch, partition key), not one per rating.
-        packed = self.ratings.select(key, other, "rating").mapInArrow(
-            bind(
-                pack_ratings,
-                key_col=key,
-                other_col=other,
-                num_blocks=num_blocks,
-                partition_keys=partition_keys(num_partitions),
-            ),
-            PACKED_SCHEMA,
-        ).repartition(num_partitions, "pkey")
+        packed = (
+            self.ratings.select(key, other, "rating")
+            .mapInArrow(
+                bind(
+                    pack_ratings,
+                    key_col=key,
+                    other_col=other,
+                    num_blocks=num_blocks,
+                    partition_keys=partition_keys(num_partitions),
+                ),
+                PACKED_SCHEMA,
+            )
+            .repartition(num_partitions, "pkey")
+        )
         blocks = packed.groupBy("pkey").applyInPandas(
             bind(build_packed_blocks, num_blocks=num_blocks, num_other_blocks=num_other),
             BLOCK_SCHEMA,
@@ -235,8 +243,12 @@ class _Trainer:
         self.summary.setup_seconds = time.perf_counter() - started
         logger.info(
             "ALS: %d users, %d items, %d ratings, rank %d; %s dataflow; setup %.2fs",
-            users.total_rows, items.total_rows, users.nnz, job.rank,
-            self.summary.details["dataflow"], self.summary.setup_seconds,
+            users.total_rows,
+            items.total_rows,
+            users.nnz,
+            job.rank,
+            self.summary.details["dataflow"],
+            self.summary.setup_seconds,
         )
         if broadcast:
             user_df, item_df = self._run_broadcast(users, items)
@@ -324,17 +336,28 @@ class _Trainer:
         for iteration in range(1, job.max_iter + 1):
             started = time.perf_counter()
             item_factors, item_yty = self._half_broadcast(
-                items, users, user_factors, user_yty, item_factors,
+                items,
+                users,
+                user_factors,
+                user_yty,
+                item_factors,
                 f"iteration {iteration}/{job.max_iter}: solve items",
             )
             user_factors, user_yty = self._half_broadcast(
-                users, items, item_factors, item_yty, user_factors,
+                users,
+                items,
+                item_factors,
+                item_yty,
+                user_factors,
                 f"iteration {iteration}/{job.max_iter}: solve users",
             )
             metrics = None
             if job.training_rmse:
-                metrics = {"trainRmse": self._train_rmse_broadcast(users, items, user_factors,
-                                                                   item_factors)}
+                metrics = {
+                    "trainRmse": self._train_rmse_broadcast(
+                        users, items, user_factors, item_factors
+                    )
+                }
             self._record(iteration, time.perf_counter() - started, metrics)
         return (
             self._final_broadcast(users, user_factors),
@@ -432,15 +455,19 @@ class _Trainer:
         if job.warm_start:
             messages = messages.unionByName(dst_outbox.filter(F.col("kind") == OWN))
         messages = messages.repartition(dst.num_partitions, "pkey")
-        solved = messages.groupBy("pkey").cogroup(dst.blocks.groupBy("pkey")).applyInPandas(
-            bind_pair(
-                als_tasks.solve_from_messages,
-                settings=self._settings(dst),
-                other_keys=src.keys,
-                other_blocks=src.block_ids,
-                num_gram_parts=len(src.block_ids) if job.implicit else 0,
-            ),
-            OUTBOX_SCHEMA,
+        solved = (
+            messages.groupBy("pkey")
+            .cogroup(dst.blocks.groupBy("pkey"))
+            .applyInPandas(
+                bind_pair(
+                    als_tasks.solve_from_messages,
+                    settings=self._settings(dst),
+                    other_keys=src.keys,
+                    other_blocks=src.block_ids,
+                    num_gram_parts=len(src.block_ids) if job.implicit else 0,
+                ),
+                OUTBOX_SCHEMA,
+            )
         )
         solved = self._persist(solved, job.intermediate_level)
         self._describe(label)
@@ -459,15 +486,18 @@ class _Trainer:
         """
         jdf = persisted._jdf
         rows = jdf.queryExecution().toRdd()
-        flat = DataFrame(self.spark._jsparkSession.internalCreateDataFrame(rows, jdf.schema(), False),
-                         self.spark)
+        flat = DataFrame(
+            self.spark._jsparkSession.internalCreateDataFrame(rows, jdf.schema(), False), self.spark
+        )
         self.truncated_from[id(flat)] = persisted
         return flat
 
     def _run_messages(self, users: Side, items: Side):
         job = self.job
-        if job.checkpoint_interval != -1 and self._checkpoint_dir() is None and (
-            job.max_iter >= job.checkpoint_interval
+        if (
+            job.checkpoint_interval != -1
+            and self._checkpoint_dir() is None
+            and (job.max_iter >= job.checkpoint_interval)
         ):
             logger.warning(
                 "ALS checkpointing is off: no checkpoint directory is set "
@@ -482,13 +512,19 @@ class _Trainer:
         for iteration in range(1, job.max_iter + 1):
             started = time.perf_counter()
             new_items = self._half_messages(
-                items, users, user_outbox, item_outbox,
+                items,
+                users,
+                user_outbox,
+                item_outbox,
                 f"iteration {iteration}/{job.max_iter}: solve items",
             )
             self._unpersist(item_outbox)
             item_outbox = self._maybe_checkpoint(new_items, items, iteration)
             new_users = self._half_messages(
-                users, items, item_outbox, user_outbox,
+                users,
+                items,
+                item_outbox,
+                user_outbox,
                 f"iteration {iteration}/{job.max_iter}: solve users",
             )
             self._unpersist(user_outbox)

@@ -50,4 +50,6 @@ def partition_keys(num_partitions: int) -> tuple[int, ...]:
 def key_of_block(block: Column, num_partitions: int) -> Column:
     """Partition key column for a block id column: block ``b`` goes to ``b mod num_partitions``."""
     keys = partition_keys(num_partitions)
-    return F.element_at(F.array(*[F.lit(k) for k in keys]), F.pmod(block, F.lit(num_partitions)) + 1)
+    return F.element_at(
+        F.array(*[F.lit(k) for k in keys]), F.pmod(block, F.lit(num_partitions)) + 1
+    )

@@ -42,7 +42,9 @@ def path_exists(spark: SparkSession, path: str) -> bool:
     return bool(fs.exists(hpath))
 
 
-def metadata_json(instance: Params, spark: SparkSession, class_name: str, extra: Dict[str, Any]) -> str:
+def metadata_json(
+    instance: Params, spark: SparkSession, class_name: str, extra: Dict[str, Any]
+) -> str:
     """Spark's ``DefaultParamsWriter`` metadata line for ``instance`` under ``class_name``."""
     metadata = {
         "class": class_name,
@@ -150,7 +152,9 @@ def _read_factors(spark: SparkSession, path: str, name: str) -> DataFrame:
     return df
 
 
-def load_model_parts(spark: SparkSession, path: str) -> Tuple[Dict[str, Any], int, DataFrame, DataFrame]:
+def load_model_parts(
+    spark: SparkSession, path: str
+) -> Tuple[Dict[str, Any], int, DataFrame, DataFrame]:
     """Metadata, rank and factor DataFrames of a saved ALSModel (ours or Spark's)."""
     metadata = load_metadata(spark, path, SPARK_ALS_MODEL_CLASS)
     rank = metadata.get("rank")

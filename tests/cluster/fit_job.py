@@ -47,11 +47,22 @@ def main() -> None:
     model, rmse = fit(spark, args.solver, args.ratings, args.max_iter)
     user_ids, user_factors = collect_factors(model.userFactors)
     item_ids, item_factors = collect_factors(model.itemFactors)
-    np.savez(f"{args.output}/factors.npz", user_ids=user_ids, user_factors=user_factors,
-             item_ids=item_ids, item_factors=item_factors)
+    np.savez(
+        f"{args.output}/factors.npz",
+        user_ids=user_ids,
+        user_factors=user_factors,
+        item_ids=item_ids,
+        item_factors=item_factors,
+    )
     with open(f"{args.output}/result.json", "w") as f:
-        json.dump({"rmse": rmse, "master": spark.sparkContext.master,
-                   "executors": spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size()}, f)
+        json.dump(
+            {
+                "rmse": rmse,
+                "master": spark.sparkContext.master,
+                "executors": spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size(),
+            },
+            f,
+        )
     spark.stop()
 
 

@@ -50,21 +50,38 @@ class StandaloneCluster:
     def _spark_class(self, *args: str, log: str) -> subprocess.Popen:
         spark_class = os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-class")
         out = open(self.log_dir / log, "w")
-        process = subprocess.Popen([spark_class, *args], env=cluster_env(), stdout=out,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [spark_class, *args], env=cluster_env(), stdout=out, stderr=subprocess.STDOUT
+        )
         self.processes.append(process)
         return process
 
     def start(self) -> "StandaloneCluster":
-        self._spark_class("org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                          "--port", str(self.port), "--webui-port", str(free_port()),
-                          log="master.log")
+        self._spark_class(
+            "org.apache.spark.deploy.master.Master",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--webui-port",
+            str(free_port()),
+            log="master.log",
+        )
         self._wait_for_port(self.port)
         for index in range(self.workers):
-            self._spark_class("org.apache.spark.deploy.worker.Worker", self.url,
-                              "--host", "127.0.0.1", "--cores", str(self.cores),
-                              "--memory", self.memory, "--webui-port", str(free_port()),
-                              log=f"worker-{index}.log")
+            self._spark_class(
+                "org.apache.spark.deploy.worker.Worker",
+                self.url,
+                "--host",
+                "127.0.0.1",
+                "--cores",
+                str(self.cores),
+                "--memory",
+                self.memory,
+                "--webui-port",
+                str(free_port()),
+                log=f"worker-{index}.log",
+            )
         self._wait_for_workers()
         return self
 
@@ -103,14 +120,24 @@ class StandaloneCluster:
 
     def submit(self, script: str, *args: str, timeout: float = 600, conf: dict = None):
         """spark-submit ``script`` to the cluster and wait; returns the CompletedProcess."""
-        return subprocess.run(self.submit_command(script, *args, conf=conf), env=cluster_env(),
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            self.submit_command(script, *args, conf=conf),
+            env=cluster_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def start_submit(self, script: str, *args: str, conf: dict = None) -> subprocess.Popen:
         """spark-submit ``script`` without waiting; its stderr is a text pipe, line by line."""
-        return subprocess.Popen(self.submit_command(script, *args, conf=conf), env=cluster_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                bufsize=1)
+        return subprocess.Popen(
+            self.submit_command(script, *args, conf=conf),
+            env=cluster_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
 
     def executor_pids(self) -> list[int]:
         """Executor JVMs the workers launched (children of the worker processes)."""
