@@ -66,6 +66,14 @@ ALS_PARAM_RULES = {
 }
 
 
+def _single_task_max_ratings(spark) -> int:
+    configured = conf.SINGLE_TASK_MAX_RATINGS.get(spark)
+    if configured is not None:
+        return configured
+    local = (spark.sparkContext.master or "").startswith("local")
+    return 20_000_000 if local else 2_000_000
+
+
 class ALS(
     Estimator[ALSModel],
     _ALSParams,
@@ -311,6 +319,7 @@ class ALS(
             blas_threads=conf.BLAS_THREADS.get(spark),
             training_rmse=conf.TRAINING_RMSE.get(spark),
             fail_first_attempt=conf.FAIL_FIRST_ATTEMPT.get(spark),
+            single_task_max_ratings=_single_task_max_ratings(spark),
         )
 
     def _fit(self, dataset: DataFrame) -> ALSModel:

@@ -110,3 +110,23 @@ FAIL_FIRST_ATTEMPT = ConfKey(
     "Test only: the first attempt of every ALS solve task in partition 0 fails, so tests can check "
     "that Spark's retry gives the same model.",
 )
+
+
+def _parse_optional_count(value: str):
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    number = int(text)
+    if number < 0:
+        raise ValueError(f"expected 'auto' or a count >= 0, got {value!r}")
+    return number
+
+
+SINGLE_TASK_MAX_RATINGS = ConfKey(
+    "spark.gpumf.singleTaskMaxRatings",
+    "auto",
+    _parse_optional_count,
+    "Largest number of ratings ALS trains inside one Spark task (one job per fit instead of one "
+    "per half-iteration, the blocks solved by parallel threads). 'auto': 20,000,000 with a local "
+    "master (every task shares the one machine anyway), 2,000,000 on a cluster; 0 turns it off.",
+)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 
 import pytest
 
@@ -41,3 +42,30 @@ def spark(tmp_path_factory):
 @pytest.fixture
 def temp_path(tmp_path):
     return str(tmp_path)
+
+
+# The three ALS dataflows, chosen by size thresholds; tests force each one with these confs.
+DATAFLOW_CONFS = {
+    "single task": {"spark.gpumf.singleTaskMaxRatings": "auto", "spark.gpumf.broadcastThreshold": "256m"},
+    "broadcast": {"spark.gpumf.singleTaskMaxRatings": "0", "spark.gpumf.broadcastThreshold": "256m"},
+    "messages": {"spark.gpumf.singleTaskMaxRatings": "0", "spark.gpumf.broadcastThreshold": "0"},
+}
+
+
+@contextmanager
+def dataflow_confs(spark, name: str):
+    """Make ALS fits in this block use the dataflow ``name``."""
+    for key, value in DATAFLOW_CONFS[name].items():
+        spark.conf.set(key, value)
+    try:
+        yield name
+    finally:
+        for key in DATAFLOW_CONFS[name]:
+            spark.conf.unset(key)
+
+
+@pytest.fixture
+def dataflow(spark, request):
+    """Indirect parametrization: ``@pytest.mark.parametrize("dataflow", [...], indirect=True)``."""
+    with dataflow_confs(spark, request.param) as name:
+        yield name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from spark_gpu_mf import ALS, datasets
 from spark_gpu_mf.spark import als_train
+from tests.conftest import DATAFLOW_CONFS, dataflow_confs
 
 
 def test_message_half_iterations_shuffle_only_the_messages(spark, monkeypatch):
@@ -18,13 +19,10 @@ def test_message_half_iterations_shuffle_only_the_messages(spark, monkeypatch):
         return out
 
     monkeypatch.setattr(als_train._Trainer, "_half_messages", spy)
-    spark.conf.set("spark.gpumf.broadcastThreshold", "0")
-    try:
+    with dataflow_confs(spark, "messages"):
         ALS(rank=4, maxIter=2, numUserBlocks=3, numItemBlocks=5).fit(
             datasets.generate_dataframe(spark, 4000, seed=3)
         )
-    finally:
-        spark.conf.unset("spark.gpumf.broadcastThreshold")
     assert len(plans) == 4
     for plan in plans:
         assert "ENSURE_REQUIREMENTS" not in plan
@@ -46,6 +44,26 @@ def test_broadcast_half_iterations_have_no_shuffle(spark, monkeypatch):
         return out
 
     monkeypatch.setattr(als_train._Trainer, "_half_broadcast", spy)
-    model = ALS(rank=4, maxIter=2).fit(datasets.generate_dataframe(spark, 4000, seed=3))
+    with dataflow_confs(spark, "broadcast"):
+        model = ALS(rank=4, maxIter=2).fit(datasets.generate_dataframe(spark, 4000, seed=3))
     assert model.summary.details["dataflow"] == "broadcast"
     assert jobs and all(stages == 1 for stages in jobs)  # one stage: no shuffle
+
+
+def test_small_fits_run_in_one_task_whatever_the_number_of_iterations(spark):
+    ratings = datasets.generate_dataframe(spark, 4000, seed=3).cache()
+    ratings.count()
+    tracker = spark.sparkContext.statusTracker()
+    jobs = {}
+    with dataflow_confs(spark, "single task"):
+        for iterations in (1, 6):
+            before = set(tracker.getJobIdsForGroup())
+            model = ALS(rank=4, maxIter=iterations).fit(ratings)
+            jobs[iterations] = len(set(tracker.getJobIdsForGroup()) - before)
+            assert model.summary.details["dataflow"] == "single task"
+            assert model.summary.totalIterations == iterations
+    assert jobs[1] == jobs[6]
+
+
+def test_the_dataflow_confs_cover_every_dataflow():
+    assert set(DATAFLOW_CONFS) == {"single task", "broadcast", "messages"}

@@ -18,6 +18,7 @@ from spark_gpu_mf.backends import numpy_backend
 from spark_gpu_mf.errors import DamagedModelError
 from spark_gpu_mf.spark import persistence
 from spark_gpu_mf.spark.factors import collect_factors
+from tests.conftest import dataflow_confs
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +27,6 @@ def ratings(spark):
     return datasets.to_dataframe(spark, data).cache()
 
 
-@pytest.fixture
-def dataflow(spark, request):
-    threshold = {"broadcast": "256m", "messages": "0"}[request.param]
-    spark.conf.set("spark.gpumf.broadcastThreshold", threshold)
-    yield request.param
-    spark.conf.unset("spark.gpumf.broadcastThreshold")
 
 
 @pytest.fixture
@@ -53,7 +48,7 @@ def _assert_identical(a, b):
         np.testing.assert_array_equal(fa, fb)
 
 
-@pytest.mark.parametrize("dataflow", ["broadcast", "messages"], indirect=True)
+@pytest.mark.parametrize("dataflow", ["single task", "broadcast", "messages"], indirect=True)
 def test_same_seed_gives_identical_factors_whatever_the_input_partitioning(ratings, dataflow):
     params = dict(rank=6, maxIter=4, seed=9, numUserBlocks=3, numItemBlocks=2)
     first = ALS(**params).fit(ratings)
@@ -97,11 +92,8 @@ def test_the_memory_budget_bounds_what_a_block_solve_allocates():
 
 
 def test_long_runs_checkpoint_and_finish(spark, ratings, checkpoint_dir):
-    spark.conf.set("spark.gpumf.broadcastThreshold", "0")  # the dataflow whose lineage grows
-    try:
+    with dataflow_confs(spark, "messages"):  # the dataflow whose lineage grows
         model = ALS(rank=3, maxIter=60, checkpointInterval=10, seed=1).fit(ratings.limit(1500))
-    finally:
-        spark.conf.unset("spark.gpumf.broadcastThreshold")
     assert model.summary.totalIterations == 60
     assert np.isfinite(_factors(model)[0][1]).all()
     leftovers = [p for p in checkpoint_dir.rglob("spark-gpu-mf-als-*")]
@@ -109,12 +101,8 @@ def test_long_runs_checkpoint_and_finish(spark, ratings, checkpoint_dir):
 
 
 def test_checkpointing_off_is_said_out_loud(spark, ratings, caplog):
-    spark.conf.set("spark.gpumf.broadcastThreshold", "0")
-    try:
-        with caplog.at_level(logging.WARNING, logger="spark_gpu_mf"):
-            ALS(rank=3, maxIter=2, checkpointInterval=1, seed=1).fit(ratings.limit(500))
-    finally:
-        spark.conf.unset("spark.gpumf.broadcastThreshold")
+    with dataflow_confs(spark, "messages"), caplog.at_level(logging.WARNING, logger="spark_gpu_mf"):
+        ALS(rank=3, maxIter=2, checkpointInterval=1, seed=1).fit(ratings.limit(500))
     assert any("checkpointing is off" in r.getMessage() for r in caplog.records)
 
 

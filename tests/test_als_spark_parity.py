@@ -1,7 +1,7 @@
 """Our ALS against pyspark's ALS in the same Spark session: factors, predictions, metrics.
 
 With ``solver="cholesky"`` the same seed gives Spark's starting factors and the same exact
-solves, so factors agree to float32 rounding in both dataflows; the default (CG) solver is held to
+solves, so factors agree to float32 rounding in every dataflow; the default (CG) solver is held to
 Spark's held-out metrics instead.
 """
 
@@ -48,13 +48,6 @@ def sample_split(spark):
     return train.cache(), test.cache()
 
 
-@pytest.fixture
-def dataflow(spark, request):
-    """Run a test under both dataflows by moving the broadcast threshold."""
-    threshold = {"broadcast": "256m", "messages": "0"}[request.param]
-    spark.conf.set("spark.gpumf.broadcastThreshold", threshold)
-    yield request.param
-    spark.conf.unset("spark.gpumf.broadcastThreshold")
 
 
 def _max_factor_difference(ours, theirs):
@@ -94,7 +87,7 @@ def test_max_iter_zero_returns_sparks_starting_factors(spark, small_ratings):
     assert _max_factor_difference(ours.itemFactors, theirs.itemFactors) <= 1.2e-7
 
 
-@pytest.mark.parametrize("dataflow", ["broadcast", "messages"], indirect=True)
+@pytest.mark.parametrize("dataflow", ["single task", "broadcast", "messages"], indirect=True)
 @pytest.mark.parametrize(
     "mode",
     [{}, {"implicitPrefs": True, "alpha": 2.0}, {"nonnegative": True}],

@@ -12,6 +12,7 @@ import pytest
 from spark_gpu_mf.spark.factors import collect_factors
 from tests.cluster import fit_job
 from tests.cluster.standalone import StandaloneCluster
+from tests.conftest import DATAFLOW_CONFS
 
 pytestmark = pytest.mark.cluster
 
@@ -43,20 +44,22 @@ def assert_same_model(output: Path, model, rmse):
     return remote
 
 
-@pytest.mark.parametrize("solver", ["cholesky", "cg"])
-def test_standalone_cluster_fit_equals_local_mode(spark, cluster, tmp_path, solver):
-    result = cluster.submit(JOB, str(tmp_path), "--solver", solver)
+@pytest.mark.parametrize(
+    "solver,dataflow", [("cholesky", "broadcast"), ("cg", "single task"), ("cg", "messages")]
+)
+def test_standalone_cluster_fit_equals_local_mode(spark, cluster, tmp_path, solver, dataflow):
+    result = cluster.submit(JOB, str(tmp_path), "--solver", solver, conf=DATAFLOW_CONFS[dataflow])
     assert result.returncode == 0, result.stderr[-3000:]
     remote = assert_same_model(tmp_path, *_local_fit(spark, solver))
     assert remote["master"] == cluster.url
     assert remote["executors"] >= 3  # the driver plus one executor per worker
 
 
-@pytest.mark.parametrize("dataflow", ["256m", "0"], ids=["broadcast", "messages"])
+@pytest.mark.parametrize("dataflow", ["single task", "broadcast", "messages"])
 def test_tasks_failing_their_first_attempt_are_retried_to_the_same_model(
     spark, cluster, tmp_path, dataflow
 ):
-    conf = {"spark.gpumf.test.failFirstAttempt": "true", "spark.gpumf.broadcastThreshold": dataflow}
+    conf = {"spark.gpumf.test.failFirstAttempt": "true", **DATAFLOW_CONFS[dataflow]}
     result = cluster.submit(JOB, str(tmp_path), "--solver", "cg", conf=conf)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "failure injected by spark.gpumf.test.failFirstAttempt" in result.stderr

@@ -104,9 +104,32 @@ def _solve(block: Block, src: np.ndarray, previous, settings: TaskSettings, yty)
         )
 
 
-def _gram_bytes(factors: np.ndarray) -> bytes:
+def block_gram(factors: np.ndarray) -> np.ndarray:
+    """``X^T X`` of one block's float32 factors, in float64."""
     y = factors.astype(np.float64)
-    return to_bytes(y.T @ y)
+    return y.T @ y
+
+
+def sum_in_block_order(grams_by_block) -> np.ndarray:
+    """``Y^T Y`` as the sum of the blocks' Gram matrices in block-id order.
+
+    Every dataflow sums in this one order, so implicit-feedback fits are bit-identical whichever
+    dataflow ran and in whatever order Spark delivered the blocks.
+    """
+    blocks = sorted(grams_by_block)
+    total = grams_by_block[blocks[0]].copy()
+    for block in blocks[1:]:
+        total += grams_by_block[block]
+    return total
+
+
+def gram_in_block_order(factors_by_block) -> np.ndarray:
+    """``Y^T Y`` of a side's factor blocks, summed in block-id order."""
+    return sum_in_block_order({b: block_gram(f) for b, f in factors_by_block.items()})
+
+
+def _gram_bytes(factors: np.ndarray) -> bytes:
+    return to_bytes(block_gram(factors))
 
 
 def solve_with_broadcast(
@@ -248,12 +271,17 @@ def _assemble(block: Block, messages: pd.DataFrame, num_gram_parts: int, rank: i
     if any(len(p) != block.needed_counts[s] for p, s in zip(parts, expected)):
         raise InconsistentBlocksError()
     src = np.concatenate(parts) if parts else np.zeros((0, rank), np.float32)
-    grams = messages[messages["kind"] == GRAM]["payload"]
+    grams = messages[messages["kind"] == GRAM]
     yty = None
     if num_gram_parts:
         if len(grams) != num_gram_parts:
             raise InconsistentBlocksError()
-        yty = sum(from_bytes(g, np.float64).reshape(rank, rank) for g in grams)
+        yty = sum_in_block_order(
+            {
+                int(src): from_bytes(g, np.float64).reshape(rank, rank)
+                for src, g in zip(grams["src"], grams["payload"])
+            }
+        )
     return src, yty
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -23,7 +23,7 @@ from spark_gpu_mf import conf
 from spark_gpu_mf.backends.numpy_backend import SolveConfig
 from spark_gpu_mf.backends.spark_random import factor_seeds, initial_factors
 from spark_gpu_mf.errors import illegal_argument
-from spark_gpu_mf.executor import als_tasks
+from spark_gpu_mf.executor import als_tasks, single_task
 from spark_gpu_mf.executor.als_tasks import (
     OUTBOX_SCHEMA,
     OWN,
@@ -72,6 +72,7 @@ class AlsJob:
     blas_threads: int = 0
     training_rmse: bool = False
     fail_first_attempt: bool = False
+    single_task_max_ratings: int = 0
 
     def solve_config(self) -> SolveConfig:
         return SolveConfig(
@@ -201,10 +202,13 @@ class _Trainer:
         )
 
     def _settings(self, side: Side) -> TaskSettings:
+        return self._settings_for(side.num_partitions)
+
+    def _settings_for(self, num_partitions: int) -> TaskSettings:
         return TaskSettings(
             config=self.job.solve_config(),
             backend=BackendChoice.for_session(self.spark, self.job.backend),
-            blas_threads=_blas_threads(self.spark, self.job.blas_threads, side.num_partitions),
+            blas_threads=_blas_threads(self.spark, self.job.blas_threads, num_partitions),
             fail_first_attempt=self.job.fail_first_attempt,
         )
 
@@ -214,16 +218,26 @@ class _Trainer:
         started = time.perf_counter()
         user_seed, item_seed = factor_seeds(job.seed)
         self.ratings = self._persist(self.ratings, job.intermediate_level)
+        self._describe("validate and count ratings")
+        shape = self.ratings.agg(
+            F.count(F.lit(1)).alias("ratings"),
+            F.approx_count_distinct("user").alias("users"),
+            F.approx_count_distinct("item").alias("items"),
+        ).first()
+        if shape["ratings"] == 0:
+            raise illegal_argument(f"requirement failed: No ratings available from {self.ratings}")
+        if self._fits_one_task(shape):
+            user_df, item_df = self._run_single_task(user_seed, item_seed, started)
+            self.summary.total_seconds = time.perf_counter() - started
+            self.sc.setJobDescription(None)
+            return TrainResult(user_df, item_df, self.summary, self.cached)
         users = self._build_side(
             "user", "user", "item", job.num_user_blocks, job.num_item_blocks, user_seed
         )
         if users.nnz == 0:
             raise illegal_argument(f"requirement failed: No ratings available from {self.ratings}")
         if job.implicit and users.positives == 0:
-            raise illegal_argument(
-                "implicitPrefs=True needs at least one positive rating: every rating is zero or "
-                "negative, so every preference is 0 and every factor would be zero."
-            )
+            raise _no_positive_rating()
         items = self._build_side(
             "item", "item", "user", job.num_item_blocks, job.num_user_blocks, item_seed
         )
@@ -257,6 +271,63 @@ class _Trainer:
         self.summary.total_seconds = time.perf_counter() - started
         self.sc.setJobDescription(None)
         return TrainResult(user_df, item_df, self.summary, self.cached)
+
+    # ---------------------------------------------------------------- single-task dataflow
+    def _fits_one_task(self, shape) -> bool:
+        """Small fits run in one task: Spark's ~0.1-0.2 s per job would outweigh the math."""
+        job = self.job
+        largest_factors = max(shape["users"], shape["items"]) * 1.1 * job.rank * 4
+        return (
+            not job.training_rmse
+            and shape["ratings"] <= job.single_task_max_ratings
+            and largest_factors <= job.broadcast_threshold
+        )
+
+    def _run_single_task(self, user_seed: int, item_seed: int, started: float):
+        job = self.job
+        settings = replace(self._settings_for(1), blas_threads=1)
+        self.summary.details["dataflow"] = "single task"
+        self._describe(f"{job.max_iter} iterations in one task")
+        rows = (
+            self.ratings.repartition(1)
+            .mapInArrow(
+                bind(
+                    single_task.train_in_one_task,
+                    settings=settings,
+                    num_user_blocks=job.num_user_blocks,
+                    num_item_blocks=job.num_item_blocks,
+                    user_seed=user_seed,
+                    item_seed=item_seed,
+                    max_iter=job.max_iter,
+                    threads=_task_threads(self.spark),
+                ),
+                single_task.SINGLE_TASK_SCHEMA,
+            )
+            .toArrow()
+            .to_pylist()
+        )
+        self._unpersist(self.ratings)
+        status, seconds, sides = single_task.decode_result(rows, job.rank)
+        if job.implicit and status.get(single_task.POSITIVES, 0.0) == 0:
+            raise _no_positive_rating()
+        self.summary.details["phaseSeconds"] = {
+            "hermitian": status.get(single_task.HERMITIAN, 0.0),
+            "solve": status.get(single_task.SOLVE, 0.0),
+        }
+        (user_ids, user_factors), (item_ids, item_factors) = sides[0], sides[1]
+        self.summary.details.update(
+            {"numUsers": len(user_ids), "numItems": len(item_ids), "numRatings": None}
+        )
+        self.summary.setup_seconds = time.perf_counter() - started - sum(seconds)
+        logger.info(
+            "ALS: %d users, %d items, rank %d; single task dataflow",
+            len(user_ids), len(item_ids), job.rank,
+        )  # fmt: skip
+        for iteration, elapsed in enumerate(seconds, start=1):
+            self._record(iteration, elapsed)
+        users = self._finalize(factors_dataframe(self.spark, user_ids, user_factors), "user")
+        items = self._finalize(factors_dataframe(self.spark, item_ids, item_factors), "item")
+        return users, items
 
     def _record(self, iteration: int, seconds: float, metrics: Optional[dict] = None) -> None:
         entry = {"iteration": iteration, "seconds": seconds}
@@ -318,14 +389,16 @@ class _Trainer:
             phases[name] += sum(r[name] for r in solved)
         yty = None
         if job.implicit:
-            yty = sum(from_bytes(r["gram"], np.float64).reshape(job.rank, job.rank) for r in solved)
+            yty = als_tasks.sum_in_block_order(
+                {
+                    r["block"]: from_bytes(r["gram"], np.float64).reshape(job.rank, job.rank)
+                    for r in solved
+                }
+            )
         return factors, yty
 
     def _gram(self, factors: Dict[int, np.ndarray]):
-        if not self.job.implicit:
-            return None
-        y = np.concatenate(list(factors.values())).astype(np.float64)
-        return y.T @ y
+        return als_tasks.gram_in_block_order(factors) if self.job.implicit else None
 
     def _run_broadcast(self, users: Side, items: Side):
         job = self.job
@@ -381,12 +454,12 @@ class _Trainer:
     def _final_broadcast(self, side: Side, factors) -> DataFrame:
         ids = np.concatenate([side.ids[b] for b in side.block_ids])
         matrix = np.concatenate([factors[b] for b in side.block_ids])
-        return self._finalize(factors_dataframe(self.spark, ids, matrix), side)
+        return self._finalize(factors_dataframe(self.spark, ids, matrix), side.name)
 
-    def _finalize(self, df: DataFrame, side: Side) -> DataFrame:
+    def _finalize(self, df: DataFrame, side_name: str) -> DataFrame:
         if self.job.final_level is not None:
             df = df.persist(self.job.final_level)
-            self._describe(f"materialize {side.name} factors")
+            self._describe(f"materialize {side_name} factors")
             df.count()
         return df
 
@@ -548,6 +621,22 @@ class _Trainer:
                 self._unpersist(df)
         for path in self.checkpoint_paths.values():
             _delete_path(self.spark, path)
+
+
+def _no_positive_rating() -> Exception:
+    return illegal_argument(
+        "implicitPrefs=True needs at least one positive rating: every rating is zero or "
+        "negative, so every preference is 0 and every factor would be zero."
+    )
+
+
+def _task_threads(spark: SparkSession) -> int:
+    """Cores one task may use when it is the only task running: the local machine's (local
+    mode) or one executor's."""
+    sc = spark.sparkContext
+    if (sc.master or "").startswith("local"):
+        return max(1, sc.defaultParallelism)
+    return max(1, int(sc.getConf().get("spark.executor.cores", "1")))
 
 
 def _delete_path(spark: SparkSession, path: str) -> None:

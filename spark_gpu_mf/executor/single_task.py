@@ -1,0 +1,158 @@
+"""Executor side of the single-task ALS dataflow: the whole fit inside one Spark task.
+
+For data that one executor holds easily, a Spark job per half-iteration (about 0.1-0.2 s each, more
+than the math at a million ratings) dominates a fit. Here all validated ratings arrive in one task
+through Arrow; the task builds the same user and item blocks as the distributed dataflows, starts
+from the same factors and runs every iteration with the same per-block solves (blocks solved in
+parallel threads), so it returns the same factors, one job instead of twenty.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Iterator, List
+
+import numpy as np
+import pyarrow as pa
+
+from spark_gpu_mf.backends.numpy_backend import take_phase_seconds
+from spark_gpu_mf.backends.spark_random import initial_factors
+from spark_gpu_mf.executor.als_tasks import SourceFactors, TaskSettings, _solve, gram_in_block_order
+from spark_gpu_mf.executor.blocks import Block, build_block
+
+# One output row per factor block, plus one row per iteration (side = ITERATION) and one status
+# row (side = STATUS) so the driver can raise Spark's errors itself.
+USERS, ITEMS, ITERATION, STATUS = 0, 1, 2, 3
+# Status rows: block = what the value is.
+EMPTY, POSITIVES, HERMITIAN, SOLVE = 0, 1, 2, 3
+SINGLE_TASK_SCHEMA = "side int, block int, ids binary, factors binary, value double"
+
+
+def _blocks(keys, others, ratings, num_blocks: int, num_other_blocks: int) -> Dict[int, Block]:
+    """The side's blocks, exactly as ``build_block`` makes them for the distributed dataflows."""
+    block_of = np.mod(keys, num_blocks)
+    order = np.argsort(block_of, kind="stable")
+    bounds = np.flatnonzero(np.diff(block_of[order])) + 1
+    blocks = {}
+    for rows in np.split(order, bounds):
+        if len(rows):
+            b = int(block_of[rows[0]])
+            row = build_block(b, keys[rows], others[rows], ratings[rows], num_other_blocks)
+            blocks[b] = Block.from_row(row)
+    return blocks
+
+
+def _layout(blocks: Dict[int, Block], num_blocks: int, factors: Dict[int, np.ndarray], yty):
+    offsets = np.zeros(num_blocks + 1, np.int64)
+    for b in range(num_blocks):
+        offsets[b + 1] = offsets[b] + (len(blocks[b].ids) if b in blocks else 0)
+    ids = np.concatenate([blocks[b].ids for b in sorted(blocks)])
+    matrix = np.concatenate([factors[b] for b in sorted(blocks)])
+    return SourceFactors(ids=ids, offsets=offsets, factors=matrix, yty=yty)
+
+
+def _solve_side(pool, blocks, source: SourceFactors, previous, settings: TaskSettings):
+    def solve(b):
+        block = blocks[b]
+        warm = previous[b] if previous is not None else None
+        gathered = source.gather(block.needed_ids, block.needed_counts)
+        return b, _solve(block, gathered, warm, settings, source.yty)
+
+    return dict(pool.map(solve, sorted(blocks)))
+
+
+def _batch(side: int, block: int, ids: bytes | None, factors: bytes | None, value: float):
+    return pa.RecordBatch.from_pylist(
+        [{"side": side, "block": block, "ids": ids, "factors": factors, "value": value}],
+        schema=pa.schema(
+            [
+                ("side", pa.int32()),
+                ("block", pa.int32()),
+                ("ids", pa.binary()),
+                ("factors", pa.binary()),
+                ("value", pa.float64()),
+            ]
+        ),
+    )
+
+
+def train_in_one_task(
+    batches: Iterator[pa.RecordBatch],
+    settings: TaskSettings,
+    num_user_blocks: int,
+    num_item_blocks: int,
+    user_seed: int,
+    item_seed: int,
+    max_iter: int,
+    threads: int,
+) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: every rating of the fit in, every factor block and timing out."""
+    parts = list(batches)
+    if not parts or sum(len(p) for p in parts) == 0:
+        yield _batch(STATUS, EMPTY, None, None, 0.0)
+        return
+    table = pa.Table.from_batches(parts)
+    users = table.column("user").to_numpy().astype(np.int32)
+    items = table.column("item").to_numpy().astype(np.int32)
+    ratings = table.column("rating").to_numpy().astype(np.float32)
+    positives = int(np.count_nonzero(ratings > 0))
+    yield _batch(STATUS, POSITIVES, None, None, float(positives))
+    if settings.config.implicit and positives == 0:
+        return
+    user_blocks = _blocks(users, items, ratings, num_user_blocks, num_item_blocks)
+    item_blocks = _blocks(items, users, ratings, num_item_blocks, num_user_blocks)
+    del users, items, ratings, table, parts
+    rank = settings.config.rank
+    user_factors = {
+        b: initial_factors(len(k.ids), rank, user_seed, b) for b, k in user_blocks.items()
+    }
+    item_factors = {
+        b: initial_factors(len(k.ids), rank, item_seed, b) for b, k in item_blocks.items()
+    }
+    warm = settings.config.solver == "cg" and not settings.config.nonnegative
+    implicit = settings.config.implicit
+    take_phase_seconds()
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for iteration in range(1, max_iter + 1):
+            started = time.perf_counter()
+            user_yty = gram_in_block_order(user_factors) if implicit else None
+            source = _layout(user_blocks, num_user_blocks, user_factors, user_yty)
+            item_factors = _solve_side(
+                pool, item_blocks, source, item_factors if warm else None, settings
+            )
+            item_yty = gram_in_block_order(item_factors) if implicit else None
+            source = _layout(item_blocks, num_item_blocks, item_factors, item_yty)
+            user_factors = _solve_side(
+                pool, user_blocks, source, user_factors if warm else None, settings
+            )
+            yield _batch(ITERATION, iteration, None, None, time.perf_counter() - started)
+    phases = take_phase_seconds()  # summed over the threads, like the distributed tasks' seconds
+    yield _batch(STATUS, HERMITIAN, None, None, phases["hermitian"])
+    yield _batch(STATUS, SOLVE, None, None, phases["solve"])
+    for side, blocks, factors in (
+        (USERS, user_blocks, user_factors),
+        (ITEMS, item_blocks, item_factors),
+    ):
+        for b in sorted(blocks):
+            yield _batch(side, b, blocks[b].ids.tobytes(), factors[b].tobytes(), 0.0)
+
+
+def decode_result(rows: List[dict], rank: int):
+    """Driver side: ``(status, iteration seconds, {side: (ids, factors)})`` from the task's rows."""
+    status = {r["block"]: r["value"] for r in rows if r["side"] == STATUS}
+    seconds = [
+        r["value"]
+        for r in sorted((r for r in rows if r["side"] == ITERATION), key=lambda r: r["block"])
+    ]
+    sides = {}
+    for side in (USERS, ITEMS):
+        parts = sorted((r for r in rows if r["side"] == side), key=lambda r: r["block"])
+        if parts:
+            sides[side] = (
+                np.concatenate([np.frombuffer(r["ids"], np.int32) for r in parts]),
+                np.concatenate(
+                    [np.frombuffer(r["factors"], np.float32).reshape(-1, rank) for r in parts]
+                ),
+            )
+    return status, seconds, sides
