@@ -129,12 +129,16 @@ class StandaloneCluster:
         )
 
     def start_submit(self, script: str, *args: str, conf: dict = None) -> subprocess.Popen:
-        """spark-submit ``script`` without waiting; its stderr is a text pipe, line by line."""
+        """spark-submit ``script`` without waiting; its output is a text pipe, line by line.
+
+        The output merges stdout and stderr: spark-submit's PythonRunner copies the Python
+        driver's stderr (where the driver's logging goes) to the JVM's stdout.
+        """
         return subprocess.Popen(
             self.submit_command(script, *args, conf=conf),
             env=cluster_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
         )
