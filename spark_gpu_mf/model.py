@@ -191,6 +191,7 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
             num,
             self.getBlockSize(),
             conf.BROADCAST_THRESHOLD.get(spark),
+            self.rank,
         )
 
     def recommendForAllUsers(self, numItems: int) -> DataFrame:

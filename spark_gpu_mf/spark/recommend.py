@@ -146,18 +146,20 @@ def recommend_for_all(
     num: int,
     block_size: int,
     broadcast_threshold: int,
+    rank: int,
     backend: str = "auto",
 ) -> DataFrame:
-    """Top ``num`` destination ids for every source id, as Spark's ``ALSModel.recommendForAll``."""
+    """Top ``num`` destination ids for every source id, as Spark's ``ALSModel.recommendForAll``.
+
+    ``rank`` is the model's: knowing it, one job decides and collects the candidates.
+    """
     choice = BackendChoice.for_session(spark, backend)
     schema = recommendation_schema(src_col, dst_col)
     src = src.select("id", "features")
     dst = dst.select("id", "features")
-    # One job decides and collects: at most threshold-many rows come back, and fewer than that
-    # means they are all of them (a count, a first() and a collect cost three jobs).
-    first = dst.select(F.size("features").alias("rank")).first()
-    rank = max(first["rank"] if first is not None else 1, 1)
-    limit = broadcast_threshold // (rank * 4)
+    # At most threshold-many rows come back, and fewer than that means they are all of them (a
+    # count and a collect would cost two jobs).
+    limit = broadcast_threshold // (max(rank, 1) * 4)
     ids, factors = collect_factors(dst.limit(limit + 1))
     if len(ids) <= limit:
         candidates = spark.sparkContext.broadcast((ids, factors))
