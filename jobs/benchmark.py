@@ -549,7 +549,8 @@ def plot(report: dict, path: str) -> None:
     left.set_yscale("log")
     left.set_xticks(x, labels)
     left.set_ylabel("fit seconds (log)")
-    left.set_title(f"Fit, rank {report['params']['rank']}, {report['params']['maxIter']} iterations")
+    params = report["params"]
+    left.set_title(f"Fit, rank {params['rank']}, {params['maxIter']} iterations")
     left.legend(fontsize=8)
     speedups = [c["ours"]["default"]["speedup"] for c in cases]
     right.bar(x, speedups, 0.5, color="tab:green")

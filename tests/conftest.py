@@ -46,8 +46,14 @@ def temp_path(tmp_path):
 
 # The three ALS dataflows, chosen by size thresholds; tests force each one with these confs.
 DATAFLOW_CONFS = {
-    "single task": {"spark.gpumf.singleTaskMaxRatings": "auto", "spark.gpumf.broadcastThreshold": "256m"},
-    "broadcast": {"spark.gpumf.singleTaskMaxRatings": "0", "spark.gpumf.broadcastThreshold": "256m"},
+    "single task": {
+        "spark.gpumf.singleTaskMaxRatings": "auto",
+        "spark.gpumf.broadcastThreshold": "256m",
+    },
+    "broadcast": {
+        "spark.gpumf.singleTaskMaxRatings": "0",
+        "spark.gpumf.broadcastThreshold": "256m",
+    },
     "messages": {"spark.gpumf.singleTaskMaxRatings": "0", "spark.gpumf.broadcastThreshold": "0"},
 }
 

@@ -19,9 +19,8 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest

@@ -119,7 +119,9 @@ def padded_lengths(counts: np.ndarray) -> np.ndarray:
     long rows into batches too small to amortize the per-batch work.
     """
     counts = np.asarray(counts, np.int64)
-    short = _LENGTH_LADDER[np.minimum(np.searchsorted(_LENGTH_LADDER, counts), len(_LENGTH_LADDER) - 1)]
+    short = _LENGTH_LADDER[
+        np.minimum(np.searchsorted(_LENGTH_LADDER, counts), len(_LENGTH_LADDER) - 1)
+    ]
     octave = np.floor(np.log2(np.maximum(counts, 1))).astype(np.int64)
     step = np.maximum(16, np.left_shift(1, np.maximum(octave - 3, 0)))
     long = -(-counts // step) * step
@@ -290,8 +292,9 @@ def normal_equations(
     b = np.empty((len(rows), rank))
     itemsize = np.dtype(dtype).itemsize
     for batch, length in _bucket_rows(counts, rank, memory_budget_bytes, itemsize):
-        A[batch], b[batch] = gatherer.build(rows[batch], length, reg_param,
-                                            yty if implicit else None)
+        A[batch], b[batch] = gatherer.build(
+            rows[batch], length, reg_param, yty if implicit else None
+        )
     return A, b
 
 
@@ -394,8 +397,15 @@ def solve_cg(
     if failed.any():
         warn_fp32_fallback(int(failed.sum()), len(failed))
         A32 = np.ascontiguousarray(A[failed], np.float32)
-        x[failed] = _cg(A32, np.ones(int(failed.sum()), np.float32), A[failed], b[failed],
-                        x0[failed], iterations, tolerance)
+        x[failed] = _cg(
+            A32,
+            np.ones(int(failed.sum()), np.float32),
+            A[failed],
+            b[failed],
+            x0[failed],
+            iterations,
+            tolerance,
+        )
     return x
 
 
@@ -465,7 +475,9 @@ def _solve_batch(A, b, rows, previous, config: SolveConfig, precision: str) -> n
         return solve_nnls(A, b)
     if config.solver != "cg":
         return solve_cholesky(A, b)
-    start = previous[rows] if previous is not None else np.zeros((len(rows), config.rank), np.float32)
+    start = (
+        previous[rows] if previous is not None else np.zeros((len(rows), config.rank), np.float32)
+    )
     return solve_cg(
         A, b, start, iterations=config.cg_iterations, precision=precision,
         tolerance=config.cg_tolerance,

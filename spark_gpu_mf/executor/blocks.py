@@ -29,8 +29,9 @@ import pyarrow as pa
 _ID_SHIFT = 1 << 31
 
 BLOCK_SCHEMA = (
-    "pkey int, block int, num_rows int, nnz long, positives long, ids binary, indptr binary, indices binary, "
-    "ratings binary, needed_ids binary, needed_counts binary, out_offsets binary, out_rows binary"
+    "pkey int, block int, num_rows int, nnz long, positives long, ids binary, indptr binary, "
+    "indices binary, ratings binary, needed_ids binary, needed_counts binary, out_offsets binary, "
+    "out_rows binary"
 )
 
 
@@ -222,14 +223,11 @@ def pack_ratings(
 
 
 _PACKED_ARROW = pa.schema(
-    [("pkey", pa.int32()), ("keys", pa.binary()), ("others", pa.binary()),
-     ("ratings", pa.binary())]
+    [("pkey", pa.int32()), ("keys", pa.binary()), ("others", pa.binary()), ("ratings", pa.binary())]
 )
 
 
-def build_packed_blocks(
-    pdf: pd.DataFrame, num_blocks: int, num_other_blocks: int
-) -> pd.DataFrame:
+def build_packed_blocks(pdf: pd.DataFrame, num_blocks: int, num_other_blocks: int) -> pd.DataFrame:
     """applyInPandas body: one partition key's packed ratings (``pack_ratings``) to blocks."""
     if pdf.empty:
         return pd.DataFrame(columns=BLOCK_SCHEMA_COLUMNS)

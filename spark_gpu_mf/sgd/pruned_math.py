@@ -79,7 +79,8 @@ def band_mass(t: float, mu: float, sigma: float) -> float:
 def threshold_for_rate(rate: float, mu: float, sigma: float) -> float:
     """The ``t >= 0`` with ``band_mass(t, mu, sigma) == rate``, by bisection.
 
-    ``rate == 0`` gives ``t == 0``, and since the pruning test is ``|x| < t`` nothing is ever pruned.
+    ``rate == 0`` gives ``t == 0``, and since the pruning test is ``|x| < t`` nothing is ever
+    pruned.
     The mass grows monotonically from 0 at ``t = 0`` to 1, so bisection on ``[0, |mu| + 40 sigma]``
     converges; it runs until the interval stops shrinking in float64 (about 60 halvings).
     """

@@ -26,9 +26,15 @@ from spark_gpu_mf.spark.factors import collect_factors
 
 
 def recommendation_schema(src_col: str, dst_col: str) -> T.StructType:
-    """Spark's output schema: ``(src int, recommendations array<struct<dst int, rating float>>)``."""
+    """Spark's output schema.
+
+    ``(src int, recommendations array<struct<dst int, rating float>>)``.
+    """
     entry = T.StructType(
-        [T.StructField(dst_col, T.IntegerType(), True), T.StructField("rating", T.FloatType(), True)]
+        [
+            T.StructField(dst_col, T.IntegerType(), True),
+            T.StructField("rating", T.FloatType(), True),
+        ]
     )
     return T.StructType(
         [
