@@ -75,3 +75,25 @@ def dataflow(spark, request):
     """Indirect parametrization: ``@pytest.mark.parametrize("dataflow", [...], indirect=True)``."""
     with dataflow_confs(spark, request.param) as name:
         yield name
+
+
+def gpu_problem() -> str | None:
+    """Why the GPU tests cannot run here, or None when CuPy sees a usable CUDA device."""
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed (pip install -e '.[gpu]')"
+    if not cupy.cuda.is_available():
+        return "no usable CUDA GPU (CuPy is installed, but there is no device or driver)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def sample(spark):
+    """Spark's bundled sample ratings as a cached DataFrame and as NumPy arrays."""
+    from spark_gpu_mf import datasets
+
+    frame = datasets.read_spark_sample(spark).cache()
+    table = frame.toArrow()
+    arrays = tuple(table.column(c).to_numpy() for c in ("user", "item", "rating"))
+    return frame, arrays

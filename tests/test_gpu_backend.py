@@ -19,19 +19,9 @@ from spark_gpu_mf import backends
 from spark_gpu_mf.backends import numpy_backend
 from spark_gpu_mf.backends.numpy_backend import SolveConfig
 from spark_gpu_mf.errors import BackendUnavailableError
+from tests.conftest import gpu_problem
 
-
-def _gpu_problem() -> str | None:
-    try:
-        import cupy
-    except ImportError:
-        return "CuPy is not installed (pip install -e '.[gpu]')"
-    if not cupy.cuda.is_available():
-        return "no usable CUDA GPU (CuPy is installed, but there is no device or driver)"
-    return None
-
-
-needs_gpu = pytest.mark.skipif(_gpu_problem() is not None, reason=str(_gpu_problem()))
+needs_gpu = pytest.mark.skipif(gpu_problem() is not None, reason=str(gpu_problem()))
 
 
 @pytest.fixture
@@ -164,7 +154,7 @@ def test_unknown_backend_is_rejected():
         backends.select_backend("gpu")
 
 
-@pytest.mark.skipif(_gpu_problem() is None, reason="this machine has a usable GPU")
+@pytest.mark.skipif(gpu_problem() is None, reason="this machine has a usable GPU")
 def test_auto_falls_back_to_numpy_with_one_warning_from_the_driver(monkeypatch):
     """Local mode with CuPy but no GPU: the driver warns once; executors fall back quietly."""
     monkeypatch.setattr(backends, "_warned_local", False)
@@ -181,7 +171,7 @@ def test_auto_falls_back_to_numpy_with_one_warning_from_the_driver(monkeypatch):
     assert "backend='auto' runs on NumPy" in str(caught[0].message)
 
 
-@pytest.mark.skipif(_gpu_problem() is None, reason="this machine has a usable GPU")
+@pytest.mark.skipif(gpu_problem() is None, reason="this machine has a usable GPU")
 def test_cupy_without_a_gpu_raises_a_clear_error():
     with pytest.raises(BackendUnavailableError, match="backend='cupy' cannot run: .*(CuPy|GPU)"):
         backends.select_backend("cupy")

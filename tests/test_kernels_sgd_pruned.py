@@ -25,6 +25,7 @@ import pytest
 
 from spark_gpu_mf.sgd import pruned_cuda
 from spark_gpu_mf.sgd.pruned_numba import ADAGRAD, SGD, sgd_cell
+from tests.conftest import gpu_problem
 
 _TESTS = Path(__file__).resolve().parent
 
@@ -236,18 +237,8 @@ def test_empty_cell_launches_nothing(module):
 # --------------------------------------------------------------------------- on a real GPU
 
 
-def _gpu_problem() -> str | None:
-    try:
-        import cupy
-    except ImportError:
-        return "CuPy is not installed (pip install -e '.[gpu]')"
-    if not cupy.cuda.is_available():
-        return "no usable CUDA GPU (CuPy is installed, but there is no device or driver)"
-    return None
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(_gpu_problem() is not None, reason=str(_gpu_problem()))
+@pytest.mark.skipif(gpu_problem() is not None, reason=str(gpu_problem()))
 @pytest.mark.parametrize("rank", [30, 100])
 def test_cupy_one_warp_matches_numba_on_a_gpu(rank):
     """The same comparison as on the shim, through RawModule on the device."""

@@ -24,7 +24,7 @@ from pyspark.ml.evaluation import RegressionEvaluator
 from pyspark.ml.recommendation import ALSModel as SparkALSModel
 from pyspark.ml.tuning import CrossValidator, ParamGridBuilder
 
-from spark_gpu_mf import MascotMF, datasets
+from spark_gpu_mf import MascotMF
 from spark_gpu_mf.model import ALSModel
 from spark_gpu_mf.sgd import cells as cells_module
 from spark_gpu_mf.sgd import mascot_tasks
@@ -268,14 +268,6 @@ def test_overflow_raises_instead_of_leaving_infinities():
 
 
 # --------------------------------------------------------------------------- Spark
-
-
-@pytest.fixture(scope="module")
-def sample(spark):
-    frame = datasets.read_spark_sample(spark).cache()
-    table = frame.toArrow()
-    arrays = tuple(table.column(c).to_numpy() for c in ("user", "item", "rating"))
-    return frame, arrays
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from pyspark.errors import IllegalArgumentException
 from pyspark.ml.recommendation import ALSModel as SparkALSModel
 from scipy import optimize, stats
 
-from spark_gpu_mf import datasets
 from spark_gpu_mf.model import ALSModel
 from spark_gpu_mf.pruned import PrunedMF
 from spark_gpu_mf.sgd import cells as cells_module
@@ -30,15 +29,6 @@ from spark_gpu_mf.spark.factors import collect_factors
 SETTINGS = {
     "rank": 6, "maxIter": 3, "pruneStartEpoch": 1, "numBlocks": 2, "seed": 5, "backend": "numpy"
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def sample(spark):
-    """Spark's bundled sample ratings as a DataFrame and as NumPy arrays."""
-    frame = datasets.read_spark_sample(spark).cache()
-    table = frame.toArrow()
-    arrays = tuple(table.column(c).to_numpy() for c in ("user", "item", "rating"))
-    return frame, arrays
 
 
 @pytest.fixture(scope="module")
