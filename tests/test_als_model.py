@@ -108,6 +108,28 @@ def test_recommend_for_all_matches_spark(spark, fitted, threshold):
         spark.conf.unset("spark.gpumf.broadcastThreshold")
 
 
+@pytest.mark.parametrize("spare_bytes", [0, -1], ids=["broadcast", "cross-join"])
+def test_recommend_over_sparks_factors_in_many_partitions_matches_spark(spark, fitted, spare_bytes):
+    """Our model holding Spark's factor DataFrames, split into more partitions than cores, with
+    the broadcast threshold exactly at (or one byte under) the destination side's size."""
+    _, theirs = fitted
+    users = theirs.userFactors.repartition(7)
+    items = theirs.itemFactors.repartition(5)
+    ours = ALSModel._create(theirs.rank, users, items).setBlockSize(5)
+    threshold = items.count() * theirs.rank * 4 + spare_bytes
+    spark.conf.set("spark.gpumf.broadcastThreshold", str(threshold))
+    try:
+        mine_df = ours.recommendForAllUsers(4)
+        if spare_bytes == 0:  # one scoring task per core, not per source partition
+            assert mine_df.rdd.getNumPartitions() == spark.sparkContext.defaultParallelism
+        assert mine_df.schema == theirs.recommendForAllUsers(4).schema
+        _assert_same_recommendations(
+            _recommendations(mine_df), _recommendations(theirs.recommendForAllUsers(4)), 4
+        )
+    finally:
+        spark.conf.unset("spark.gpumf.broadcastThreshold")
+
+
 def test_recommend_more_than_exists_returns_everything(fitted):
     ours, theirs = fitted
     mine = _recommendations(ours.recommendForAllUsers(10_000))

@@ -36,7 +36,11 @@ def factors_dataframe(spark: SparkSession, ids: np.ndarray, factors: np.ndarray)
 
 def collect_factors(df: DataFrame) -> Tuple[np.ndarray, np.ndarray]:
     """``(ids int32 (n,), factors float32 (n, rank))`` of a factor DataFrame, sorted by id."""
-    table = df.select("id", "features").toArrow()
+    return factors_from_table(df.select("id", "features").toArrow())
+
+
+def factors_from_table(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids int32 (n,), factors float32 (n, rank))`` of an Arrow factor table, sorted by id."""
     ids = table.column("id").to_numpy().astype(np.int32)
     features = table.column("features").combine_chunks()
     if len(ids) == 0:

@@ -22,7 +22,7 @@ from pyspark.sql import types as T
 
 from spark_gpu_mf.executor.binding import bind
 from spark_gpu_mf.executor.runtime import BackendChoice, executor_backend
-from spark_gpu_mf.spark.factors import collect_factors
+from spark_gpu_mf.spark.factors import factors_from_table
 
 
 def recommendation_schema(src_col: str, dst_col: str) -> T.StructType:
@@ -161,12 +161,11 @@ def recommend_for_all(
     """
     choice = BackendChoice.for_session(spark, backend)
     schema = recommendation_schema(src_col, dst_col)
-    src = src.select("id", "features")
-    dst = dst.select("id", "features")
+    src, dst = _factor_columns(src), _factor_columns(dst)
     # At most threshold-many rows come back, and fewer than that means they are all of them (a
     # count and a collect would cost two jobs).
     limit = broadcast_threshold // (max(rank, 1) * 4)
-    ids, factors = collect_factors(dst.limit(limit + 1))
+    ids, factors = _collect_candidates(dst, limit)
     if len(ids) <= limit:
         candidates = spark.sparkContext.broadcast((ids, factors))
         body = bind(
@@ -178,8 +177,25 @@ def recommend_for_all(
             dst_col=dst_col,
             backend=choice,
         )
-        return src.mapInArrow(body, schema)
+        # One task per core: each task costs tens of milliseconds of Spark and Python overhead,
+        # more than its GEMM for model-sized inputs. coalesce never adds partitions.
+        return src.coalesce(spark.sparkContext.defaultParallelism).mapInArrow(body, schema)
     return _recommend_cross_join(src, dst, src_col, dst_col, num, block_size, choice, schema)
+
+
+def _factor_columns(df: DataFrame) -> DataFrame:
+    """``df`` as ``(id, features)``; a model's factor DataFrames already are (``columns`` is
+    cached on the DataFrame, a ``select`` costs a round trip to the JVM)."""
+    return df if df.columns == ["id", "features"] else df.select("id", "features")
+
+
+def _collect_candidates(dst: DataFrame, limit: int):
+    """At most ``limit + 1`` destination factors on the driver, sorted by id, in one task.
+
+    A limit over many partitions adds a shuffle stage (every partition's first ``limit + 1``
+    rows to one task); over one partition the task reads partitions in turn and stops there.
+    """
+    return factors_from_table(dst.coalesce(1).limit(limit + 1).toArrow())
 
 
 def _recommend_cross_join(src, dst, src_col, dst_col, num, block_size, backend, schema):
