@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spark_gpu_mf.backends import cpu_solvers
+from spark_gpu_mf.backends import cpu_gather, cpu_solvers
 from spark_gpu_mf.backends.precision import fp16_unsafe_rows, warn_fp32_fallback
 from spark_gpu_mf.errors import SingularMatrixError
 
@@ -165,15 +165,13 @@ class _Gatherer:
     """What building any batch of one block's rows needs, prepared once per block."""
 
     def __init__(self, indptr, indices, ratings, src_factors, *, implicit, alpha, dtype):
-        rank = src_factors.shape[1]
-        self.indptr = indptr
-        self.indices = indices
+        self.indptr = np.ascontiguousarray(indptr, np.int64)
+        self.indices = np.ascontiguousarray(indices)
+        self.src = np.ascontiguousarray(src_factors, np.float32)
         self.dtype = dtype
-        self.a_weight, self.b_weight, self.reg_count = _row_weights(ratings, implicit, alpha)
-        # One zero row at the end of the source factors: padded slots gather it and add nothing.
-        self.padded_src = np.zeros((len(src_factors) + 1, rank), dtype)
-        self.padded_src[:-1] = src_factors
-        self.pad_index = len(src_factors)
+        a_weight, self.b_weight, self.reg_count = _row_weights(ratings, implicit, alpha)
+        # c1 >= 0, so A's sum is the Gram matrix of sqrt(c1)-scaled rows.
+        self.a_sqrt = None if a_weight is None else np.sqrt(a_weight)
         self._scratch: dict = {}
 
     def _buffer(self, name: str, shape: tuple, dtype) -> np.ndarray:
@@ -194,19 +192,9 @@ class _Gatherer:
         buffer: it is valid until the next call.
         """
         dtype = self.dtype
-        rank = self.padded_src.shape[1]
+        rank = self.src.shape[1]
         n = len(rows)
-        starts = self.indptr[rows]
-        lens = self.indptr[rows + 1] - starts
-        slots = np.arange(length)
-        valid = slots[None, :] < lens[:, None]
-        pos = np.where(valid, starts[:, None] + slots[None, :], 0)
-        src = np.where(valid, self.indices[pos], self.pad_index)
-        weights_b = np.where(valid, self.b_weight[pos], 0.0)
-        a_scale = None
-        if self.a_weight is not None:
-            a_scale = np.sqrt(np.where(valid, self.a_weight[pos], 0.0)).astype(dtype)
-        n_reg = np.where(valid, self.reg_count[pos], 0.0).sum(axis=1)
+        rows = np.ascontiguousarray(rows, np.int64)
         chunk = min(length, _FLOAT32_CHUNK) if dtype is np.float32 else length
         A = self._buffer("A", (n, rank, rank), dtype)
         total = None
@@ -214,14 +202,14 @@ class _Gatherer:
             total = self._buffer("total", (n, rank, rank), np.float64)
             total[...] = 0.0
         b = np.zeros((n, rank))
+        n_reg = np.zeros(n)
         for lo in range(0, length, chunk):
             width = min(chunk, length - lo)  # the last chunk of a long row may be shorter
             gathered = self._buffer("gathered", (n, width, rank), dtype)
-            np.take(self.padded_src, src[:, lo : lo + width], axis=0, out=gathered)
-            b += np.matmul(weights_b[:, None, lo : lo + chunk].astype(dtype), gathered)[:, 0, :]
-            if a_scale is not None:
-                # c1 >= 0, so A's sum is a Gram matrix of sqrt(c1)-scaled rows.
-                gathered *= a_scale[:, lo : lo + chunk, None]
+            cpu_gather.gather_chunk(
+                rows, lo, self.indptr, self.indices, self.a_sqrt, self.b_weight,
+                self.reg_count, self.src, gathered, b, n_reg,
+            )  # fmt: skip
             np.matmul(gathered.transpose(0, 2, 1), gathered, out=A)
             if total is not None:
                 total += A
