@@ -68,6 +68,10 @@ class SourceFactors:
 
     def gather(self, needed_ids: np.ndarray, needed_counts: np.ndarray) -> np.ndarray:
         """Rows of ``needed_ids`` (grouped by source block as ``needed_counts`` says)."""
+        return self.factors[self.positions(needed_ids, needed_counts)]
+
+    def positions(self, needed_ids: np.ndarray, needed_counts: np.ndarray) -> np.ndarray:
+        """Row numbers in ``factors`` of ``needed_ids``; raises if any is missing."""
         positions = np.empty(len(needed_ids), np.int64)
         start = 0
         for block in np.flatnonzero(needed_counts):
@@ -80,7 +84,7 @@ class SourceFactors:
                 raise InconsistentBlocksError()
             positions[start:stop] = found
             start = stop
-        return self.factors[positions]
+        return positions
 
 
 def _fail_first_attempt() -> None:

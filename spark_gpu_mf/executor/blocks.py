@@ -169,18 +169,27 @@ def build_partition_blocks(
 
 
 def _partition_blocks(pkey, keys, others, ratings, num_blocks, num_other_blocks) -> pd.DataFrame:
+    rows = build_blocks(keys, others, ratings, num_blocks, num_other_blocks)
+    for row in rows:
+        row["pkey"] = pkey
+    return pd.DataFrame(rows, columns=BLOCK_SCHEMA_COLUMNS)
+
+
+def build_blocks(keys, others, ratings, num_blocks, num_other_blocks, map=map) -> list:
+    """``build_block`` rows of every non-empty block of ``keys``' side, in block order.
+
+    ``map`` may be a thread pool's: the sorts inside ``build_block`` release the GIL.
+    """
     blocks = np.mod(keys, num_blocks)
     order, sorted_blocks = _stable_argsort(blocks, num_blocks)
     bounds = np.flatnonzero(np.diff(sorted_blocks)) + 1
-    rows = []
-    for part in np.split(order, bounds):
-        if len(part) == 0:
-            continue
+    parts = [part for part in np.split(order, bounds) if len(part)]
+
+    def build(part):
         block = int(blocks[part[0]])
-        row = build_block(block, keys[part], others[part], ratings[part], num_other_blocks)
-        row["pkey"] = pkey
-        rows.append(row)
-    return pd.DataFrame(rows, columns=BLOCK_SCHEMA_COLUMNS)
+        return build_block(block, keys[part], others[part], ratings[part], num_other_blocks)
+
+    return list(map(build, parts))
 
 
 BLOCK_SCHEMA_COLUMNS = [field.split()[0] for field in BLOCK_SCHEMA.split(", ")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Dict, Iterator, List
 
 import numpy as np
@@ -19,7 +20,7 @@ import pyarrow as pa
 from spark_gpu_mf.backends.numpy_backend import take_phase_seconds
 from spark_gpu_mf.backends.spark_random import initial_factors
 from spark_gpu_mf.executor.als_tasks import SourceFactors, TaskSettings, _solve, gram_in_block_order
-from spark_gpu_mf.executor.blocks import Block, build_block
+from spark_gpu_mf.executor.blocks import Block, build_blocks
 
 # One output row per factor block, plus one row per iteration (side = ITERATION) and one status
 # row (side = STATUS) so the driver can raise Spark's errors itself.
@@ -29,18 +30,12 @@ EMPTY, POSITIVES, HERMITIAN, SOLVE = 0, 1, 2, 3
 SINGLE_TASK_SCHEMA = "side int, block int, ids binary, factors binary, value double"
 
 
-def _blocks(keys, others, ratings, num_blocks: int, num_other_blocks: int) -> Dict[int, Block]:
+def _blocks(
+    keys, others, ratings, num_blocks: int, num_other_blocks: int, pool
+) -> Dict[int, Block]:
     """The side's blocks, exactly as ``build_block`` makes them for the distributed dataflows."""
-    block_of = np.mod(keys, num_blocks)
-    order = np.argsort(block_of, kind="stable")
-    bounds = np.flatnonzero(np.diff(block_of[order])) + 1
-    blocks = {}
-    for rows in np.split(order, bounds):
-        if len(rows):
-            b = int(block_of[rows[0]])
-            row = build_block(b, keys[rows], others[rows], ratings[rows], num_other_blocks)
-            blocks[b] = Block.from_row(row)
-    return blocks
+    rows = build_blocks(keys, others, ratings, num_blocks, num_other_blocks, map=pool.map)
+    return {row["block"]: Block.from_row(row) for row in rows}
 
 
 def _layout(blocks: Dict[int, Block], num_blocks: int, factors: Dict[int, np.ndarray], yty):
@@ -52,12 +47,32 @@ def _layout(blocks: Dict[int, Block], num_blocks: int, factors: Dict[int, np.nda
     return SourceFactors(ids=ids, offsets=offsets, factors=matrix, yty=yty)
 
 
+def _reading_all_sources(blocks: Dict[int, Block], source: SourceFactors) -> Dict[int, Block]:
+    """The blocks with ``indices`` pointing straight into ``source.factors``.
+
+    In one task every source factor is in one matrix whose row order never changes, so the
+    blocks can read it in place: no per-block, per-half-iteration copy of the rows they need
+    (18 MB per item block at 10M ratings) and no id lookup after the first.
+    """
+    everything = np.diff(source.offsets).astype(np.int32)
+    remapped = {}
+    for b, block in blocks.items():
+        positions = source.positions(block.needed_ids, block.needed_counts)
+        remapped[b] = replace(
+            block,
+            indices=positions[block.indices].astype(np.int32),
+            needed_ids=source.ids,
+            needed_counts=everything,
+        )
+    return remapped
+
+
 def _solve_side(pool, blocks, source: SourceFactors, previous, settings: TaskSettings):
+    """New factors of every block; ``blocks`` read ``source.factors`` in place."""
+
     def solve(b):
-        block = blocks[b]
         warm = previous[b] if previous is not None else None
-        gathered = source.gather(block.needed_ids, block.needed_counts)
-        return b, _solve(block, gathered, warm, settings, source.yty)
+        return b, _solve(blocks[b], source.factors, warm, settings, source.yty)
 
     return dict(pool.map(solve, sorted(blocks)))
 
@@ -100,31 +115,38 @@ def train_in_one_task(
     yield _batch(STATUS, POSITIVES, None, None, float(positives))
     if settings.config.implicit and positives == 0:
         return
-    user_blocks = _blocks(users, items, ratings, num_user_blocks, num_item_blocks)
-    item_blocks = _blocks(items, users, ratings, num_item_blocks, num_user_blocks)
-    del users, items, ratings, table, parts
-    rank = settings.config.rank
-    user_factors = {
-        b: initial_factors(len(k.ids), rank, user_seed, b) for b, k in user_blocks.items()
-    }
-    item_factors = {
-        b: initial_factors(len(k.ids), rank, item_seed, b) for b, k in item_blocks.items()
-    }
-    warm = settings.config.solver == "cg" and not settings.config.nonnegative
-    implicit = settings.config.implicit
-    take_phase_seconds()
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        user_blocks = _blocks(users, items, ratings, num_user_blocks, num_item_blocks, pool)
+        item_blocks = _blocks(items, users, ratings, num_item_blocks, num_user_blocks, pool)
+        del users, items, ratings, table, parts
+        rank = settings.config.rank
+        user_factors = {
+            b: initial_factors(len(k.ids), rank, user_seed, b) for b, k in user_blocks.items()
+        }
+        item_factors = {
+            b: initial_factors(len(k.ids), rank, item_seed, b) for b, k in item_blocks.items()
+        }
+        warm = settings.config.solver == "cg" and not settings.config.nonnegative
+        implicit = settings.config.implicit
+        # The layouts' row order is fixed by the blocks' ids, so each block's reads are mapped once.
+        item_readers = _reading_all_sources(
+            item_blocks, _layout(user_blocks, num_user_blocks, user_factors, None)
+        )
+        user_readers = _reading_all_sources(
+            user_blocks, _layout(item_blocks, num_item_blocks, item_factors, None)
+        )
+        take_phase_seconds()
         for iteration in range(1, max_iter + 1):
             started = time.perf_counter()
             user_yty = gram_in_block_order(user_factors) if implicit else None
             source = _layout(user_blocks, num_user_blocks, user_factors, user_yty)
             item_factors = _solve_side(
-                pool, item_blocks, source, item_factors if warm else None, settings
+                pool, item_readers, source, item_factors if warm else None, settings
             )
             item_yty = gram_in_block_order(item_factors) if implicit else None
             source = _layout(item_blocks, num_item_blocks, item_factors, item_yty)
             user_factors = _solve_side(
-                pool, user_blocks, source, user_factors if warm else None, settings
+                pool, user_readers, source, user_factors if warm else None, settings
             )
             yield _batch(ITERATION, iteration, None, None, time.perf_counter() - started)
     phases = take_phase_seconds()  # summed over the threads, like the distributed tasks' seconds

@@ -288,8 +288,10 @@ class _Trainer:
         settings = replace(self._settings_for(1), blas_threads=1)
         self.summary.details["dataflow"] = "single task"
         self._describe(f"{job.max_iter} iterations in one task")
+        # coalesce, not repartition: the ratings are cached, and one task reading the cached
+        # partitions costs less than shuffling every rating to it.
         rows = (
-            self.ratings.repartition(1)
+            self.ratings.coalesce(1)
             .mapInArrow(
                 bind(
                     single_task.train_in_one_task,
