@@ -296,7 +296,7 @@ class ALS(
         check_numeric_column(schema, self.getRatingCol())
         return schema
 
-    def _job(self, spark) -> AlsJob:
+    def _job(self, spark, input_cached: bool = False) -> AlsJob:
         return AlsJob(
             rank=self.getRank(),
             max_iter=self.getMaxIter(),
@@ -320,6 +320,7 @@ class ALS(
             training_rmse=conf.TRAINING_RMSE.get(spark),
             fail_first_attempt=conf.FAIL_FIRST_ATTEMPT.get(spark),
             single_task_max_ratings=_single_task_max_ratings(spark),
+            input_cached=input_cached,
         )
 
     def _fit(self, dataset: DataFrame) -> ALSModel:
@@ -335,7 +336,9 @@ class ALS(
         ratings = validated_ratings(
             dataset, self.getUserCol(), self.getItemCol(), self.getRatingCol()
         )
-        result = train(spark, ratings, self._job(spark))
+        level = dataset.storageLevel
+        cached = level.useMemory or level.useDisk or level.useOffHeap
+        result = train(spark, ratings, self._job(spark, input_cached=cached))
         model = ALSModel._create(
             self.getRank(),
             result.user_factors,

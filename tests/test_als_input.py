@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 from pyspark.errors import IllegalArgumentException
 from pyspark.ml.recommendation import ALS as SparkALS
@@ -149,3 +150,29 @@ def test_duplicate_pairs_count_twice_as_in_spark(spark, good):
     spark_factors = {r.id: r.features for r in theirs.userFactors.collect()}
     for key, value in spark_factors.items():
         assert mine[key] == pytest.approx(value, abs=1e-5)
+
+
+@pytest.mark.parametrize("case", ["null int user", "null rating", "NaN rating"])
+def test_bad_values_in_a_cached_input_fail_with_sparks_message(spark, good, case):
+    """A cached input is read as it is, not copied into a validated cache first, so the checks
+    run inside the training job: the message must not change."""
+    spark.conf.set("spark.sql.ansi.enabled", "true")
+    bad = BAD_DATA[case](good).cache()
+    try:
+        spark_message, ours = _both_fail(bad)
+    finally:
+        spark.conf.unset("spark.sql.ansi.enabled")
+        bad.unpersist()
+    assert ours == spark_message
+
+
+def test_a_cached_and_an_uncached_input_give_the_same_model(spark, sample):
+    cached, _ = sample
+    uncached = cached.select("*").withColumn("rating", F.col("rating") + 0.0)
+    assert not uncached.storageLevel.useMemory
+    als = ALS(rank=4, maxIter=3, regParam=0.1, seed=1)
+    factors = [
+        np.stack(als.fit(frame).userFactors.orderBy("id").toPandas()["features"])
+        for frame in (cached, uncached)
+    ]
+    np.testing.assert_array_equal(factors[0], factors[1])
