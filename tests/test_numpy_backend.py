@@ -145,6 +145,52 @@ def test_cg_converges_to_the_cholesky_solution_as_iterations_grow(precision):
     assert errors[-1] < (1e-3 if precision == "fp32" else 1e-2), errors
 
 
+@pytest.mark.parametrize("implicit", [False, True])
+@pytest.mark.parametrize("rank", [1, 7, 33])
+@pytest.mark.parametrize("iterations", [1, 5])
+def test_matrix_free_cg_takes_the_steps_of_cg_on_the_built_matrices(implicit, rank, iterations):
+    """The default FP32 CG never forms A; it must follow CG on the float64-built A step by step
+    (empty rows, a row spanning several float32 chunks, a warm start)."""
+    rng = np.random.default_rng(11)
+    indptr, indices, ratings = _random_csr(rng, 120, 50, 25, include_empty=True)
+    Y = rng.normal(size=(50, rank)).astype(np.float32)
+    yty = nb.gram(Y) if implicit else None
+    previous = rng.normal(scale=0.3, size=(120, rank)).astype(np.float32)
+    config = nb.SolveConfig(
+        rank=rank, reg_param=0.5, implicit=implicit, alpha=2.0, solver="cg",
+        cg_iterations=iterations,
+    )  # fmt: skip
+    x = nb.update_block(indptr, indices, ratings, Y, previous, config, yty)
+    A, b = _reference(indptr, indices, ratings, Y, 0.5, implicit=implicit, alpha=2.0)
+    built = nb.solve_cg(A, b, previous, iterations=iterations)
+    if iterations == 1:
+        np.testing.assert_allclose(x, built, rtol=1e-4, atol=1e-5 * np.abs(built).max())
+    # Later float32 steps amplify rounding differences on rows that have all but converged (the
+    # same happens between float32 and float64 CG), so there it must be as accurate.
+    rated = np.diff(indptr) > 0
+    exact = np.linalg.solve(A[rated], b[rated][:, :, None])[:, :, 0]
+    error = np.linalg.norm(x[rated] - exact)
+    built_error = np.linalg.norm(built[rated] - exact)
+    assert error <= 1.05 * built_error + 1e-6 * np.linalg.norm(exact), (error, built_error)
+
+
+def test_matrix_free_cg_converges_to_the_float64_solution():
+    rng = np.random.default_rng(12)
+    indptr, indices, ratings = _random_csr(rng, 200, 60, 40)
+    Y = rng.normal(size=(60, 24)).astype(np.float32)
+    A, b = _reference(indptr, indices, ratings, Y, 0.05)
+    exact = np.linalg.solve(A, b[:, :, None])[:, :, 0]
+    errors = []
+    for iterations in (1, 3, 6, 12, 24):
+        config = nb.SolveConfig(
+            rank=24, reg_param=0.05, solver="cg", cg_iterations=iterations, cg_tolerance=0.0
+        )
+        x = nb.update_block(indptr, indices, ratings, Y, None, config)
+        errors.append(np.linalg.norm(x - exact) / np.linalg.norm(exact))
+    assert all(later <= earlier * 1.0001 for earlier, later in zip(errors, errors[1:]))
+    assert errors[-1] < errors[0] / 100 and errors[-1] < 1e-3, errors
+
+
 def test_cg_with_a_warm_start_at_the_solution_stays_there():
     rng = np.random.default_rng(6)
     indptr, indices, ratings = _random_csr(rng, 50, 30, 10)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spark_gpu_mf.backends import cpu_gather, cpu_solvers
+from spark_gpu_mf.backends import cpu_gather, cpu_matrix_free, cpu_solvers
 from spark_gpu_mf.backends.precision import fp16_unsafe_rows, warn_fp32_fallback
 from spark_gpu_mf.errors import SingularMatrixError
 
@@ -416,7 +416,11 @@ def update_block(
     config: SolveConfig,
     yty: np.ndarray | None = None,
 ) -> np.ndarray:
-    """New float32 factors of every row of one block: build and solve under the memory budget.
+    """New float32 factors of every row of one block.
+
+    CG with FP32 (the default) runs matrix-free (``cpu_matrix_free``): each step multiplies by
+    the row's normal equations through its ratings, never forming them. Cholesky, NNLS and FP16
+    storage build the normal equations in batches under the memory budget and solve each batch.
 
     ``previous`` (float32, same shape as the result) warm-starts the CG solver; rows without a
     previous value start from zero. With ``precision="fp16"``, rows whose normal equations FP16
@@ -424,8 +428,10 @@ def update_block(
     """
     n_rows = len(indptr) - 1
     rank = config.rank
-    out = np.zeros((n_rows, rank), np.float32)
     iterative = config.solver == "cg" and not config.nonnegative
+    if iterative and config.precision == "fp32":
+        return _update_matrix_free(indptr, indices, ratings, src_factors, previous, config, yty)
+    out = np.zeros((n_rows, rank), np.float32)
     precisions = np.full(n_rows, config.precision if iterative else "fp32", dtype=object)
     if iterative and config.precision == "fp16":
         unsafe = fp16_unsafe_rows(
@@ -456,6 +462,23 @@ def update_block(
             _PHASE_SECONDS["hermitian"] += built - started
             _PHASE_SECONDS["solve"] += time.perf_counter() - built
     return out
+
+
+def _update_matrix_free(indptr, indices, ratings, src_factors, previous, config, yty):
+    """``update_block`` for FP32 CG: steps on the normal equations without forming them."""
+    started = time.perf_counter()
+    n_rows = len(indptr) - 1
+    if previous is None:
+        x = np.zeros((n_rows, config.rank), np.float32)
+    else:
+        x = np.array(previous, np.float32, order="C", copy=True)
+    a_weight, b_weight, reg_count = _row_weights(ratings, config.implicit, config.alpha)
+    cpu_matrix_free.solve_block(
+        indptr, indices, a_weight, b_weight, reg_count, src_factors, config.reg_param,
+        yty if config.implicit else None, x, config.cg_iterations, config.cg_tolerance,
+    )  # fmt: skip
+    _PHASE_SECONDS["solve"] += time.perf_counter() - started
+    return x
 
 
 def _solve_batch(A, b, rows, previous, config: SolveConfig, precision: str) -> np.ndarray:
