@@ -76,3 +76,28 @@ def gather_chunk(rows, lo, indptr, indices, a_sqrt, b_weight, reg_count, src, G,
     _gather_chunk(
         rows, int(lo), indptr, indices, a_sqrt, weighted, b_weight, reg_count, src, G, b, n_reg
     )
+
+
+@njit(cache=True, nogil=True)
+def _diagonals(indptr, indices, weights, src, out):
+    n_rows, k = out.shape
+    for row in range(n_rows):
+        for c in range(k):
+            out[row, c] = 0.0
+        for pos in range(indptr[row], indptr[row + 1]):
+            y = src[indices[pos]]
+            w = weights[pos]
+            for c in range(k):
+                v = np.float64(y[c])
+                out[row, c] += w * v * v
+
+
+def diagonals(indptr, indices, weights, src) -> np.ndarray:
+    """``sum_i w_i q_i^2`` per row: the rating terms of the diagonals of the rows' ``A``, in
+    float64, without the ``nnz x k`` temporaries a NumPy expression needs."""
+    out = np.empty((len(indptr) - 1, src.shape[1]))
+    _diagonals(
+        np.ascontiguousarray(indptr, np.int64), np.ascontiguousarray(indices),
+        np.ascontiguousarray(weights, np.float64), np.ascontiguousarray(src), out,
+    )  # fmt: skip
+    return out

@@ -18,6 +18,8 @@ import warnings
 
 import numpy as np
 
+from spark_gpu_mf.backends import cpu_gather
+
 FP16_ROUNDING = 2.0**-12
 
 _warned = False
@@ -39,14 +41,8 @@ def largest_diagonal(
     indptr, indices, ratings, src_factors, *, implicit: bool, alpha: float, yty, reg
 ) -> np.ndarray:
     """The largest diagonal entry of each row's ``A`` (its largest entry), in float64."""
-    squared = src_factors.astype(np.float64) ** 2
     weights = alpha * np.abs(ratings.astype(np.float64)) if implicit else np.ones(len(ratings))
-    contributions = squared[indices] * weights[:, None]
-    counts = np.diff(indptr)
-    sums = np.zeros((len(counts), squared.shape[1]))
-    nonempty = counts > 0
-    if len(ratings):
-        sums[nonempty] = np.add.reduceat(contributions, indptr[:-1][nonempty], axis=0)
+    sums = cpu_gather.diagonals(indptr, indices, weights, src_factors)
     if implicit:
         sums += np.diag(yty)[None, :]
     return sums.max(axis=1) + reg
