@@ -512,7 +512,8 @@ def top_k(queries: np.ndarray, candidates: np.ndarray, candidate_ids: np.ndarray
     scores = queries.astype(np.float32) @ candidates.astype(np.float32).T
     ids64 = candidate_ids.astype(np.int64)
     if kk < scores.shape[1]:
-        cand = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        m = scores.shape[1]  # the kk largest, without a negated copy of the scores
+        cand = np.argpartition(scores, m - kk, axis=1)[:, m - kk :]
     else:
         cand = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
     cand_scores = np.take_along_axis(scores, cand, axis=1)
