@@ -67,3 +67,30 @@ def test_small_fits_run_in_one_task_whatever_the_number_of_iterations(spark):
 
 def test_the_dataflow_confs_cover_every_dataflow():
     assert set(DATAFLOW_CONFS) == {"single task", "broadcast", "messages"}
+
+
+def test_a_side_too_wide_for_one_task_falls_back_to_the_distributed_dataflow(spark):
+    """The single task checks the factor size itself (the driver only counts the ratings): when
+    a side's factors exceed broadcastThreshold it stops, and the messages dataflow fits the
+    same factors."""
+    import numpy as np
+
+    ratings = datasets.generate_dataframe(spark, 3000, seed=4).cache()
+    threshold = 50 * 4 * 4  # 50 rows of rank-4 factors: fewer than either side has
+    spark.conf.set("spark.gpumf.singleTaskMaxRatings", "auto")
+    spark.conf.set("spark.gpumf.broadcastThreshold", str(threshold))
+    try:
+        model = ALS(rank=4, maxIter=3, seed=2).fit(ratings)
+    finally:
+        spark.conf.unset("spark.gpumf.singleTaskMaxRatings")
+        spark.conf.unset("spark.gpumf.broadcastThreshold")
+    assert model.summary.details["dataflow"] == "messages"
+    with dataflow_confs(spark, "single task"):
+        reference = ALS(rank=4, maxIter=3, seed=2).fit(ratings)
+    assert reference.summary.details["dataflow"] == "single task"
+    for side in ("userFactors", "itemFactors"):
+        ours, expected = (
+            np.stack(getattr(m, side).orderBy("id").toPandas()["features"])
+            for m in (model, reference)
+        )
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)

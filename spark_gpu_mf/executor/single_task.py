@@ -25,8 +25,9 @@ from spark_gpu_mf.executor.blocks import Block, build_blocks
 # One output row per factor block, plus one row per iteration (side = ITERATION) and one status
 # row (side = STATUS) so the driver can raise Spark's errors itself.
 USERS, ITEMS, ITERATION, STATUS = 0, 1, 2, 3
-# Status rows: block = what the value is.
-EMPTY, POSITIVES, HERMITIAN, SOLVE = 0, 1, 2, 3
+# Status rows: block = what the value is. TOO_WIDE: the rows of the larger side, when its
+# factors exceed what one task may hold (nothing else follows).
+EMPTY, POSITIVES, HERMITIAN, SOLVE, TOO_WIDE = 0, 1, 2, 3, 4
 SINGLE_TASK_SCHEMA = "side int, block int, ids binary, factors binary, value double"
 
 
@@ -101,6 +102,7 @@ def train_in_one_task(
     item_seed: int,
     max_iter: int,
     threads: int,
+    max_factor_rows: int,
 ) -> Iterator[pa.RecordBatch]:
     """mapInArrow body: every rating of the fit in, every factor block and timing out."""
     parts = list(batches)
@@ -119,6 +121,10 @@ def train_in_one_task(
         user_blocks = _blocks(users, items, ratings, num_user_blocks, num_item_blocks, pool)
         item_blocks = _blocks(items, users, ratings, num_item_blocks, num_user_blocks, pool)
         del users, items, ratings, table, parts
+        widest = max(sum(len(k.ids) for k in side.values()) for side in (user_blocks, item_blocks))
+        if widest > max_factor_rows:
+            yield _batch(STATUS, TOO_WIDE, None, None, float(widest))
+            return
         rank = settings.config.rank
         user_factors = {
             b: initial_factors(len(k.ids), rank, user_seed, b) for b, k in user_blocks.items()

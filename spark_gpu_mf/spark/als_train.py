@@ -223,19 +223,16 @@ class _Trainer:
         user_seed, item_seed = factor_seeds(job.seed)
         if not job.input_cached:
             self.ratings = self._persist(self.ratings, job.intermediate_level)
-        self._describe("validate and count ratings")
-        shape = self.ratings.agg(
-            F.count(F.lit(1)).alias("ratings"),
-            F.approx_count_distinct("user").alias("users"),
-            F.approx_count_distinct("item").alias("items"),
-        ).first()
-        if shape["ratings"] == 0:
+        self._describe("count ratings")
+        num_ratings = self.ratings.count()
+        if num_ratings == 0:
             raise illegal_argument(f"requirement failed: No ratings available from {self.ratings}")
-        if self._fits_one_task(shape):
-            user_df, item_df = self._run_single_task(user_seed, item_seed, started)
-            self.summary.total_seconds = time.perf_counter() - started
-            self.sc.setJobDescription(None)
-            return TrainResult(user_df, item_df, self.summary, self.cached)
+        if self._fits_one_task(num_ratings):
+            trained = self._run_single_task(user_seed, item_seed, started, num_ratings)
+            if trained is not None:
+                self.summary.total_seconds = time.perf_counter() - started
+                self.sc.setJobDescription(None)
+                return TrainResult(*trained, self.summary, self.cached)
         users = self._build_side(
             "user", "user", "item", job.num_user_blocks, job.num_item_blocks, user_seed
         )
@@ -278,17 +275,15 @@ class _Trainer:
         return TrainResult(user_df, item_df, self.summary, self.cached)
 
     # ---------------------------------------------------------------- single-task dataflow
-    def _fits_one_task(self, shape) -> bool:
-        """Small fits run in one task: Spark's ~0.1-0.2 s per job would outweigh the math."""
+    def _fits_one_task(self, num_ratings: int) -> bool:
+        """Small fits run in one task: Spark's ~0.1-0.2 s per job would outweigh the math. (The
+        task itself checks that both sides' factors fit ``broadcastThreshold``.)"""
         job = self.job
-        largest_factors = max(shape["users"], shape["items"]) * 1.1 * job.rank * 4
-        return (
-            not job.training_rmse
-            and shape["ratings"] <= job.single_task_max_ratings
-            and largest_factors <= job.broadcast_threshold
-        )
+        return not job.training_rmse and num_ratings <= job.single_task_max_ratings
 
-    def _run_single_task(self, user_seed: int, item_seed: int, started: float):
+    def _run_single_task(self, user_seed: int, item_seed: int, started: float, num_ratings: int):
+        """``(user factors, item factors)``, or ``None`` when a side has more factors than
+        ``broadcastThreshold`` allows in one process (the task stops after building blocks)."""
         job = self.job
         settings = replace(self._settings_for(1), blas_threads=1)
         self.summary.details["dataflow"] = "single task"
@@ -307,14 +302,22 @@ class _Trainer:
                     item_seed=item_seed,
                     max_iter=job.max_iter,
                     threads=_task_threads(self.spark),
+                    max_factor_rows=job.broadcast_threshold // (job.rank * 4),
                 ),
                 single_task.SINGLE_TASK_SCHEMA,
             )
             .toArrow()
             .to_pylist()
         )
-        self._unpersist(self.ratings)
         status, seconds, sides = single_task.decode_result(rows, job.rank)
+        if single_task.TOO_WIDE in status:
+            logger.info(
+                "ALS: %d rows on one side exceed spark.gpumf.broadcastThreshold in one task; "
+                "using the distributed dataflow", int(status[single_task.TOO_WIDE]),
+            )  # fmt: skip
+            del self.summary.details["dataflow"]
+            return None
+        self._unpersist(self.ratings)
         if job.implicit and status.get(single_task.POSITIVES, 0.0) == 0:
             raise _no_positive_rating()
         self.summary.details["phaseSeconds"] = {
@@ -323,7 +326,7 @@ class _Trainer:
         }
         (user_ids, user_factors), (item_ids, item_factors) = sides[0], sides[1]
         self.summary.details.update(
-            {"numUsers": len(user_ids), "numItems": len(item_ids), "numRatings": None}
+            {"numUsers": len(user_ids), "numItems": len(item_ids), "numRatings": num_ratings}
         )
         self.summary.setup_seconds = time.perf_counter() - started - sum(seconds)
         logger.info(
@@ -332,9 +335,10 @@ class _Trainer:
         )  # fmt: skip
         for iteration, elapsed in enumerate(seconds, start=1):
             self._record(iteration, elapsed)
-        users = self._finalize(factors_dataframe(self.spark, user_ids, user_factors), "user")
-        items = self._finalize(factors_dataframe(self.spark, item_ids, item_factors), "item")
-        return users, items
+        users = factors_dataframe(self.spark, user_ids, user_factors)
+        items = factors_dataframe(self.spark, item_ids, item_factors)
+        users = self._finalize(users, "user", from_driver=True)
+        return users, self._finalize(items, "item", from_driver=True)
 
     def _record(self, iteration: int, seconds: float, metrics: Optional[dict] = None) -> None:
         entry = {"iteration": iteration, "seconds": seconds}
@@ -461,13 +465,20 @@ class _Trainer:
     def _final_broadcast(self, side: Side, factors) -> DataFrame:
         ids = np.concatenate([side.ids[b] for b in side.block_ids])
         matrix = np.concatenate([factors[b] for b in side.block_ids])
-        return self._finalize(factors_dataframe(self.spark, ids, matrix), side.name)
+        return self._finalize(
+            factors_dataframe(self.spark, ids, matrix), side.name, from_driver=True
+        )
 
-    def _finalize(self, df: DataFrame, side_name: str) -> DataFrame:
+    def _finalize(self, df: DataFrame, side_name: str, from_driver: bool = False) -> DataFrame:
+        """Persist the factors at ``finalStorageLevel``, materialized now unless they were made
+        from arrays on the driver (``from_driver``): those cost nothing to recompute and need
+        none of the training state ``release`` drops, so a job (two per fit, ~0.2 s each at 1M
+        ratings) would only move the caching to before the user's first action."""
         if self.job.final_level is not None:
             df = df.persist(self.job.final_level)
-            self._describe(f"materialize {side_name} factors")
-            df.count()
+            if not from_driver:
+                self._describe(f"materialize {side_name} factors")
+                df.count()
         return df
 
     # ---------------------------------------------------------------- message dataflow
