@@ -31,12 +31,20 @@ EMPTY, POSITIVES, HERMITIAN, SOLVE, TOO_WIDE = 0, 1, 2, 3, 4
 SINGLE_TASK_SCHEMA = "side int, block int, ids binary, factors binary, value double"
 
 
-def _blocks(
-    keys, others, ratings, num_blocks: int, num_other_blocks: int, pool
-) -> Dict[int, Block]:
-    """The side's blocks, exactly as ``build_block`` makes them for the distributed dataflows."""
-    rows = build_blocks(keys, others, ratings, num_blocks, num_other_blocks, map=pool.map)
-    return {row["block"]: Block.from_row(row) for row in rows}
+def _blocks_of_both_sides(users, items, ratings, num_user_blocks, num_item_blocks, pool):
+    """Both sides' blocks, exactly as ``build_block`` makes them for the distributed dataflows.
+
+    One side per thread: the two sides cost about the same (0.4 s each for 8M ratings), and the
+    compiled sorts that take most of it release the GIL.
+    """
+
+    def side(keys, others, num_blocks, num_other_blocks):
+        rows = build_blocks(keys, others, ratings, num_blocks, num_other_blocks)
+        return {row["block"]: Block.from_row(row) for row in rows}
+
+    user_side = pool.submit(side, users, items, num_user_blocks, num_item_blocks)
+    item_side = pool.submit(side, items, users, num_item_blocks, num_user_blocks)
+    return user_side.result(), item_side.result()
 
 
 def _layout(blocks: Dict[int, Block], num_blocks: int, factors: Dict[int, np.ndarray], yty):
@@ -118,8 +126,9 @@ def train_in_one_task(
     if settings.config.implicit and positives == 0:
         return
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        user_blocks = _blocks(users, items, ratings, num_user_blocks, num_item_blocks, pool)
-        item_blocks = _blocks(items, users, ratings, num_item_blocks, num_user_blocks, pool)
+        user_blocks, item_blocks = _blocks_of_both_sides(
+            users, items, ratings, num_user_blocks, num_item_blocks, pool
+        )
         del users, items, ratings, table, parts
         widest = max(sum(len(k.ids) for k in side.values()) for side in (user_blocks, item_blocks))
         if widest > max_factor_rows:
