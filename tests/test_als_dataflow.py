@@ -94,3 +94,42 @@ def test_a_side_too_wide_for_one_task_falls_back_to_the_distributed_dataflow(spa
             for m in (model, reference)
         )
         np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def _batch_summary(batches):
+    import pyarrow as pa
+
+    for batch in batches:
+        users = batch.column("user").to_numpy()
+        yield pa.RecordBatch.from_pydict({"rows": [len(users)], "user_sum": [int(users.sum())]})
+
+
+def test_both_arrow_roads_into_a_task_give_it_the_same_batches(spark, monkeypatch):
+    """``map_in_arrow_rows`` feeds a mapInArrow body from ``toArrowBatchRdd`` in classic Spark
+    and through ``mapInArrow`` where that is missing: the same rows in the same batches."""
+    from spark_gpu_mf.spark import arrow_input
+
+    ratings = datasets.generate_dataframe(spark, 25_000, seed=5).repartition(3).coalesce(1)
+    assert arrow_input.arrow_batch_rdd(ratings) is not None  # the fast road is open here
+    fast = arrow_input.map_in_arrow_rows(ratings, _batch_summary, "rows long, user_sum long")
+    monkeypatch.setattr(arrow_input, "arrow_batch_rdd", lambda df: None)
+    slow = arrow_input.map_in_arrow_rows(ratings, _batch_summary, "rows long, user_sum long")
+    assert fast == slow
+    assert sum(r["rows"] for r in fast) == 25_000 and len(fast) > 1
+
+
+def test_a_single_task_fit_is_the_same_whichever_road_its_input_takes(spark, monkeypatch):
+    import numpy as np
+
+    from spark_gpu_mf.spark import arrow_input
+
+    ratings = datasets.generate_dataframe(spark, 3000, seed=6).repartition(3).cache()
+    with dataflow_confs(spark, "single task"):
+        fast = ALS(rank=4, maxIter=3, seed=1).fit(ratings)
+        monkeypatch.setattr(arrow_input, "arrow_batch_rdd", lambda df: None)
+        slow = ALS(rank=4, maxIter=3, seed=1).fit(ratings)
+    for side in ("userFactors", "itemFactors"):
+        ours, theirs = (
+            np.stack(getattr(m, side).orderBy("id").toPandas()["features"]) for m in (fast, slow)
+        )
+        np.testing.assert_array_equal(ours, theirs)

@@ -175,6 +175,14 @@ def train_in_one_task(
             yield _batch(side, b, blocks[b].ids.tobytes(), factors[b].tobytes(), 0.0)
 
 
+def run_on_ipc_messages(messages: Iterator[bytes], body, schema: pa.Schema) -> Iterator[dict]:
+    """RDD ``mapPartitions`` body: ``body`` (a mapInArrow body) over record batches that
+    arrive as Arrow IPC messages (``Dataset.toArrowBatchRdd``), its output as dict rows."""
+    batches = (pa.ipc.read_record_batch(pa.py_buffer(m), schema) for m in messages)
+    for batch in body(batches):
+        yield from batch.to_pylist()
+
+
 def decode_result(rows: List[dict], rank: int):
     """Driver side: ``(status, iteration seconds, {side: (ids, factors)})`` from the task's rows."""
     status = {r["block"]: r["value"] for r in rows if r["side"] == STATUS}

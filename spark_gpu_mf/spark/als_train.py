@@ -40,6 +40,7 @@ from spark_gpu_mf.executor.blocks import (
     pack_ratings,
 )
 from spark_gpu_mf.executor.runtime import BackendChoice
+from spark_gpu_mf.spark.arrow_input import map_in_arrow_rows
 from spark_gpu_mf.spark.factors import FACTORS_SCHEMA, factors_dataframe
 from spark_gpu_mf.spark.partitioning import partition_keys
 from spark_gpu_mf.summary import TrainingSummary
@@ -290,24 +291,20 @@ class _Trainer:
         self._describe(f"{job.max_iter} iterations in one task")
         # coalesce, not repartition: the ratings (or the input) are cached, and one task
         # reading the cached partitions costs less than shuffling every rating to it.
-        rows = (
-            self.ratings.coalesce(1)
-            .mapInArrow(
-                bind(
-                    single_task.train_in_one_task,
-                    settings=settings,
-                    num_user_blocks=job.num_user_blocks,
-                    num_item_blocks=job.num_item_blocks,
-                    user_seed=user_seed,
-                    item_seed=item_seed,
-                    max_iter=job.max_iter,
-                    threads=_task_threads(self.spark),
-                    max_factor_rows=job.broadcast_threshold // (job.rank * 4),
-                ),
-                single_task.SINGLE_TASK_SCHEMA,
-            )
-            .toArrow()
-            .to_pylist()
+        rows = map_in_arrow_rows(
+            self.ratings.coalesce(1),
+            bind(
+                single_task.train_in_one_task,
+                settings=settings,
+                num_user_blocks=job.num_user_blocks,
+                num_item_blocks=job.num_item_blocks,
+                user_seed=user_seed,
+                item_seed=item_seed,
+                max_iter=job.max_iter,
+                threads=_task_threads(self.spark),
+                max_factor_rows=job.broadcast_threshold // (job.rank * 4),
+            ),
+            single_task.SINGLE_TASK_SCHEMA,
         )
         status, seconds, sides = single_task.decode_result(rows, job.rank)
         if single_task.TOO_WIDE in status:
