@@ -21,6 +21,7 @@ from spark_gpu_mf.backends.numpy_backend import take_phase_seconds
 from spark_gpu_mf.backends.spark_random import initial_factors
 from spark_gpu_mf.executor.als_tasks import SourceFactors, TaskSettings, _solve, gram_in_block_order
 from spark_gpu_mf.executor.blocks import Block, build_blocks
+from spark_gpu_mf.executor.runtime import limit_blas_threads
 
 # One output row per factor block, plus one row per iteration (side = ITERATION) and one status
 # row (side = STATUS) so the driver can raise Spark's errors itself.
@@ -112,7 +113,24 @@ def train_in_one_task(
     threads: int,
     max_factor_rows: int,
 ) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: every rating of the fit in, every factor block and timing out."""
+    """mapInArrow body: every rating of the fit in, every factor block and timing out.
+
+    ``threads`` threads solve the blocks, each with ``settings.blas_threads`` BLAS threads, set
+    once for the task: threadpoolctl's limits are process-wide (per-block limits from parallel
+    threads would race), and setting them for each block's solve made a 1M-rating fit 1.29 s
+    instead of 0.98 s (iterations 0.77 s instead of 0.55 s, the solves themselves unchanged).
+    """
+    with limit_blas_threads(settings.blas_threads):
+        yield from _train(
+            batches, replace(settings, blas_threads=0), num_user_blocks, num_item_blocks,
+            user_seed, item_seed, max_iter, threads, max_factor_rows,
+        )  # fmt: skip
+
+
+def _train(
+    batches, settings, num_user_blocks, num_item_blocks, user_seed, item_seed, max_iter, threads,
+    max_factor_rows,
+):  # fmt: skip
     parts = list(batches)
     if not parts or sum(len(p) for p in parts) == 0:
         yield _batch(STATUS, EMPTY, None, None, 0.0)
