@@ -81,9 +81,8 @@ def _product(Y, w, n, v, reg, yty, implicit, part, out):
 
 @njit(cache=True, nogil=True, fastmath={"contract"})
 def _solve_block(
-    indptr, indices, a_weight, weighted, b_weight, reg_count, src, reg_param, yty, implicit,
-    x, iterations, tolerance,
-):  # fmt: skip
+    indptr, indices, ratings, src, reg_param, alpha, yty, implicit, x, iterations, tolerance
+):
     n_rows = len(indptr) - 1
     nnz = len(indices)
     k = src.shape[1]
@@ -121,9 +120,18 @@ def _solve_block(
                     for c in range(0, k, 16):
                         prefetch(src, ahead, c)
                 y = src[indices[pos]]
-                wa = np.float32(a_weight[pos]) if weighted else np.float32(1.0)
-                wb = np.float32(b_weight[pos])
-                n_reg += reg_count[pos]
+                # Spark's weights: explicit (1, r, 1); implicit (c1, 1 + c1 or 0, 1 or 0) with
+                # c1 = alpha |r|, for r > 0 or not. float64, as Spark, then rounded once.
+                rating = np.float64(ratings[pos])
+                if implicit:
+                    c1 = alpha * abs(rating)
+                    wa = np.float32(c1)
+                    wb = np.float32(1.0 + c1) if rating > 0 else np.float32(0.0)
+                    n_reg += 1.0 if rating > 0 else 0.0
+                else:
+                    wa = np.float32(1.0)
+                    wb = np.float32(rating)
+                    n_reg += 1.0
                 w[i] = wa
                 for c in range(k):
                     yc = y[c]
@@ -176,31 +184,28 @@ def _solve_block(
 
 
 def solve_block(
-    indptr, indices, a_weight, b_weight, reg_count, src, reg_param, yty, x, iterations, tolerance
+    indptr, indices, ratings, src, reg_param, alpha, yty, x, iterations, tolerance
 ) -> None:
     """CG steps on every row's normal equations without forming them, in place on ``x``.
 
     Parameters
     ----------
-    indptr, indices : the block's CSR; ``indices`` are rows of ``src``.
-    a_weight : float64 (nnz,) or None
-        Each rating's weight in ``A`` (implicit: ``c1 = alpha |r|``); ``None`` for all ones.
-    b_weight, reg_count : float64 (nnz,)
-        Each rating's weight in ``b`` and count towards ``lambda * n``.
+    indptr, indices, ratings : the block's CSR; ``indices`` are rows of ``src``.
     src : float32 (n_src, k), C-contiguous
+    alpha : float
+        Implicit mode's confidence scale (``c1 = alpha |r|``).
     yty : float64 (k, k) or None
-        Added to every ``A`` (implicit mode).
+        Added to every ``A``; given means implicit mode.
     x : float32 (n_rows, k), C-contiguous
         The warm start on entry, the solution on exit.
     """
     if len(indptr) <= 1:
         return
-    weighted = a_weight is not None
     implicit = yty is not None
     _solve_block(
         np.ascontiguousarray(indptr, np.int64), np.ascontiguousarray(indices),
-        a_weight if weighted else b_weight, weighted, b_weight, reg_count,
-        np.ascontiguousarray(src, np.float32), float(reg_param),
+        np.ascontiguousarray(ratings, np.float32), np.ascontiguousarray(src, np.float32),
+        float(reg_param), float(alpha),
         np.ascontiguousarray(yty, np.float64) if implicit else np.zeros((1, 1)), implicit,
         x, int(iterations), float(tolerance),
     )  # fmt: skip

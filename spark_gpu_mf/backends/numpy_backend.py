@@ -472,9 +472,10 @@ def _update_matrix_free(indptr, indices, ratings, src_factors, previous, config,
         x = np.zeros((n_rows, config.rank), np.float32)
     else:
         x = np.array(previous, np.float32, order="C", copy=True)
-    a_weight, b_weight, reg_count = _row_weights(ratings, config.implicit, config.alpha)
+    # The kernel derives each rating's weights itself: _row_weights' float64 arrays cost 6-11 ms
+    # per 800k-rating block, for every block of every half-iteration.
     cpu_matrix_free.solve_block(
-        indptr, indices, a_weight, b_weight, reg_count, src_factors, config.reg_param,
+        indptr, indices, ratings, src_factors, config.reg_param, config.alpha,
         yty if config.implicit else None, x, config.cg_iterations, config.cg_tolerance,
     )  # fmt: skip
     _PHASE_SECONDS["solve"] += time.perf_counter() - started
