@@ -287,3 +287,16 @@ def test_auto_in_local_mode_without_cupy_is_numpy_without_a_warning(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert backends.select_backend("auto", local_mode=True) is numpy_backend
+
+
+def test_local_auto_is_settled_on_the_driver_so_workers_need_not_import_cupy(spark, monkeypatch):
+    from spark_gpu_mf.executor.runtime import BackendChoice
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monkeypatch.setattr(backends, "_nvidia_device_visible", lambda: False)
+        assert BackendChoice.for_session(spark, "auto").requested == "numpy"
+        assert BackendChoice.for_session(spark, "cupy").requested == "cupy"  # fails loudly later
+        monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: object())
+        monkeypatch.setattr(backends, "_nvidia_device_visible", lambda: True)
+        assert BackendChoice.for_session(spark, "auto").requested == "auto"

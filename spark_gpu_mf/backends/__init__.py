@@ -20,6 +20,7 @@ from spark_gpu_mf.errors import BackendUnavailableError
 __all__ = [
     "check_gpu_backend_available",
     "gpu_address_to_ordinal",
+    "local_gpu_possible",
     "select_backend",
     "warn_local_fallback",
 ]
@@ -190,6 +191,12 @@ def _nvidia_device_visible() -> bool:
     except (OSError, subprocess.SubprocessError):
         return False
     return result.returncode == 0 and "GPU" in result.stdout
+
+
+def local_gpu_possible() -> bool:
+    """Whether a local-mode task could run on CuPy here (CuPy installed, an NVIDIA GPU
+    visible), found without importing CuPy."""
+    return importlib.util.find_spec("cupy") is not None and _nvidia_device_visible()
 
 
 _warned_local = False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Optional, Union
 
@@ -22,14 +22,21 @@ class BackendChoice:
     @classmethod
     def for_session(cls, spark, requested: str) -> "BackendChoice":
         """The choice for tasks of ``spark``; in local mode, warns here (once, on the driver)
-        when ``"auto"`` will fall back to NumPy on a machine with CuPy but no GPU."""
+        when ``"auto"`` will fall back to NumPy on a machine with CuPy but no GPU.
+
+        Local tasks run on the driver's machine, so ``"auto"`` there is settled here: where no
+        GPU can be used, the tasks get ``"numpy"`` and no fresh Python worker imports CuPy only
+        to find no device (0.5 s each).
+        """
         from spark_gpu_mf import conf
-        from spark_gpu_mf.backends import warn_local_fallback
+        from spark_gpu_mf.backends import local_gpu_possible, warn_local_fallback
 
         master = spark.sparkContext.master or ""
         choice = cls(requested, master.startswith("local"), conf.CPU_FALLBACK.get(spark))
         if choice.local_mode and requested == "auto" and choice.cpu_fallback:
             warn_local_fallback()
+            if not local_gpu_possible():
+                choice = replace(choice, requested="numpy")
         return choice
 
 
