@@ -66,6 +66,7 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
         self._user_factors: Optional[DataFrame] = None
         self._item_factors: Optional[DataFrame] = None
         self._summary: Optional[TrainingSummary] = None
+        self._recommend_candidates: dict = {}  # see spark.recommend._broadcast_candidates
 
     @classmethod
     def _create(
@@ -192,6 +193,7 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
             self.getBlockSize(),
             conf.BROADCAST_THRESHOLD.get(spark),
             self.rank,
+            candidates_cache=self._recommend_candidates,
         )
 
     def recommendForAllUsers(self, numItems: int) -> DataFrame:

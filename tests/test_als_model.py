@@ -299,3 +299,19 @@ def test_factor_dataframes_have_sparks_schema(fitted):
     assert ours.userFactors.schema == theirs.userFactors.schema
     assert ours.itemFactors.schema == theirs.itemFactors.schema
     assert ours.userFactors.filter(F.size("features") != ours.rank).count() == 0
+
+
+def test_a_models_repeated_recommend_calls_collect_its_candidates_once(spark, fitted):
+    """The candidates are collected (a job) and broadcast on the first call; the model's later
+    calls reuse them, with the same lists."""
+    ours, _ = fitted
+    model = ALSModel._create(ours.rank, ours.userFactors, ours.itemFactors)
+    tracker = spark.sparkContext.statusTracker()
+    jobs, lists = [], []
+    for _ in range(3):
+        before = set(tracker.getJobIdsForGroup())
+        result = model.recommendForAllUsers(5)  # lazy: any job here is the collection
+        jobs.append(len(set(tracker.getJobIdsForGroup()) - before))
+        lists.append(_recommendations(result))
+    assert jobs[0] >= 1 and jobs[1] == jobs[2] == 0
+    assert lists[0] == lists[1] == lists[2]

@@ -13,6 +13,7 @@ Results follow Spark's order: rating descending, equal ratings by larger id firs
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -154,20 +155,19 @@ def recommend_for_all(
     broadcast_threshold: int,
     rank: int,
     backend: str = "auto",
+    candidates_cache: Optional[dict] = None,
 ) -> DataFrame:
     """Top ``num`` destination ids for every source id, as Spark's ``ALSModel.recommendForAll``.
 
     ``rank`` is the model's: knowing it, one job decides and collects the candidates.
+    ``candidates_cache`` (the model's) keeps the broadcast candidates for its later calls.
     """
     choice = BackendChoice.for_session(spark, backend)
     schema = recommendation_schema(src_col, dst_col)
-    src, dst = _factor_columns(src), _factor_columns(dst)
-    # At most threshold-many rows come back, and fewer than that means they are all of them (a
-    # count and a collect would cost two jobs).
     limit = broadcast_threshold // (max(rank, 1) * 4)
-    ids, factors = _collect_candidates(dst, limit)
-    if len(ids) <= limit:
-        candidates = spark.sparkContext.broadcast((ids, factors))
+    candidates = _broadcast_candidates(spark, dst, limit, candidates_cache)
+    src, dst = _factor_columns(src), _factor_columns(dst)
+    if candidates is not None:
         body = bind(
             top_k_against_broadcast,
             candidates=candidates,
@@ -181,6 +181,25 @@ def recommend_for_all(
         # more than its GEMM for model-sized inputs. coalesce never adds partitions.
         return src.coalesce(spark.sparkContext.defaultParallelism).mapInArrow(body, schema)
     return _recommend_cross_join(src, dst, src_col, dst_col, num, block_size, choice, schema)
+
+
+def _broadcast_candidates(spark: SparkSession, dst: DataFrame, limit: int, cache: Optional[dict]):
+    """``dst``'s factors broadcast to the executors, or ``None`` when it has more than ``limit``.
+
+    A model's factor DataFrames never change, so its calls share one broadcast per side (and
+    session and limit) through ``cache``: later calls skip the collecting job, and no broadcast
+    is left behind per call.
+    """
+    key = (id(dst), limit, spark.sparkContext.applicationId)
+    if cache is not None and key in cache:
+        return cache[key]
+    # At most limit + 1 rows come back, and fewer than that means they are all of them (a
+    # count and a collect would cost two jobs).
+    ids, factors = _collect_candidates(_factor_columns(dst), limit)
+    candidates = spark.sparkContext.broadcast((ids, factors)) if len(ids) <= limit else None
+    if cache is not None:
+        cache[key] = candidates
+    return candidates
 
 
 def _factor_columns(df: DataFrame) -> DataFrame:
