@@ -7,6 +7,7 @@ executors see the same installed packages as the tests.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from contextlib import contextmanager
 
@@ -17,8 +18,19 @@ os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+CONNECT_PORT = _free_port()
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
+    """The run's classic session; its JVM also serves the Connect session (``connect_spark``),
+    so one Spark application answers both kinds of test."""
     from pyspark.sql import SparkSession
 
     session = (
@@ -32,11 +44,34 @@ def spark(tmp_path_factory):
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.python.worker.reuse", "true")
         .config("spark.sql.warehouse.dir", str(tmp_path_factory.mktemp("warehouse")))
+        # A Spark Connect server in the same application, on loopback only.
+        .config("spark.plugins", "org.apache.spark.sql.connect.SparkConnectPlugin")
+        .config("spark.connect.grpc.binding.address", "127.0.0.1")
+        .config("spark.connect.grpc.binding.port", str(CONNECT_PORT))
         .getOrCreate()
     )
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="session")
+def connect_spark(spark):
+    """A Spark Connect session to the run's application (pyspark[connect]'s client)."""
+    from pyspark.sql import SparkSession
+
+    session = SparkSession.builder.remote(f"sc://127.0.0.1:{CONNECT_PORT}").create()
+    yield session
+    session.stop()
+
+
+@pytest.fixture(params=["classic", "connect"])
+def any_spark(request):
+    """Parametrize a test over both kinds of session (API surface tests only: each Connect
+    variant costs a round trip per call)."""
+    if request.param == "classic":
+        return request.getfixturevalue("spark")
+    return request.getfixturevalue("connect_spark")
 
 
 @pytest.fixture

@@ -1,0 +1,135 @@
+"""What the driver asks of a Spark session, answered on classic Spark and on Spark Connect alike.
+
+A Spark Connect session (``SparkSession.builder.remote(...)``) has no SparkContext, RDDs, py4j or
+broadcast variables: everything goes through the DataFrame API and ``spark.conf``. Driver code
+asks this module instead of ``spark.sparkContext``, so it runs on both kinds of session; where a
+classic session offers a faster or more exact road (the JVM's own answer), it is taken here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+_LOCAL_MASTER = re.compile(r"^local(?:-cluster)?(?:\[(\*|\d+)(?:,\s*\d+)?\])?$")
+
+# Spark Connect sessions have no SparkContext to cache answers on; keyed by session id.
+_PARALLELISM: dict = {}
+
+
+def is_connect(spark: SparkSession) -> bool:
+    """Whether ``spark`` is a Spark Connect session (no JVM on this side)."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def master(spark: SparkSession) -> str:
+    """The master URL (``local[2]``, ``spark://host:7077``, ``yarn``, ...)."""
+    if not is_connect(spark):
+        return spark.sparkContext.master or ""
+    return spark.conf.get("spark.master", "") or ""
+
+
+def is_local(spark: SparkSession) -> bool:
+    """Whether every task runs on the driver's machine (a ``local`` master)."""
+    return master(spark).startswith("local")
+
+
+def default_parallelism(spark: SparkSession) -> int:
+    """``SparkContext.defaultParallelism``: task slots of the application.
+
+    On Connect it is ``spark.default.parallelism`` when set, else the partitions Spark gives a
+    ``range`` by default (which is the same number), asked once per session.
+    """
+    if not is_connect(spark):
+        return max(1, spark.sparkContext.defaultParallelism)
+    configured = spark.conf.get("spark.default.parallelism", None)
+    if configured:
+        return max(1, int(configured))
+    key = spark.session_id
+    if key not in _PARALLELISM:
+        row = spark.range(0, 1 << 16).agg(F.max(F.spark_partition_id()).alias("last")).first()
+        _PARALLELISM[key] = int(row["last"]) + 1
+    return _PARALLELISM[key]
+
+
+def local_cores(spark: SparkSession) -> Optional[int]:
+    """Cores of a ``local[N]`` master (``local[*]``: this machine's), None off local mode."""
+    match = _LOCAL_MASTER.match(master(spark))
+    if match is None:
+        return None
+    cores = match.group(1)
+    if cores is None:
+        return 1
+    return (os.cpu_count() or 1) if cores == "*" else int(cores)
+
+
+def conf_value(spark: SparkSession, key: str, default: Optional[str] = None) -> Optional[str]:
+    """A Spark conf value, static (``spark.task.cpus``) or runtime, on both kinds of session."""
+    if not is_connect(spark):
+        value = spark.sparkContext.getConf().get(key, None)
+        if value is not None:
+            return value
+    try:
+        return spark.conf.get(key, default)
+    except Exception:  # noqa: BLE001 - Connect refuses some static keys it does not know
+        return default
+
+
+def set_job_description(spark: SparkSession, text: Optional[str]) -> None:
+    """Label the next Spark jobs in the UI; Connect has no per-thread job description."""
+    if not is_connect(spark):
+        spark.sparkContext.setJobDescription(text)
+
+
+def checkpoint_dir(spark: SparkSession) -> Optional[str]:
+    """The checkpoint directory (``SparkContext.setCheckpointDir`` or ``spark.checkpoint.dir``)."""
+    if not is_connect(spark):
+        jdir = spark.sparkContext._jsc.sc().getCheckpointDir()
+        if jdir.isDefined():
+            return jdir.get()
+    return conf_value(spark, "spark.checkpoint.dir")
+
+
+def _filesystem(spark: SparkSession, path: str):
+    jvm = spark.sparkContext._jvm
+    hpath = jvm.org.apache.hadoop.fs.Path(path)
+    return hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hpath
+
+
+def path_exists(spark: SparkSession, path: str) -> bool:
+    """Whether ``path`` exists, in the file system Spark reads it from.
+
+    Connect: asked through the DataFrame reader (a missing path fails with PATH_NOT_FOUND).
+    """
+    if not is_connect(spark):
+        fs, hpath = _filesystem(spark, path)
+        return bool(fs.exists(hpath))
+    try:
+        spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(path).schema
+    except Exception as e:  # noqa: BLE001 - Connect raises AnalysisException subclasses
+        if "PATH_NOT_FOUND" in str(e) or "does not exist" in str(e):
+            return False
+        raise
+    return True
+
+
+def delete_path(spark: SparkSession, path: str) -> bool:
+    """Delete ``path`` recursively; False where the session cannot (Spark Connect)."""
+    if is_connect(spark):
+        return False
+    fs, hpath = _filesystem(spark, path)
+    return bool(fs.delete(hpath, True))
+
+
+def rename_path(spark: SparkSession, source: str, target: str) -> bool:
+    """Move ``source`` to ``target`` (atomic on HDFS and local disks); False on Connect."""
+    if is_connect(spark):
+        return False
+    fs, src = _filesystem(spark, source)
+    _, dst = _filesystem(spark, target)
+    return bool(fs.rename(src, dst))
