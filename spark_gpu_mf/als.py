@@ -26,6 +26,7 @@ from spark_gpu_mf.params import (
     HasSolver,
     validate_params,
 )
+from spark_gpu_mf.spark import session
 from spark_gpu_mf.spark.als_train import AlsJob, train
 from spark_gpu_mf.validation import check_numeric_column, validated_ratings
 
@@ -70,8 +71,7 @@ def _single_task_max_ratings(spark) -> int:
     configured = conf.SINGLE_TASK_MAX_RATINGS.get(spark)
     if configured is not None:
         return configured
-    local = (spark.sparkContext.master or "").startswith("local")
-    return 20_000_000 if local else 2_000_000
+    return 20_000_000 if session.is_local(spark) else 2_000_000
 
 
 class ALS(

@@ -31,7 +31,7 @@ class BackendChoice:
         from spark_gpu_mf import conf
         from spark_gpu_mf.backends import local_gpu_possible, warn_local_fallback
 
-        master = spark.sparkContext.master or ""
+        master = spark.conf.get("spark.master", "") or ""
         choice = cls(requested, master.startswith("local"), conf.CPU_FALLBACK.get(spark))
         if choice.local_mode and requested == "auto" and choice.cpu_fallback:
             warn_local_fallback()
