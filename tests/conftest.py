@@ -56,13 +56,36 @@ def spark(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def connect_spark(spark):
-    """A Spark Connect session to the run's application (pyspark[connect]'s client)."""
-    from pyspark.sql import SparkSession
+def _connect_session(spark):
+    from pyspark.sql.connect.session import SparkSession as RemoteSparkSession
 
-    session = SparkSession.builder.remote(f"sc://127.0.0.1:{CONNECT_PORT}").create()
+    session = RemoteSparkSession.builder.remote(f"sc://127.0.0.1:{CONNECT_PORT}").create()
     yield session
     session.stop()
+
+
+@contextmanager
+def connect_mode():
+    """pyspark builds Columns for Spark Connect while ``SPARK_CONNECT_MODE_ENABLED`` is set (the
+    variable ``builder.remote`` sets for the whole process, which would turn the classic
+    session's functions into Connect's). Tests set it only while they use the Connect session."""
+    previous = os.environ.get("SPARK_CONNECT_MODE_ENABLED")
+    os.environ["SPARK_CONNECT_MODE_ENABLED"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["SPARK_CONNECT_MODE_ENABLED"]
+        else:
+            os.environ["SPARK_CONNECT_MODE_ENABLED"] = previous
+
+
+@pytest.fixture
+def connect_spark(_connect_session):
+    """A Spark Connect session to the run's application (pyspark[connect]'s client), in
+    Connect mode for the test's duration."""
+    with connect_mode():
+        yield _connect_session
 
 
 @pytest.fixture(params=["classic", "connect"])
@@ -70,8 +93,9 @@ def any_spark(request):
     """Parametrize a test over both kinds of session (API surface tests only: each Connect
     variant costs a round trip per call)."""
     if request.param == "classic":
-        return request.getfixturevalue("spark")
-    return request.getfixturevalue("connect_spark")
+        yield request.getfixturevalue("spark")
+    else:
+        yield request.getfixturevalue("connect_spark")
 
 
 @pytest.fixture

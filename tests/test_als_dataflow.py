@@ -9,47 +9,49 @@ from spark_gpu_mf.spark import als_train
 from tests.conftest import DATAFLOW_CONFS, dataflow_confs
 
 
-def test_message_half_iterations_shuffle_only_the_messages(spark, monkeypatch):
+@pytest.mark.parametrize("name", ["broadcast", "messages"])
+def test_half_iterations_shuffle_only_the_messages(spark, monkeypatch, name):
     """Spark must reuse the cached blocks' partitioning: the only exchange of a half-iteration is
     our explicit repartition of the messages, never one Spark adds to satisfy the cogroup."""
     plans = []
-    original = als_train._Trainer._half_messages
+    original = als_train._Exchange.solve
 
-    def spy(self, dst, src, src_outbox, dst_outbox, label):
-        out = original(self, dst, src, src_outbox, dst_outbox, label)
-        plans.append(self.truncated_from[id(out)]._jdf.queryExecution().executedPlan().toString())
-        return out
+    def spy(self, side, iteration):
+        original(self, side, iteration)
+        plans.append(self.outbox[side]._jdf.queryExecution().executedPlan().toString())
 
-    monkeypatch.setattr(als_train._Trainer, "_half_messages", spy)
-    with dataflow_confs(spark, "messages"):
-        ALS(rank=4, maxIter=2, numUserBlocks=3, numItemBlocks=5).fit(
+    monkeypatch.setattr(als_train._Exchange, "solve", spy)
+    with dataflow_confs(spark, name):
+        model = ALS(rank=4, maxIter=2, numUserBlocks=3, numItemBlocks=5).fit(
             datasets.generate_dataframe(spark, 4000, seed=3)
         )
+    assert model.summary.details["dataflow"] == name
     assert len(plans) == 4
     for plan in plans:
         assert "ENSURE_REQUIREMENTS" not in plan
         assert "REPARTITION_BY_NUM" in plan
 
 
-def test_broadcast_half_iterations_have_no_shuffle(spark, monkeypatch):
-    jobs = []
-    original = als_train._Trainer._half_broadcast
-
-    def spy(self, *args, **kwargs):
-        tracker = self.sc.statusTracker()
-        before = set(tracker.getJobIdsForGroup())
-        out = original(self, *args, **kwargs)
-        for job in set(tracker.getJobIdsForGroup()) - before:
-            # Stages whose output already exists (the cached blocks' lineage) are skipped.
-            stages = [tracker.getStageInfo(s) for s in tracker.getJobInfo(job).stageIds]
-            jobs.append(sum(1 for s in stages if s is not None and s.numCompletedTasks > 0))
-        return out
-
-    monkeypatch.setattr(als_train._Trainer, "_half_broadcast", spy)
-    with dataflow_confs(spark, "broadcast"):
-        model = ALS(rank=4, maxIter=2).fit(datasets.generate_dataframe(spark, 4000, seed=3))
-    assert model.summary.details["dataflow"] == "broadcast"
-    assert jobs and all(stages == 1 for stages in jobs)  # one stage: no shuffle
+@pytest.mark.parametrize("name", ["broadcast", "messages"])
+def test_every_iteration_costs_the_same_tasks(spark, name):
+    """Each iteration reads the last one's cached outboxes and nothing older: the tasks Spark
+    runs grow linearly with the iterations (a lost cache or a plan that re-reads the history
+    would recompute earlier solves, and the growth would not be linear)."""
+    ratings = datasets.generate_dataframe(spark, 4000, seed=3).cache()
+    ratings.count()
+    tracker = spark.sparkContext.statusTracker()
+    tasks = {}
+    with dataflow_confs(spark, name):
+        for iterations in (1, 3, 5):
+            before = set(tracker.getJobIdsForGroup())
+            ALS(rank=4, maxIter=iterations, numUserBlocks=4, numItemBlocks=4).fit(ratings)
+            stages = [
+                tracker.getStageInfo(s)
+                for job in set(tracker.getJobIdsForGroup()) - before
+                for s in tracker.getJobInfo(job).stageIds
+            ]
+            tasks[iterations] = sum(s.numCompletedTasks for s in stages if s is not None)
+    assert tasks[5] - tasks[3] == tasks[3] - tasks[1] > 0
 
 
 def test_small_fits_run_in_one_task_whatever_the_number_of_iterations(spark):
@@ -69,6 +71,91 @@ def test_small_fits_run_in_one_task_whatever_the_number_of_iterations(spark):
 
 def test_the_dataflow_confs_cover_every_dataflow():
     assert set(DATAFLOW_CONFS) == {"single task", "broadcast", "messages"}
+
+
+def _numpy_training_rmse(model, ratings):
+    import numpy as np
+
+    users = dict(zip(*[model.userFactors.toPandas()[c] for c in ("id", "features")]))
+    items = dict(zip(*[model.itemFactors.toPandas()[c] for c in ("id", "features")]))
+    frame = ratings.toPandas()
+    predicted = [
+        np.dot(np.asarray(users[u], np.float64), np.asarray(items[i], np.float64))
+        for u, i in zip(frame["user"], frame["item"])
+    ]
+    return float(np.sqrt(np.mean((frame["rating"].to_numpy(np.float64) - predicted) ** 2)))
+
+
+@pytest.mark.parametrize("params", [{}, {"implicitPrefs": True}], ids=["explicit", "implicit"])
+def test_every_dataflow_reports_the_same_training_rmse_and_summary(spark, params):
+    """``spark.gpumf.trainingRmse`` never changes the dataflow; each reports one RMSE per
+    iteration, the last equal to a float64 NumPy RMSE of the model's own factors."""
+    import numpy as np
+
+    ratings = datasets.generate_dataframe(spark, 3000, seed=8).cache()
+    summaries = {}
+    spark.conf.set("spark.gpumf.trainingRmse", "true")
+    try:
+        for name in DATAFLOW_CONFS:
+            with dataflow_confs(spark, name):
+                model = ALS(rank=4, maxIter=3, seed=5, numUserBlocks=3, numItemBlocks=2,
+                            **params).fit(ratings)  # fmt: skip
+            summary = model.summary
+            assert summary.details["dataflow"] == name
+            rmse = summary.metric("trainRmse")
+            assert len(rmse) == 3 and all(r is not None and r > 0 for r in rmse)
+            np.testing.assert_allclose(rmse[-1], _numpy_training_rmse(model, ratings), rtol=1e-6)
+            summaries[name] = summary
+    finally:
+        spark.conf.unset("spark.gpumf.trainingRmse")
+    reference = summaries["single task"]
+    for name, summary in summaries.items():
+        np.testing.assert_allclose(
+            summary.metric("trainRmse"), reference.metric("trainRmse"), rtol=1e-9
+        )
+        assert summary.totalIterations == reference.totalIterations == 3
+        for key in ("numUsers", "numItems", "numRatings"):
+            assert summary.details[key] == reference.details[key]
+        assert set(summary.details["phaseSeconds"]) == {"hermitian", "solve"}
+
+
+def test_whole_block_routes_send_each_block_once_per_partition_of_the_other_side():
+    """The broadcast dataflow's messages: every solved block reaches each partition of the other
+    side once, whole; the message dataflow's: each block gets exactly the rows it needs."""
+    import numpy as np
+    import pyarrow as pa
+
+    from spark_gpu_mf.executor import als_tasks
+    from spark_gpu_mf.executor.blocks import BLOCK_ARROW, Block, build_blocks
+
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(0, 40, 500), rng.integers(0, 30, 500)
+    ratings = rng.random(500).astype(np.float32)
+    rows = build_blocks(users, items, ratings, 4, 3)
+    for row in rows:
+        row["pkey"] = 7
+    batch = pa.Table.from_pylist(rows, schema=BLOCK_ARROW).to_batches()
+    for whole in (True, False):
+        route = als_tasks.Route(other_keys=(11, 12), whole_blocks=whole)
+        out = pa.Table.from_batches(
+            list(als_tasks.initial_outbox(iter(batch), rank=2, side_seed=1, route=route,
+                                          implicit=False))
+        ).to_pylist()  # fmt: skip
+        factors = [r for r in out if r["kind"] == als_tasks.FACTORS]
+        owns = [r for r in out if r["kind"] == als_tasks.OWN]
+        assert len(owns) == len(rows)
+        if whole:
+            assert len(factors) == len(rows) * 2
+            assert all(r["dst"] == als_tasks.EVERY_BLOCK for r in factors)
+            assert {r["pkey"] for r in factors} == {11, 12}
+        else:
+            for row in rows:
+                block = Block.from_row(row)
+                sent = {r["dst"]: len(r["payload"]) // 8 for r in factors
+                        if r["src"] == block.block}  # fmt: skip
+                needed = {o: len(block.rows_needed_by(o)) for o in range(3)
+                          if len(block.rows_needed_by(o))}  # fmt: skip
+                assert sent == needed
 
 
 def test_a_side_too_wide_for_one_task_falls_back_to_the_distributed_dataflow(spark):

@@ -34,8 +34,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from spark_gpu_mf.backends import cuda_kernels, numpy_backend
-from spark_gpu_mf.backends.numpy_backend import SolveConfig
 from spark_gpu_mf.backends.precision import fp16_unsafe_rows, warn_fp32_fallback
+from spark_gpu_mf.backends.solve_config import SolveConfig
 
 __all__ = [
     "SolveConfig",

@@ -20,12 +20,12 @@ Normal equations (Spark's ALS, ALS-WR regularization):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from spark_gpu_mf.backends import cpu_gather, cpu_matrix_free, cpu_solvers
 from spark_gpu_mf.backends.precision import fp16_unsafe_rows, warn_fp32_fallback
+from spark_gpu_mf.backends.solve_config import SolveConfig
 from spark_gpu_mf.errors import SingularMatrixError
 
 __all__ = [
@@ -53,40 +53,6 @@ def take_phase_seconds() -> dict:
     for name in _PHASE_SECONDS:
         _PHASE_SECONDS[name] = 0.0
     return taken
-
-
-@dataclass(frozen=True)
-class SolveConfig:
-    """How one block's rows are solved; built on the driver from the estimator's params.
-
-    Attributes
-    ----------
-    rank : int
-    reg_param : float
-        lambda; scaled per row by its number of (positive, if implicit) ratings.
-    implicit : bool
-    alpha : float
-    nonnegative : bool
-        Solve each row with Spark's NNLS instead of an unconstrained solve.
-    solver : {"cholesky", "cg"}
-    cg_iterations : int
-        Conjugate-gradient steps per half-iteration, warm-started from the previous factors.
-    precision : {"fp32", "fp16"}
-        Storage of the matrices the CG solver reads; arithmetic is always float32.
-    memory_budget_bytes : int
-        Upper bound on the normal equations (and gathered factors) held at once.
-    """
-
-    rank: int
-    reg_param: float
-    implicit: bool = False
-    alpha: float = 1.0
-    nonnegative: bool = False
-    solver: str = "cholesky"
-    cg_iterations: int = 5
-    precision: str = "fp32"
-    cg_tolerance: float = 1e-6
-    memory_budget_bytes: int = 256 * _MIB
 
 
 def _row_weights(ratings: np.ndarray, implicit: bool, alpha: float):

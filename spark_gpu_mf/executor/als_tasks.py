@@ -1,20 +1,24 @@
-"""Executor functions of one ALS half-iteration, in both of its dataflows.
+"""Executor functions of a distributed ALS half-iteration: solve blocks, send their factors on.
 
-*Broadcast* dataflow (the fixed side's factors fit under ``spark.gpumf.broadcastThreshold``): each
-task reads the whole fixed-side factor matrix from a broadcast variable, gathers the rows each of
-its blocks needs, solves, and returns the new factor blocks to the driver.
+A half-iteration is one Arrow cogroup per partition of the destination side: the partition's
+cached blocks with its *inbox*, the messages the other side's last solve sent it. Each solved
+block writes its *outbox* rows, which Spark's shuffle delivers to the other side's partitions for
+the next half-iteration. A message row is ``(pkey, dst, src, kind, ids, payload)``:
 
-*Message* dataflow (large factor matrices): each solved block emits, for every block of the other
-side, only the factor rows that block needs (Spark's OutBlock); one shuffle delivers them to the
-other side's blocks for the next half-iteration. A block's "outbox" rows are:
+* ``FACTORS``: float32 factor rows of block ``src``. Routed per destination block (``dst``, the
+  rows that block needs, in its ``needed_ids`` order: Spark's OutBlock), or, with
+  ``Route.whole_blocks``, all of them once per destination partition (``dst = -1``, ``ids`` set):
+  the broadcast dataflow, which every partition reads whole.
+* ``GRAM``: float64 ``Y^T Y`` of block ``src`` (implicit feedback), once per partition.
+* ``OWN``: all factors of block ``src`` (``ids`` its ids), kept by its own partition: the CG warm
+  start and, at the end, the model.
+* ``STATS``: float64 ``[seconds, hermitian, solve, squared error, ratings]`` of block ``src``, read
+  by the driver (one small collect per iteration) for progress lines and the training RMSE.
 
-* ``kind = FACTORS``: ``payload`` = float32 rows of block ``src`` needed by block ``dst``;
-* ``kind = GRAM``: ``payload`` = float64 ``Y^T Y`` of block ``src`` (implicit feedback only),
-  sent to every block ``dst`` of the other side, which sums them;
-* ``kind = OWN``: ``payload`` = all factors of block ``src``, ``ids`` its ids (``dst == src``);
-  used to warm-start the CG solver and to write the model.
-
-Everything here is a module-level function of plain values, so it pickles small and can be tested
+Blocks decoded once stay in the Python worker (``_BLOCKS``), keyed by the fit and block, with the
+lookups of a whole-block source: Spark reuses Python workers, so later half-iterations skip the
+work; a task on another worker, or a retry, rebuilds them from the cached rows it was given.
+Everything here is a module-level function of plain values: it pickles small and is tested
 without Spark.
 """
 
@@ -22,29 +26,34 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
+import pyarrow as pa
 
-from spark_gpu_mf.backends.numpy_backend import SolveConfig, take_phase_seconds
-from spark_gpu_mf.backends.spark_random import initial_factors
+from spark_gpu_mf.backends.numpy_backend import take_phase_seconds
+from spark_gpu_mf.backends.residuals import squared_error
+from spark_gpu_mf.backends.solve_config import SolveConfig
 from spark_gpu_mf.errors import InconsistentBlocksError
-from spark_gpu_mf.executor.blocks import Block, from_bytes, to_bytes
+from spark_gpu_mf.executor.alternation import starting_factors
+from spark_gpu_mf.executor.blocks import Block, factor_table, from_bytes, to_bytes
 from spark_gpu_mf.executor.runtime import BackendChoice, executor_backend, limit_blas_threads
 
-if TYPE_CHECKING:
-    # Imported by the functions that build DataFrames (the distributed dataflows'): a fresh
-    # Python worker of the single-task dataflow, which builds none, starts 0.3 s sooner.
-    import pandas as pd
-
-FACTORS, GRAM, OWN = 0, 1, 2
+FACTORS, GRAM, OWN, STATS = 0, 1, 2, 3
+EVERY_BLOCK = -1  # ``dst`` of a message that every block of the partition reads
 
 OUTBOX_SCHEMA = "pkey int, dst int, src int, kind int, ids binary, payload binary"
-OUTBOX_COLUMNS = ["pkey", "dst", "src", "kind", "ids", "payload"]
-SOLVED_SCHEMA = (
-    "block int, factors binary, gram binary, seconds double, hermitian double, solve double"
+_OUTBOX_ARROW = pa.schema(
+    [
+        ("pkey", pa.int32()),
+        ("dst", pa.int32()),
+        ("src", pa.int32()),
+        ("kind", pa.int32()),
+        ("ids", pa.binary()),
+        ("payload", pa.binary()),
+    ]
 )
-SOLVED_COLUMNS = ["block", "factors", "gram", "seconds", "hermitian", "solve"]
+STATS_FIELDS = ("seconds", "hermitian", "solve", "sse", "ratings")
 
 
 @dataclass(frozen=True)
@@ -58,8 +67,23 @@ class TaskSettings:
 
 
 @dataclass(frozen=True)
+class Route:
+    """Where a side's solved blocks send their factors: the other side's partitions.
+
+    ``other_keys[p]`` is the partition key of the other side's partition ``p``; its block ``o``
+    lives in partition ``o mod len(other_keys)``.
+    """
+
+    other_keys: Tuple[int, ...]
+    whole_blocks: bool
+
+    def key_of(self, other_block: int) -> int:
+        return self.other_keys[other_block % len(self.other_keys)]
+
+
+@dataclass(frozen=True)
 class SourceFactors:
-    """The fixed side of a broadcast half-iteration: all its factors, block after block.
+    """All factors of one side, block after block.
 
     ``factors[offsets[b]:offsets[b+1]]`` are the rows of block ``b`` in the order of
     ``ids[offsets[b]:offsets[b+1]]`` (sorted ids).
@@ -70,16 +94,14 @@ class SourceFactors:
     factors: np.ndarray
     yty: np.ndarray | None
 
-    def gather(self, needed_ids: np.ndarray, needed_counts: np.ndarray) -> np.ndarray:
-        """Rows of ``needed_ids`` (grouped by source block as ``needed_counts`` says)."""
-        return self.factors[self.positions(needed_ids, needed_counts)]
-
     def positions(self, needed_ids: np.ndarray, needed_counts: np.ndarray) -> np.ndarray:
         """Row numbers in ``factors`` of ``needed_ids``; raises if any is missing."""
         positions = np.empty(len(needed_ids), np.int64)
         start = 0
         for block in np.flatnonzero(needed_counts):
             stop = start + int(needed_counts[block])
+            if block + 1 >= len(self.offsets):
+                raise InconsistentBlocksError()
             lo, hi = self.offsets[block], self.offsets[block + 1]
             found = np.searchsorted(self.ids[lo:hi], needed_ids[start:stop]) + lo
             if found.size and (
@@ -91,6 +113,22 @@ class SourceFactors:
         return positions
 
 
+def layout(ids_by_block, factors_by_block, num_blocks: int, yty=None) -> SourceFactors:
+    """A side's blocks laid out in block order (absent blocks take no rows)."""
+    offsets = np.zeros(num_blocks + 1, np.int64)
+    for b in range(num_blocks):
+        offsets[b + 1] = offsets[b] + (len(ids_by_block[b]) if b in ids_by_block else 0)
+    order = sorted(ids_by_block)
+    rank = next(iter(factors_by_block.values())).shape[1] if factors_by_block else 0
+    ids = np.concatenate([ids_by_block[b] for b in order]) if order else np.zeros(0, np.int32)
+    matrix = (
+        np.concatenate([factors_by_block[b] for b in order])
+        if order
+        else np.zeros((0, rank), np.float32)
+    )
+    return SourceFactors(ids=ids, offsets=offsets, factors=matrix, yty=yty)
+
+
 def _fail_first_attempt() -> None:
     """Fail partition 0's first attempt (``spark.gpumf.test.failFirstAttempt``)."""
     from pyspark import TaskContext
@@ -100,15 +138,16 @@ def _fail_first_attempt() -> None:
         raise RuntimeError("spark_gpu_mf: failure injected by spark.gpumf.test.failFirstAttempt")
 
 
-def _solve(block: Block, src: np.ndarray, previous, settings: TaskSettings, yty) -> np.ndarray:
+def solve_block(
+    block: Block, indices, src: np.ndarray, previous, settings: TaskSettings, yty
+) -> np.ndarray:
+    """New factors of one block; ``indices`` (the block's, or remapped) point into ``src``."""
     if settings.fail_first_attempt:
         _fail_first_attempt()
-    if len(src) != len(block.needed_ids):
-        raise InconsistentBlocksError()
     backend = executor_backend(settings.backend)
     with limit_blas_threads(settings.blas_threads):
         return backend.update_block(
-            block.indptr, block.indices, block.ratings, src, previous, settings.config, yty
+            block.indptr, indices, block.ratings, src, previous, settings.config, yty
         )
 
 
@@ -136,231 +175,220 @@ def gram_in_block_order(factors_by_block) -> np.ndarray:
     return sum_in_block_order({b: block_gram(f) for b, f in factors_by_block.items()})
 
 
-def _gram_bytes(factors: np.ndarray) -> bytes:
-    return to_bytes(block_gram(factors))
+# ---------------------------------------------------------------- worker-side block cache
+# {(fit, side, block): (Block, indices into a whole-block source or None)}; one fit at a time.
+_BLOCKS: Dict[tuple, list] = {}
 
 
-def solve_with_broadcast(
-    batches: Iterator[pd.DataFrame], source, previous, settings: TaskSettings
-) -> Iterator[pd.DataFrame]:
-    """mapInPandas body of a broadcast half-iteration: solve every block of the partition.
-
-    ``source`` and ``previous`` are broadcast variables of ``SourceFactors`` (``previous`` holds
-    this side's factors for the CG warm start, or is None).
-    """
-    import pandas as pd
-
-    src: SourceFactors = source.value
-    prev: SourceFactors | None = previous.value if previous is not None else None
-    for pdf in batches:
-        rows = []
-        for record in pdf.to_dict("records"):
-            started = time.perf_counter()
-            block = Block.from_row(record)
-            warm = None
-            if prev is not None:
-                lo, hi = prev.offsets[block.block], prev.offsets[block.block + 1]
-                warm = prev.factors[lo:hi]
-            take_phase_seconds()
-            x = _solve(
-                block, src.gather(block.needed_ids, block.needed_counts), warm, settings, src.yty
-            )
-            # Executor seconds by phase, for the benchmark's breakdown (zero on the GPU backend).
-            phases = take_phase_seconds()
-            rows.append(
-                {
-                    "block": block.block,
-                    "factors": to_bytes(x),
-                    "gram": _gram_bytes(x) if settings.config.implicit else None,
-                    "seconds": time.perf_counter() - started,
-                    "hermitian": phases["hermitian"],
-                    "solve": phases["solve"],
-                }
-            )
-        yield pd.DataFrame(rows, columns=SOLVED_COLUMNS)
+def _decoded(fit: str, side: str, row: dict) -> list:
+    key = (fit, side, int(row["block"]))
+    entry = _BLOCKS.get(key)
+    if entry is None or len(entry[0].ratings) != len(row["ratings"]) // 4:
+        if any(k[0] != fit for k in _BLOCKS):
+            _BLOCKS.clear()  # a new fit: the last one's blocks are never read again
+        entry = _BLOCKS[key] = [Block.from_row(row), None]
+    return entry
 
 
-def initial_block_factors(
-    batches: Iterator[pd.DataFrame], rank: int, side_seed: int
-) -> Iterator[pd.DataFrame]:
-    """mapInPandas body: Spark's starting factors of every block (broadcast dataflow)."""
-    import pandas as pd
-
-    for pdf in batches:
-        rows = [
-            {
-                "block": int(record["block"]),
-                "factors": to_bytes(
-                    initial_factors(int(record["num_rows"]), rank, side_seed, int(record["block"]))
-                ),
-                "gram": None,
-                "seconds": 0.0,
-                "hermitian": 0.0,
-                "solve": 0.0,
-            }
-            for record in pdf.to_dict("records")
-        ]
-        yield pd.DataFrame(rows, columns=SOLVED_COLUMNS)
+def _remapped_indices(entry: list, source: SourceFactors) -> np.ndarray:
+    """The block's ``indices`` as rows of the whole source matrix, found once per worker."""
+    block = entry[0]
+    if entry[1] is None:
+        positions = source.positions(block.needed_ids, block.needed_counts)
+        entry[1] = positions[block.indices].astype(np.int32)
+    return entry[1]
 
 
-def _outbox_rows(
-    block: Block,
-    factors: np.ndarray,
-    own_key: int,
-    other_keys: Sequence[int],
-    other_blocks: Sequence[int],
-    implicit: bool,
-) -> list[dict]:
-    """Messages of one solved block to the other side, plus its own factors."""
-    rows = []
-    num_other_partitions = len(other_keys)
-    for other in range(len(block.out_offsets) - 1):
-        needed = block.rows_needed_by(other)
-        if len(needed):
-            rows.append(
-                {
-                    "pkey": other_keys[other % num_other_partitions],
-                    "dst": other,
-                    "src": block.block,
-                    "kind": FACTORS,
-                    "ids": None,
-                    "payload": to_bytes(factors[needed]),
-                }
-            )
+# ---------------------------------------------------------------- outbox rows
+class _Outbox:
+    def __init__(self):
+        self.columns: Dict[str, List] = {name: [] for name in _OUTBOX_ARROW.names}
+
+    def add(self, pkey, dst, src, kind, ids, payload) -> None:
+        for name, value in zip(_OUTBOX_ARROW.names, (pkey, dst, src, kind, ids, payload)):
+            self.columns[name].append(value)
+
+    def table(self) -> pa.Table:
+        return pa.table(self.columns, schema=_OUTBOX_ARROW)
+
+
+def _send(
+    out: _Outbox, block: Block, factors: np.ndarray, own_key: int, route: Route, implicit: bool
+) -> None:
+    """A solved block's messages to the other side, and its own factors."""
+    if route.whole_blocks:
+        payload, ids = to_bytes(factors), to_bytes(block.ids)
+        for key in route.other_keys:
+            out.add(key, EVERY_BLOCK, block.block, FACTORS, ids, payload)
+    else:
+        for other in range(len(block.out_offsets) - 1):
+            needed = block.rows_needed_by(other)
+            if len(needed):
+                out.add(route.key_of(other), other, block.block, FACTORS, None,
+                        to_bytes(factors[needed]))  # fmt: skip
     if implicit:
-        gram = _gram_bytes(factors)
-        for other in other_blocks:
-            rows.append(
-                {
-                    "pkey": other_keys[other % num_other_partitions],
-                    "dst": other,
-                    "src": block.block,
-                    "kind": GRAM,
-                    "ids": None,
-                    "payload": gram,
-                }
-            )
-    rows.append(
-        {
-            "pkey": own_key,
-            "dst": block.block,
-            "src": block.block,
-            "kind": OWN,
-            "ids": to_bytes(block.ids),
-            "payload": to_bytes(factors),
-        }
-    )
-    return rows
+        gram = to_bytes(block_gram(factors))
+        for key in route.other_keys:
+            out.add(key, EVERY_BLOCK, block.block, GRAM, None, gram)
+    out.add(own_key, block.block, block.block, OWN, to_bytes(block.ids), to_bytes(factors))
 
 
 def initial_outbox(
-    batches: Iterator[pd.DataFrame],
+    batches: Iterator[pa.RecordBatch],
     rank: int,
     side_seed: int,
-    other_keys: Sequence[int],
-    other_blocks: Sequence[int],
+    route: Route,
     implicit: bool,
-) -> Iterator[pd.DataFrame]:
-    """mapInPandas body: starting factors of every block, sent as messages (message dataflow)."""
-    import pandas as pd
-
-    for pdf in batches:
-        rows = []
-        for record in pdf.to_dict("records"):
-            block = Block.from_row(record)
-            factors = initial_factors(len(block.ids), rank, side_seed, block.block)
-            rows += _outbox_rows(
-                block, factors, int(record["pkey"]), other_keys, other_blocks, implicit
-            )
-        yield pd.DataFrame(rows, columns=OUTBOX_COLUMNS)
+) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: Spark's starting factors of every block, sent like a solve's."""
+    for batch in batches:
+        out = _Outbox()
+        for row in batch.to_pylist():
+            block = Block.from_row(row)
+            factors = starting_factors({block.block: len(block.ids)}, rank, side_seed)
+            _send(out, block, factors[block.block], int(row["pkey"]), route, implicit)
+        yield from out.table().to_batches()
 
 
-def _assemble(block: Block, messages: pd.DataFrame, num_gram_parts: int, rank: int):
-    """Source rows (in ``needed_ids`` order) and the summed Gram matrix for one block."""
-    chunks = messages[messages["kind"] == FACTORS].sort_values("src")
-    expected = np.flatnonzero(block.needed_counts)
-    if not np.array_equal(chunks["src"].to_numpy(), expected):
-        raise InconsistentBlocksError()
-    parts = [from_bytes(p, np.float32).reshape(-1, rank) for p in chunks["payload"]]
-    if any(len(p) != block.needed_counts[s] for p, s in zip(parts, expected)):
-        raise InconsistentBlocksError()
-    src = np.concatenate(parts) if parts else np.zeros((0, rank), np.float32)
-    grams = messages[messages["kind"] == GRAM]
-    yty = None
-    if num_gram_parts:
-        if len(grams) != num_gram_parts:
+class _Inbox:
+    """A partition's messages, indexed for its blocks."""
+
+    def __init__(self, messages: pa.Table, rank: int):
+        self.rank = rank
+        kinds = messages.column("kind").to_numpy()
+        dsts = messages.column("dst").to_numpy()
+        srcs = messages.column("src").to_numpy()
+        ids = messages.column("ids").to_pylist()
+        payloads = messages.column("payload").to_pylist()
+        self.factors: Dict[tuple, bytes] = {}
+        self.whole: Dict[int, tuple] = {}
+        self.grams: Dict[int, bytes] = {}
+        self.own: Dict[int, bytes] = {}
+        for kind, dst, src, i, payload in zip(kinds, dsts, srcs, ids, payloads):
+            if kind == FACTORS and dst == EVERY_BLOCK:
+                self.whole[int(src)] = (i, payload)
+            elif kind == FACTORS:
+                self.factors[(int(dst), int(src))] = payload
+            elif kind == GRAM:
+                self.grams[int(src)] = payload
+            elif kind == OWN:
+                self.own[int(dst)] = payload
+
+    def matrix(self, payload: bytes) -> np.ndarray:
+        return from_bytes(payload, np.float32).reshape(-1, self.rank)
+
+    def yty(self, num_gram_parts: int) -> Optional[np.ndarray]:
+        if not num_gram_parts:
+            return None
+        if len(self.grams) != num_gram_parts:
             raise InconsistentBlocksError()
-        yty = sum_in_block_order(
+        return sum_in_block_order(
             {
-                int(src): from_bytes(g, np.float64).reshape(rank, rank)
-                for src, g in zip(grams["src"], grams["payload"])
+                src: from_bytes(g, np.float64).reshape(self.rank, self.rank)
+                for src, g in self.grams.items()
             }
         )
-    return src, yty
+
+    def whole_source(self, num_blocks: int, yty) -> SourceFactors:
+        ids = {b: from_bytes(i, np.int32) for b, (i, _) in self.whole.items()}
+        factors = {b: self.matrix(p) for b, (_, p) in self.whole.items()}
+        return layout(ids, factors, num_blocks, yty)
+
+    def rows_for(self, block: Block) -> np.ndarray:
+        """Source rows of ``block`` in its ``needed_ids`` order, from per-block messages."""
+        expected = np.flatnonzero(block.needed_counts)
+        parts = []
+        for src in expected:
+            payload = self.factors.get((block.block, int(src)))
+            if payload is None:
+                raise InconsistentBlocksError()
+            part = self.matrix(payload)
+            if len(part) != block.needed_counts[src]:
+                raise InconsistentBlocksError()
+            parts.append(part)
+        return np.concatenate(parts) if parts else np.zeros((0, self.rank), np.float32)
+
+    def previous(self, block: Block) -> Optional[np.ndarray]:
+        payload = self.own.get(block.block)
+        return None if payload is None else self.matrix(payload)
 
 
-def solve_from_messages(
-    messages: pd.DataFrame,
-    blocks: pd.DataFrame,
+def solve_inbox(
+    messages: pa.Table,
+    blocks: pa.Table,
     settings: TaskSettings,
-    other_keys: Sequence[int],
-    other_blocks: Sequence[int],
+    route: Route,
+    fit: str,
+    side: str,
+    num_source_blocks: int,
     num_gram_parts: int,
-) -> pd.DataFrame:
-    """cogroup body of a message half-iteration for one partition key.
+    training_error: bool,
+) -> pa.Table:
+    """Arrow cogroup body of a half-iteration for one partition key.
 
-    ``messages`` holds the rows sent to this partition's blocks (and their own previous factors
-    when CG warm-starts); ``blocks`` the partition's cached block rows.
+    ``messages`` is the partition's inbox (the other side's factors, and this side's previous
+    factors when CG warm-starts); ``blocks`` its cached block rows. Returns the outbox of the
+    solved blocks, with a ``STATS`` row per block (``training_error``: the squared error of its
+    ratings under the new factors, for the training RMSE).
     """
-    import pandas as pd
-
+    out = _Outbox()
+    if blocks.num_rows == 0:
+        return out.table()
     rank = settings.config.rank
-    rows = []
-    for record in blocks.to_dict("records"):
-        block = Block.from_row(record)
-        mine = messages[messages["dst"] == block.block]
-        src, yty = _assemble(block, mine, num_gram_parts, rank)
-        own = mine[mine["kind"] == OWN]["payload"]
-        previous = from_bytes(own.iloc[0], np.float32).reshape(-1, rank) if len(own) else None
-        factors = _solve(block, src, previous, settings, yty)
-        rows += _outbox_rows(
-            block, factors, int(record["pkey"]), other_keys, other_blocks, settings.config.implicit
+    inbox = _Inbox(messages, rank)
+    yty = inbox.yty(num_gram_parts)
+    whole = inbox.whole_source(num_source_blocks, yty) if route.whole_blocks else None
+    for row in blocks.to_pylist():
+        started = time.perf_counter()
+        entry = _decoded(fit, side, row)
+        block = entry[0]
+        if whole is not None:
+            src, indices = whole.factors, _remapped_indices(entry, whole)
+        else:
+            src, indices = inbox.rows_for(block), block.indices
+            if len(src) != len(block.needed_ids):
+                raise InconsistentBlocksError()
+        take_phase_seconds()
+        previous = inbox.previous(block) if settings.config.warm_start else None
+        factors = solve_block(block, indices, src, previous, settings, yty)
+        phases = take_phase_seconds()
+        sse = (
+            squared_error(block.indptr, indices, block.ratings, factors, src)
+            if training_error
+            else 0.0
         )
-    return pd.DataFrame(rows, columns=OUTBOX_COLUMNS)
+        own_key = int(row["pkey"])
+        _send(out, block, factors, own_key, route, settings.config.implicit)
+        stats = [time.perf_counter() - started, phases["hermitian"], phases["solve"], sse,
+                 float(len(block.ratings))]  # fmt: skip
+        out.add(own_key, block.block, block.block, STATS, None, to_bytes(np.array(stats)))
+    return out.table()
 
 
-def explode_outbox(batches: Iterator[pd.DataFrame], rank: int) -> Iterator[pd.DataFrame]:
-    """mapInPandas body: ``OWN`` outbox rows to ``(id, features)`` rows of the model."""
-    for pdf in batches:
-        own = pdf[pdf["kind"] == OWN]
-        for ids, payload in zip(own["ids"], own["payload"]):
-            yield _factor_rows(from_bytes(ids, np.int32), from_bytes(payload, np.float32), rank)
+def read_stats(rows) -> Dict[int, Dict[str, float]]:
+    """Driver side: ``{block: {seconds, hermitian, solve, sse, ratings}}`` from STATS rows."""
+    return {
+        int(r["src"]): dict(zip(STATS_FIELDS, from_bytes(r["payload"], np.float64).tolist()))
+        for r in rows
+    }
 
 
-def _factor_rows(ids: np.ndarray, flat: np.ndarray, rank: int) -> pd.DataFrame:
-    import pandas as pd
+def explode_outbox(batches: Iterator[pa.RecordBatch], rank: int) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: ``OWN`` outbox rows to the model's ``(id, features)`` rows."""
+    for batch in batches:
+        kinds = batch.column("kind").to_numpy()
+        ids = batch.column("ids").to_pylist()
+        payloads = batch.column("payload").to_pylist()
+        for kind, i, payload in zip(kinds, ids, payloads):
+            if kind == OWN:
+                yield from factor_table(
+                    from_bytes(i, np.int32), from_bytes(payload, np.float32).reshape(-1, rank)
+                ).to_batches()
 
-    matrix = np.asarray(flat, np.float32).reshape(-1, rank)
-    return pd.DataFrame({"id": ids, "features": list(matrix)})
 
-
-def squared_error(
-    batches: Iterator[pd.DataFrame], source, own, rank: int
-) -> Iterator[pd.DataFrame]:
-    """mapInPandas body: sum of squared training errors of each block (broadcast dataflow)."""
-    import pandas as pd
-
-    src: SourceFactors = source.value
-    mine: SourceFactors = own.value
-    for pdf in batches:
-        total, count = 0.0, 0
-        for record in pdf.to_dict("records"):
-            block = Block.from_row(record)
-            y = src.gather(block.needed_ids, block.needed_counts)
-            lo = mine.offsets[block.block]
-            x = mine.factors[lo : mine.offsets[block.block + 1]]
-            rows = np.repeat(np.arange(len(block.ids)), np.diff(block.indptr))
-            predicted = np.einsum("ij,ij->i", x[rows], y[block.indices], dtype=np.float64)
-            total += float(np.sum((block.ratings - predicted) ** 2))
-            count += len(block.ratings)
-        yield pd.DataFrame({"sse": [total], "count": [count]})
+def block_squared_errors(stats: Dict[int, Dict[str, float]]) -> Tuple[float, int]:
+    """Total squared error and rating count over the blocks' STATS."""
+    return (
+        float(sum(s["sse"] for s in stats.values())),
+        int(sum(s["ratings"] for s in stats.values())),
+    )

@@ -21,17 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from spark_gpu_mf.executor.sorting import group_by_block, stable_argsort, unique_inverse
-
-if TYPE_CHECKING:
-    # Imported by the functions that build DataFrames (the distributed dataflows'): a fresh
-    # Python worker of the single-task dataflow, which builds none, starts 0.3 s sooner.
-    import pandas as pd
 
 BLOCK_SCHEMA = (
     "pkey int, block int, num_rows int, nnz long, positives long, ids binary, indptr binary, "
@@ -40,12 +34,30 @@ BLOCK_SCHEMA = (
 )
 
 
+BLOCK_ARROW = pa.schema(
+    [("pkey", pa.int32()), ("block", pa.int32()), ("num_rows", pa.int32()), ("nnz", pa.int64()),
+     ("positives", pa.int64())]
+    + [(name, pa.binary()) for name in ("ids", "indptr", "indices", "ratings", "needed_ids",
+                                        "needed_counts", "out_offsets", "out_rows")]
+)  # fmt: skip
+
+
 def to_bytes(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array).tobytes()
 
 
 def from_bytes(data: bytes, dtype) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype)
+
+
+def factor_table(ids: np.ndarray, factors: np.ndarray) -> pa.Table:
+    """Arrow ``(id int, features list<float>)`` of ``ids`` (n,) and ``factors`` (n, rank):
+    one flat float32 buffer, never a Python object per row."""
+    factors = np.ascontiguousarray(factors, dtype=np.float32)
+    n, rank = factors.shape
+    offsets = pa.array(np.arange(0, (n + 1) * rank, rank, dtype=np.int32))
+    features = pa.ListArray.from_arrays(offsets, pa.array(factors.reshape(-1)))
+    return pa.table({"id": pa.array(np.asarray(ids, np.int32)), "features": features})
 
 
 @dataclass
@@ -127,33 +139,6 @@ def build_block(
     }
 
 
-def build_partition_blocks(
-    pdf: pd.DataFrame, key_col: str, other_col: str, num_blocks: int, num_other_blocks: int
-) -> pd.DataFrame:
-    """applyInPandas body: all ratings of one partition key in, one row per block out."""
-    import pandas as pd
-
-    if pdf.empty:
-        return pd.DataFrame(columns=BLOCK_SCHEMA_COLUMNS)
-    return _partition_blocks(
-        int(pdf["pkey"].iloc[0]),
-        pdf[key_col].to_numpy(np.int32),
-        pdf[other_col].to_numpy(np.int32),
-        pdf["rating"].to_numpy(np.float32),
-        num_blocks,
-        num_other_blocks,
-    )
-
-
-def _partition_blocks(pkey, keys, others, ratings, num_blocks, num_other_blocks) -> pd.DataFrame:
-    import pandas as pd
-
-    rows = build_blocks(keys, others, ratings, num_blocks, num_other_blocks)
-    for row in rows:
-        row["pkey"] = pkey
-    return pd.DataFrame(rows, columns=BLOCK_SCHEMA_COLUMNS)
-
-
 def build_blocks(keys, others, ratings, num_blocks, num_other_blocks) -> list:
     """``build_block`` rows of every non-empty block of ``keys``' side, in block order."""
     bounds, keys, others, ratings = group_by_block(keys, others, ratings, num_blocks)
@@ -164,7 +149,6 @@ def build_blocks(keys, others, ratings, num_blocks, num_other_blocks) -> list:
     ]
 
 
-BLOCK_SCHEMA_COLUMNS = [field.split()[0] for field in BLOCK_SCHEMA.split(", ")]
 
 PACKED_SCHEMA = "pkey int, keys binary, others binary, ratings binary"
 
@@ -208,21 +192,22 @@ _PACKED_ARROW = pa.schema(
 )
 
 
-def build_packed_blocks(pdf: pd.DataFrame, num_blocks: int, num_other_blocks: int) -> pd.DataFrame:
-    """applyInPandas body: one partition key's packed ratings (``pack_ratings``) to blocks."""
-    import pandas as pd
-
-    if pdf.empty:
-        return pd.DataFrame(columns=BLOCK_SCHEMA_COLUMNS)
+def build_packed_blocks(table: pa.Table, num_blocks: int, num_other_blocks: int) -> pa.Table:
+    """Arrow groupBy body: one partition key's packed ratings (``pack_ratings``) to blocks."""
+    if table.num_rows == 0:
+        return pa.Table.from_pylist([], schema=BLOCK_ARROW)
 
     def joined(column, dtype):
-        return np.concatenate([from_bytes(v, dtype) for v in pdf[column]])
+        return np.concatenate([from_bytes(v, dtype) for v in table.column(column).to_pylist()])
 
-    return _partition_blocks(
-        int(pdf["pkey"].iloc[0]),
+    pkey = int(table.column("pkey")[0].as_py())
+    rows = build_blocks(
         joined("keys", np.int32),
         joined("others", np.int32),
         joined("ratings", np.float32),
         num_blocks,
         num_other_blocks,
     )
+    for row in rows:
+        row["pkey"] = pkey
+    return pa.Table.from_pylist(rows, schema=BLOCK_ARROW)

@@ -9,7 +9,6 @@ parallel threads), so it returns the same factors, one job instead of twenty.
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Dict, Iterator, List
@@ -18,14 +17,23 @@ import numpy as np
 import pyarrow as pa
 
 from spark_gpu_mf.backends.numpy_backend import take_phase_seconds
-from spark_gpu_mf.backends.spark_random import initial_factors
-from spark_gpu_mf.executor.als_tasks import SourceFactors, TaskSettings, _solve, gram_in_block_order
+from spark_gpu_mf.backends.residuals import squared_error
+from spark_gpu_mf.executor.als_tasks import (
+    SourceFactors,
+    TaskSettings,
+    gram_in_block_order,
+    layout,
+    solve_block,
+)
+from spark_gpu_mf.executor.alternation import ITEMS, USERS, alternate, rmse, starting_factors
 from spark_gpu_mf.executor.blocks import Block, build_blocks
 from spark_gpu_mf.executor.runtime import limit_blas_threads
 
-# One output row per factor block, plus one row per iteration (side = ITERATION) and one status
-# row (side = STATUS) so the driver can raise Spark's errors itself.
-USERS, ITEMS, ITERATION, STATUS = 0, 1, 2, 3
+# One output row per factor block, plus one row per iteration (side = ITERATION, value = its
+# seconds; side = TRAIN_RMSE, value = the training RMSE when asked) and status rows (side =
+# STATUS) so the driver can raise Spark's errors itself.
+SIDE_CODES = {USERS: 0, ITEMS: 1}
+ITERATION, STATUS, TRAIN_RMSE = 2, 3, 4
 # Status rows: block = what the value is. TOO_WIDE: the rows of the larger side, when its
 # factors exceed what one task may hold (nothing else follows).
 EMPTY, POSITIVES, HERMITIAN, SOLVE, TOO_WIDE = 0, 1, 2, 3, 4
@@ -48,15 +56,6 @@ def _blocks_of_both_sides(users, items, ratings, num_user_blocks, num_item_block
     return user_side.result(), item_side.result()
 
 
-def _layout(blocks: Dict[int, Block], num_blocks: int, factors: Dict[int, np.ndarray], yty):
-    offsets = np.zeros(num_blocks + 1, np.int64)
-    for b in range(num_blocks):
-        offsets[b + 1] = offsets[b] + (len(blocks[b].ids) if b in blocks else 0)
-    ids = np.concatenate([blocks[b].ids for b in sorted(blocks)])
-    matrix = np.concatenate([factors[b] for b in sorted(blocks)])
-    return SourceFactors(ids=ids, offsets=offsets, factors=matrix, yty=yty)
-
-
 def _reading_all_sources(blocks: Dict[int, Block], source: SourceFactors) -> Dict[int, Block]:
     """The blocks with ``indices`` pointing straight into ``source.factors``.
 
@@ -77,14 +76,62 @@ def _reading_all_sources(blocks: Dict[int, Block], source: SourceFactors) -> Dic
     return remapped
 
 
-def _solve_side(pool, blocks, source: SourceFactors, previous, settings: TaskSettings):
-    """New factors of every block; ``blocks`` read ``source.factors`` in place."""
+class _InTask:
+    """The single task's dataflow: both sides in this process, each block reading the other
+    side's factor matrix in place, blocks solved by the pool's threads."""
 
-    def solve(b):
-        warm = previous[b] if previous is not None else None
-        return b, _solve(blocks[b], source.factors, warm, settings, source.yty)
+    def __init__(self, pool, settings: TaskSettings, blocks, num_blocks, seeds, training_rmse):
+        self.pool = pool
+        self.settings = settings
+        self.blocks = blocks
+        self.num_blocks = num_blocks
+        self.training_rmse = training_rmse
+        rank = settings.config.rank
+        self.factors = {
+            side: starting_factors({b: len(k.ids) for b, k in blocks[side].items()}, rank, seed)
+            for side, seed in seeds.items()
+        }
+        # The layouts' row order is fixed by the blocks' ids, so each block's reads are mapped
+        # once.
+        self.readers = {
+            side: _reading_all_sources(blocks[side], self._source(_other(side), gram=False))
+            for side in blocks
+        }
 
-    return dict(pool.map(solve, sorted(blocks)))
+    def _source(self, side: str, gram: bool = True) -> SourceFactors:
+        factors = self.factors[side]
+        yty = gram_in_block_order(factors) if gram and self.settings.config.implicit else None
+        ids = {b: k.ids for b, k in self.blocks[side].items()}
+        return layout(ids, factors, self.num_blocks[side], yty)
+
+    def solve(self, side: str, iteration: int) -> None:
+        source = self._source(_other(side))
+        readers = self.readers[side]
+        previous = self.factors[side] if self.settings.config.warm_start else None
+
+        def solve(b):
+            warm = previous[b] if previous is not None else None
+            reader = readers[b]
+            return b, solve_block(
+                reader, reader.indices, source.factors, warm, self.settings, source.yty
+            )
+
+        self.factors[side] = dict(self.pool.map(solve, sorted(readers)))
+
+    def finish_iteration(self, iteration: int) -> Dict[str, float]:
+        if not self.training_rmse:
+            return {}
+        source = self._source(ITEMS, gram=False).factors
+        sse, count = 0.0, 0
+        for b, reader in self.readers[USERS].items():
+            own = self.factors[USERS][b]
+            sse += squared_error(reader.indptr, reader.indices, reader.ratings, own, source)
+            count += len(reader.ratings)
+        return {"trainRmse": rmse(sse, count)}
+
+
+def _other(side: str) -> str:
+    return ITEMS if side == USERS else USERS
 
 
 def _batch(side: int, block: int, ids: bytes | None, factors: bytes | None, value: float):
@@ -112,24 +159,24 @@ def train_in_one_task(
     max_iter: int,
     threads: int,
     max_factor_rows: int,
+    training_rmse: bool = False,
 ) -> Iterator[pa.RecordBatch]:
     """mapInArrow body: every rating of the fit in, every factor block and timing out.
 
     ``threads`` threads solve the blocks, each with ``settings.blas_threads`` BLAS threads, set
     once for the task: threadpoolctl's limits are process-wide (per-block limits from parallel
-    threads would race), and setting them for each block's solve made a 1M-rating fit 1.29 s
-    instead of 0.98 s (iterations 0.77 s instead of 0.55 s, the solves themselves unchanged).
+    threads would race, and cost ~1 ms a call).
     """
     with limit_blas_threads(settings.blas_threads):
         yield from _train(
             batches, replace(settings, blas_threads=0), num_user_blocks, num_item_blocks,
-            user_seed, item_seed, max_iter, threads, max_factor_rows,
+            user_seed, item_seed, max_iter, threads, max_factor_rows, training_rmse,
         )  # fmt: skip
 
 
 def _train(
     batches, settings, num_user_blocks, num_item_blocks, user_seed, item_seed, max_iter, threads,
-    max_factor_rows,
+    max_factor_rows, training_rmse,
 ):  # fmt: skip
     parts = list(batches)
     if not parts or sum(len(p) for p in parts) == 0:
@@ -152,45 +199,30 @@ def _train(
         if widest > max_factor_rows:
             yield _batch(STATUS, TOO_WIDE, None, None, float(widest))
             return
-        rank = settings.config.rank
-        user_factors = {
-            b: initial_factors(len(k.ids), rank, user_seed, b) for b, k in user_blocks.items()
-        }
-        item_factors = {
-            b: initial_factors(len(k.ids), rank, item_seed, b) for b, k in item_blocks.items()
-        }
-        warm = settings.config.solver == "cg" and not settings.config.nonnegative
-        implicit = settings.config.implicit
-        # The layouts' row order is fixed by the blocks' ids, so each block's reads are mapped once.
-        item_readers = _reading_all_sources(
-            item_blocks, _layout(user_blocks, num_user_blocks, user_factors, None)
+        dataflow = _InTask(
+            pool,
+            settings,
+            blocks={USERS: user_blocks, ITEMS: item_blocks},
+            num_blocks={USERS: num_user_blocks, ITEMS: num_item_blocks},
+            seeds={USERS: user_seed, ITEMS: item_seed},
+            training_rmse=training_rmse,
         )
-        user_readers = _reading_all_sources(
-            user_blocks, _layout(item_blocks, num_item_blocks, item_factors, None)
-        )
+        iterations = []
         take_phase_seconds()
-        for iteration in range(1, max_iter + 1):
-            started = time.perf_counter()
-            user_yty = gram_in_block_order(user_factors) if implicit else None
-            source = _layout(user_blocks, num_user_blocks, user_factors, user_yty)
-            item_factors = _solve_side(
-                pool, item_readers, source, item_factors if warm else None, settings
-            )
-            item_yty = gram_in_block_order(item_factors) if implicit else None
-            source = _layout(item_blocks, num_item_blocks, item_factors, item_yty)
-            user_factors = _solve_side(
-                pool, user_readers, source, user_factors if warm else None, settings
-            )
-            yield _batch(ITERATION, iteration, None, None, time.perf_counter() - started)
+        alternate(
+            dataflow, max_iter, lambda i, seconds, metrics: iterations.append((i, seconds, metrics))
+        )
+    for iteration, seconds, metrics in iterations:
+        yield _batch(ITERATION, iteration, None, None, seconds)
+        if "trainRmse" in metrics:
+            yield _batch(TRAIN_RMSE, iteration, None, None, metrics["trainRmse"])
     phases = take_phase_seconds()  # summed over the threads, like the distributed tasks' seconds
     yield _batch(STATUS, HERMITIAN, None, None, phases["hermitian"])
     yield _batch(STATUS, SOLVE, None, None, phases["solve"])
-    for side, blocks, factors in (
-        (USERS, user_blocks, user_factors),
-        (ITEMS, item_blocks, item_factors),
-    ):
+    for side, blocks in ((USERS, user_blocks), (ITEMS, item_blocks)):
         for b in sorted(blocks):
-            yield _batch(side, b, blocks[b].ids.tobytes(), factors[b].tobytes(), 0.0)
+            factors = dataflow.factors[side][b]
+            yield _batch(SIDE_CODES[side], b, blocks[b].ids.tobytes(), factors.tobytes(), 0.0)
 
 
 def run_on_ipc_messages(messages: Iterator[bytes], body, schema: pa.Schema) -> Iterator[dict]:
@@ -202,15 +234,18 @@ def run_on_ipc_messages(messages: Iterator[bytes], body, schema: pa.Schema) -> I
 
 
 def decode_result(rows: List[dict], rank: int):
-    """Driver side: ``(status, iteration seconds, {side: (ids, factors)})`` from the task's rows."""
+    """Driver side: ``(status, [(iteration, seconds, metrics)], {side: (ids, factors)})`` from
+    the task's rows."""
     status = {r["block"]: r["value"] for r in rows if r["side"] == STATUS}
-    seconds = [
-        r["value"]
+    rmse_by_iteration = {r["block"]: r["value"] for r in rows if r["side"] == TRAIN_RMSE}
+    iterations = [
+        (r["block"], r["value"],
+         {"trainRmse": rmse_by_iteration[r["block"]]} if r["block"] in rmse_by_iteration else {})
         for r in sorted((r for r in rows if r["side"] == ITERATION), key=lambda r: r["block"])
-    ]
+    ]  # fmt: skip
     sides = {}
-    for side in (USERS, ITEMS):
-        parts = sorted((r for r in rows if r["side"] == side), key=lambda r: r["block"])
+    for side, code in SIDE_CODES.items():
+        parts = sorted((r for r in rows if r["side"] == code), key=lambda r: r["block"])
         if parts:
             sides[side] = (
                 np.concatenate([np.frombuffer(r["ids"], np.int32) for r in parts]),
@@ -218,4 +253,4 @@ def decode_result(rows: List[dict], rank: int):
                     [np.frombuffer(r["factors"], np.float32).reshape(-1, rank) for r in parts]
                 ),
             )
-    return status, seconds, sides
+    return status, iterations, sides

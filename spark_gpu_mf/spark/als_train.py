@@ -1,9 +1,14 @@
-"""Driver side of ALS training: blocks, the iteration loop, and the model's factor DataFrames.
+"""Driver side of ALS training: blocks, the dataflow, and the model's factor DataFrames.
 
-The math runs on executors (``spark_gpu_mf.executor``); this module only builds DataFrames,
-chooses the dataflow and keeps the loop's state. Order and semantics follow Spark's ``ALS.train``:
-items are solved first from the users' starting factors, ``maxIter`` full iterations, the same
-starting factors for the same seed.
+The math runs on executors (``spark_gpu_mf.executor``) and the alternation is written once
+(``executor.alternation.alternate``). This module builds the DataFrames of the distributed
+dataflow, chooses between the dataflows and keeps the fit's state. Order and semantics follow
+Spark's ``ALS.train``: items are solved first from the users' starting factors, ``maxIter`` full
+iterations, the same starting factors for the same seed.
+
+Everything here goes through the DataFrame API, so a fit runs on classic and Spark Connect
+sessions alike; on a classic session the JVM's shortcuts (Arrow batches straight from the JVM,
+plans cut to one node) give the same factors sooner.
 """
 
 from __future__ import annotations
@@ -14,32 +19,34 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
-import numpy as np
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from spark_gpu_mf import conf
-from spark_gpu_mf.backends.numpy_backend import SolveConfig
-from spark_gpu_mf.backends.spark_random import factor_seeds, initial_factors
+from spark_gpu_mf.backends.solve_config import SolveConfig
+from spark_gpu_mf.backends.spark_random import factor_seeds
 from spark_gpu_mf.errors import illegal_argument
 from spark_gpu_mf.executor import als_tasks, single_task
 from spark_gpu_mf.executor.als_tasks import (
+    FACTORS,
+    GRAM,
     OUTBOX_SCHEMA,
     OWN,
-    SOLVED_SCHEMA,
-    SourceFactors,
+    STATS,
+    Route,
     TaskSettings,
 )
+from spark_gpu_mf.executor.alternation import ITEMS, USERS, alternate, rmse
 from spark_gpu_mf.executor.binding import bind, bind_pair
 from spark_gpu_mf.executor.blocks import (
     BLOCK_SCHEMA,
     PACKED_SCHEMA,
     build_packed_blocks,
-    from_bytes,
     pack_ratings,
 )
 from spark_gpu_mf.executor.runtime import BackendChoice
+from spark_gpu_mf.spark import session
 from spark_gpu_mf.spark.arrow_input import map_in_arrow_rows
 from spark_gpu_mf.spark.factors import FACTORS_SCHEMA, factors_dataframe
 from spark_gpu_mf.spark.partitioning import partition_keys
@@ -92,10 +99,6 @@ class AlsJob:
             memory_budget_bytes=self.memory_budget,
         )
 
-    @property
-    def warm_start(self) -> bool:
-        return self.solver == "cg" and not self.nonnegative
-
 
 @dataclass
 class Side:
@@ -110,7 +113,6 @@ class Side:
     nnz: int
     positives: int
     seed: int
-    ids: Optional[Dict[int, np.ndarray]] = None
 
     @property
     def keys(self) -> tuple:
@@ -129,37 +131,49 @@ class TrainResult:
     cached: List[DataFrame] = field(default_factory=list)
 
 
+
 def _blas_threads(spark: SparkSession, requested: int, num_partitions: int) -> int:
     """Threads per task so that concurrent tasks x threads stay within the cores."""
     if requested > 0:
         return requested
-    sc = spark.sparkContext
-    task_cpus = int(sc.getConf().get("spark.task.cpus", "1"))
-    spare = max(1, sc.defaultParallelism // max(1, num_partitions))
+    task_cpus = int(session.conf_value(spark, "spark.task.cpus", "1") or 1)
+    spare = max(1, session.default_parallelism(spark) // max(1, num_partitions))
     return max(1, task_cpus * spare)
 
 
+def _task_threads(spark: SparkSession) -> int:
+    """Cores one task may use when it is the only task running: the local machine's (local
+    mode) or one executor's."""
+    if session.is_local(spark):
+        return session.default_parallelism(spark)
+    return max(1, int(session.conf_value(spark, "spark.executor.cores", "1") or 1))
+
+
 class _Trainer:
+    """One fit: the cached state, the dataflow choice, the summary."""
+
     def __init__(self, spark: SparkSession, ratings: DataFrame, job: AlsJob):
         self.spark = spark
-        self.sc = spark.sparkContext
         self.ratings = ratings
         self.job = job
+        self.fit_id = uuid.uuid4().hex
         self.cached: List[DataFrame] = []
         self.summary = TrainingSummary(algorithm="als")
         self.checkpoint_paths: Dict[str, str] = {}
         self.truncated_from: Dict[int, DataFrame] = {}
 
-    # ---------------------------------------------------------------- setup
-    def _describe(self, text: str) -> None:
-        self.sc.setJobDescription(f"spark_gpu_mf ALS: {text}")
+    # ---------------------------------------------------------------- caching
+    def describe(self, text: Optional[str]) -> None:
+        session.set_job_description(
+            self.spark, None if text is None else f"spark_gpu_mf ALS: {text}"
+        )
 
-    def _persist(self, df: DataFrame, level: StorageLevel) -> DataFrame:
-        df = df.persist(level)
+    def persist(self, df: DataFrame, level: Optional[StorageLevel] = None) -> DataFrame:
+        df = df.persist(level or self.job.intermediate_level)
         self.cached.append(df)
         return df
 
-    def _unpersist(self, df: Optional[DataFrame]) -> None:
+    def unpersist(self, df: Optional[DataFrame]) -> None:
         if df is None:
             return
         df = self.truncated_from.pop(id(df), df)
@@ -167,49 +181,37 @@ class _Trainer:
         if df in self.cached:
             self.cached.remove(df)
 
-    def _build_side(
-        self, name: str, key: str, other: str, num_blocks: int, num_other: int, seed: int
-    ) -> Side:
-        parallelism = max(1, self.sc.defaultParallelism)
-        num_partitions = min(num_blocks, parallelism)
-        # Ratings travel packed, one row per (input batch, partition key), not one per rating.
-        packed = (
-            self.ratings.select(key, other, "rating")
-            .mapInArrow(
-                bind(
-                    pack_ratings,
-                    key_col=key,
-                    other_col=other,
-                    num_blocks=num_blocks,
-                    partition_keys=partition_keys(num_partitions),
-                ),
-                PACKED_SCHEMA,
-            )
-            .repartition(num_partitions, "pkey")
-        )
-        blocks = packed.groupBy("pkey").applyInPandas(
-            bind(build_packed_blocks, num_blocks=num_blocks, num_other_blocks=num_other),
-            BLOCK_SCHEMA,
-        )
-        blocks = self._persist(blocks, self.job.intermediate_level)
-        self._describe(f"build {name} blocks")
-        meta = blocks.select("block", "num_rows", "nnz", "positives").collect()
-        return Side(
-            name=name,
-            blocks=blocks,
-            num_blocks=num_blocks,
-            num_partitions=num_partitions,
-            block_ids=sorted(int(r.block) for r in meta),
-            num_rows={int(r.block): int(r.num_rows) for r in meta},
-            nnz=sum(int(r.nnz) for r in meta),
-            positives=sum(int(r.positives) for r in meta),
-            seed=seed,
-        )
+    def truncated(self, persisted: DataFrame) -> DataFrame:
+        """The same rows as ``persisted`` under a one-node logical plan (classic sessions).
 
-    def _settings(self, side: Side) -> TaskSettings:
-        return self._settings_for(side.num_partitions)
+        Each half-iteration reads the other side's and its own last outbox, so the plan of
+        iteration t would hold the whole history; Spark would re-analyze it in every later
+        query. Reading the persisted rows through ``queryExecution.toRdd`` keeps the RDD lineage
+        (recomputable if an executor is lost) while the plan stays a single scan. Every consumer
+        of an outbox streams its rows into a shuffle, Arrow or Parquet, so reused row buffers
+        are safe. A Connect session has no such handle: its plans grow by one half-iteration
+        each, and checkpoints (``checkpointInterval``) cut them.
+        """
+        if session.is_connect(self.spark):
+            return persisted
+        jdf = persisted._jdf
+        rows = jdf.queryExecution().toRdd()
+        flat = DataFrame(
+            self.spark._jsparkSession.internalCreateDataFrame(rows, jdf.schema(), False),
+            self.spark,
+        )
+        self.truncated_from[id(flat)] = persisted
+        return flat
 
-    def _settings_for(self, num_partitions: int) -> TaskSettings:
+    def release(self, keep: List[DataFrame]) -> None:
+        """Unpersist everything cached during training except the model's factor DataFrames."""
+        for df in list(self.cached):
+            if df not in keep:
+                self.unpersist(df)
+        for path in self.checkpoint_paths.values():
+            _delete_checkpoint(self.spark, path)
+
+    def settings(self, num_partitions: int) -> TaskSettings:
         return TaskSettings(
             config=self.job.solve_config(),
             backend=BackendChoice.for_session(self.spark, self.job.backend),
@@ -217,85 +219,51 @@ class _Trainer:
             fail_first_attempt=self.job.fail_first_attempt,
         )
 
-    # ---------------------------------------------------------------- main loop
+    def record(self, iteration: int, seconds: float, metrics: Optional[dict] = None) -> None:
+        entry = {"iteration": iteration, "seconds": seconds}
+        entry.update(metrics or {})
+        self.summary.iterations.append(entry)
+        extra = "".join(f", {k} {v:.6g}" for k, v in (metrics or {}).items() if v is not None)
+        logger.info("ALS iteration %d/%d: %.3fs%s", iteration, self.job.max_iter, seconds, extra)
+
+    def finalize(self, df: DataFrame) -> DataFrame:
+        """Persist factors at ``finalStorageLevel`` (lazily; ``materialize`` runs them)."""
+        return df if self.job.final_level is None else df.persist(self.job.final_level)
+
+    # ---------------------------------------------------------------- the fit
     def run(self) -> TrainResult:
         job = self.job
         started = time.perf_counter()
         user_seed, item_seed = factor_seeds(job.seed)
         if not job.input_cached:
-            self.ratings = self._persist(self.ratings, job.intermediate_level)
-        self._describe("count ratings")
+            self.ratings = self.persist(self.ratings)
+        self.describe("count ratings")
         num_ratings = self.ratings.count()
         if num_ratings == 0:
             raise illegal_argument(f"requirement failed: No ratings available from {self.ratings}")
-        if self._fits_one_task(num_ratings):
+        trained = None
+        if num_ratings <= job.single_task_max_ratings:
             trained = self._run_single_task(user_seed, item_seed, started, num_ratings)
-            if trained is not None:
-                self.summary.total_seconds = time.perf_counter() - started
-                self.sc.setJobDescription(None)
-                return TrainResult(*trained, self.summary, self.cached)
-        users = self._build_side(
-            "user", "user", "item", job.num_user_blocks, job.num_item_blocks, user_seed
-        )
-        if users.nnz == 0:
-            raise illegal_argument(f"requirement failed: No ratings available from {self.ratings}")
-        if job.implicit and users.positives == 0:
-            raise _no_positive_rating()
-        items = self._build_side(
-            "item", "item", "user", job.num_item_blocks, job.num_user_blocks, item_seed
-        )
-        self._unpersist(self.ratings)
-        largest_factors = max(users.total_rows, items.total_rows) * job.rank * 4
-        broadcast = largest_factors <= job.broadcast_threshold
-        self.summary.details.update(
-            {
-                "dataflow": "broadcast" if broadcast else "messages",
-                "numUsers": users.total_rows,
-                "numItems": items.total_rows,
-                "numRatings": users.nnz,
-                "userPartitions": users.num_partitions,
-                "itemPartitions": items.num_partitions,
-            }
-        )
-        self.summary.setup_seconds = time.perf_counter() - started
-        logger.info(
-            "ALS: %d users, %d items, %d ratings, rank %d; %s dataflow; setup %.2fs",
-            users.total_rows,
-            items.total_rows,
-            users.nnz,
-            job.rank,
-            self.summary.details["dataflow"],
-            self.summary.setup_seconds,
-        )
-        if broadcast:
-            user_df, item_df = self._run_broadcast(users, items)
-        else:
-            user_df, item_df = self._run_messages(users, items)
+        if trained is None:
+            trained = self._run_distributed(user_seed, item_seed, started)
         self.summary.total_seconds = time.perf_counter() - started
-        self.sc.setJobDescription(None)
-        return TrainResult(user_df, item_df, self.summary, self.cached)
-
-    # ---------------------------------------------------------------- single-task dataflow
-    def _fits_one_task(self, num_ratings: int) -> bool:
-        """Small fits run in one task: Spark's ~0.1-0.2 s per job would outweigh the math. (The
-        task itself checks that both sides' factors fit ``broadcastThreshold``.)"""
-        job = self.job
-        return not job.training_rmse and num_ratings <= job.single_task_max_ratings
+        self.describe(None)
+        return TrainResult(*trained, self.summary, self.cached)
 
     def _run_single_task(self, user_seed: int, item_seed: int, started: float, num_ratings: int):
-        """``(user factors, item factors)``, or ``None`` when a side has more factors than
-        ``broadcastThreshold`` allows in one process (the task stops after building blocks)."""
+        """``(user factors, item factors)`` from one task, or ``None`` when a side has more
+        factors than ``broadcastThreshold`` allows in one process (the task stops after
+        building blocks). Small fits run in one task: Spark's ~0.1-0.2 s per stage would
+        outweigh the math."""
         job = self.job
-        settings = replace(self._settings_for(1), blas_threads=1)
-        self.summary.details["dataflow"] = "single task"
-        self._describe(f"{job.max_iter} iterations in one task")
+        self.describe(f"{job.max_iter} iterations in one task")
         # coalesce, not repartition: the ratings (or the input) are cached, and one task
         # reading the cached partitions costs less than shuffling every rating to it.
         rows = map_in_arrow_rows(
             self.ratings.coalesce(1),
             bind(
                 single_task.train_in_one_task,
-                settings=settings,
+                settings=replace(self.settings(1), blas_threads=1),
                 num_user_blocks=job.num_user_blocks,
                 num_item_blocks=job.num_item_blocks,
                 user_seed=user_seed,
@@ -303,339 +271,304 @@ class _Trainer:
                 max_iter=job.max_iter,
                 threads=_task_threads(self.spark),
                 max_factor_rows=job.broadcast_threshold // (job.rank * 4),
+                training_rmse=job.training_rmse,
             ),
             single_task.SINGLE_TASK_SCHEMA,
         )
-        status, seconds, sides = single_task.decode_result(rows, job.rank)
+        status, iterations, sides = single_task.decode_result(rows, job.rank)
         if single_task.TOO_WIDE in status:
             logger.info(
                 "ALS: %d rows on one side exceed spark.gpumf.broadcastThreshold in one task; "
                 "using the distributed dataflow", int(status[single_task.TOO_WIDE]),
             )  # fmt: skip
-            del self.summary.details["dataflow"]
             return None
-        self._unpersist(self.ratings)
+        self.unpersist(self.ratings)
         if job.implicit and status.get(single_task.POSITIVES, 0.0) == 0:
             raise _no_positive_rating()
-        self.summary.details["phaseSeconds"] = {
-            "hermitian": status.get(single_task.HERMITIAN, 0.0),
-            "solve": status.get(single_task.SOLVE, 0.0),
-        }
-        (user_ids, user_factors), (item_ids, item_factors) = sides[0], sides[1]
+        (user_ids, user_factors), (item_ids, item_factors) = sides[USERS], sides[ITEMS]
         self.summary.details.update(
-            {"numUsers": len(user_ids), "numItems": len(item_ids), "numRatings": num_ratings}
+            {
+                "dataflow": "single task",
+                "numUsers": len(user_ids),
+                "numItems": len(item_ids),
+                "numRatings": num_ratings,
+                "phaseSeconds": {
+                    "hermitian": status.get(single_task.HERMITIAN, 0.0),
+                    "solve": status.get(single_task.SOLVE, 0.0),
+                },
+            }
         )
-        self.summary.setup_seconds = time.perf_counter() - started - sum(seconds)
+        self.summary.setup_seconds = (
+            time.perf_counter() - started - sum(seconds for _, seconds, _ in iterations)
+        )
         logger.info(
             "ALS: %d users, %d items, rank %d; single task dataflow",
             len(user_ids), len(item_ids), job.rank,
         )  # fmt: skip
-        for iteration, elapsed in enumerate(seconds, start=1):
-            self._record(iteration, elapsed)
-        users = factors_dataframe(self.spark, user_ids, user_factors)
-        items = factors_dataframe(self.spark, item_ids, item_factors)
-        users = self._finalize(users, "user", from_driver=True)
-        return users, self._finalize(items, "item", from_driver=True)
+        for iteration, seconds, metrics in iterations:
+            self.record(iteration, seconds, metrics)
+        # Made from arrays on the driver: nothing to materialize, nothing of the fit to keep.
+        users = self.finalize(factors_dataframe(self.spark, user_ids, user_factors))
+        return users, self.finalize(factors_dataframe(self.spark, item_ids, item_factors))
 
-    def _record(self, iteration: int, seconds: float, metrics: Optional[dict] = None) -> None:
-        entry = {"iteration": iteration, "seconds": seconds}
-        entry.update(metrics or {})
-        self.summary.iterations.append(entry)
-        extra = "".join(f", {k} {v:.6g}" for k, v in (metrics or {}).items())
-        logger.info("ALS iteration %d/%d: %.3fs%s", iteration, self.job.max_iter, seconds, extra)
-
-    # ---------------------------------------------------------------- broadcast dataflow
-    def _collect_ids(self, side: Side) -> None:
-        rows = side.blocks.select("block", "ids").collect()
-        side.ids = {int(r.block): from_bytes(r.ids, np.int32) for r in rows}
-
-    def _source(self, side: Side, factors: Dict[int, np.ndarray], yty) -> SourceFactors:
-        """Factors of one side laid out block after block, with empty slots for absent blocks."""
-        offsets = np.zeros(side.num_blocks + 1, np.int64)
-        for b in range(side.num_blocks):
-            offsets[b + 1] = offsets[b] + side.num_rows.get(b, 0)
-        ids = np.concatenate([side.ids[b] for b in side.block_ids])
-        matrix = np.concatenate([factors[b] for b in side.block_ids]).reshape(-1, self.job.rank)
-        return SourceFactors(ids=ids, offsets=offsets, factors=matrix, yty=yty)
-
-    def _initial(self, side: Side) -> Dict[int, np.ndarray]:
-        return {
-            b: initial_factors(side.num_rows[b], self.job.rank, side.seed, b)
-            for b in side.block_ids
-        }
-
-    def _half_broadcast(self, dst: Side, src: Side, src_factors, src_yty, previous, label):
+    def _build_sides(self, user_seed: int, item_seed: int) -> Dict[str, Side]:
+        """Both sides' blocks, cached under the partitioning their cogroups use; one job."""
         job = self.job
-        source = self.sc.broadcast(self._source(src, src_factors, src_yty))
-        warm = self.sc.broadcast(self._source(dst, previous, None)) if job.warm_start else None
-        self._describe(label)
-        try:
-            solved = (
-                dst.blocks.mapInPandas(
+        parallelism = session.default_parallelism(self.spark)
+        specs = {
+            USERS: ("user", "item", job.num_user_blocks, job.num_item_blocks, user_seed),
+            ITEMS: ("item", "user", job.num_item_blocks, job.num_user_blocks, item_seed),
+        }
+        frames = {}
+        for name, (key, other, num_blocks, num_other, _) in specs.items():
+            num_partitions = min(num_blocks, parallelism)
+            # Ratings travel packed, one row per (input batch, partition key), not per rating.
+            packed = (
+                self.ratings.select(key, other, "rating")
+                .mapInArrow(
                     bind(
-                        als_tasks.solve_with_broadcast,
-                        source=source,
-                        previous=warm,
-                        settings=self._settings(dst),
+                        pack_ratings,
+                        key_col=key,
+                        other_col=other,
+                        num_blocks=num_blocks,
+                        partition_keys=partition_keys(num_partitions),
                     ),
-                    SOLVED_SCHEMA,
+                    PACKED_SCHEMA,
                 )
-                .toArrow()
-                .to_pylist()
+                .repartition(num_partitions, "pkey")
             )
-        finally:
-            source.destroy()
-            if warm is not None:
-                warm.destroy()
-        factors = {
-            r["block"]: from_bytes(r["factors"], np.float32).reshape(-1, job.rank) for r in solved
+            blocks = packed.groupBy("pkey").applyInArrow(
+                bind(build_packed_blocks, num_blocks=num_blocks, num_other_blocks=num_other),
+                BLOCK_SCHEMA,
+            )
+            # Placed by a partitioning Spark knows (hash of pkey), so that each half-iteration's
+            # cogroup shuffles only the messages, never the blocks.
+            placed = self.persist(blocks.repartition(num_partitions, "pkey"))
+            frames[name] = (placed, num_partitions)
+        self.describe("build user and item blocks")
+        meta = (
+            frames[USERS][0]
+            .select(F.lit(USERS).alias("side"), "block", "num_rows", "nnz", "positives")
+            .unionByName(
+                frames[ITEMS][0].select(
+                    F.lit(ITEMS).alias("side"), "block", "num_rows", "nnz", "positives"
+                )
+            )
+            .collect()
+        )
+        sides = {}
+        for name, (_, _, num_blocks, _, seed) in specs.items():
+            rows = [r for r in meta if r.side == name]
+            sides[name] = Side(
+                name=name,
+                blocks=frames[name][0],
+                num_blocks=num_blocks,
+                num_partitions=frames[name][1],
+                block_ids=sorted(int(r.block) for r in rows),
+                num_rows={int(r.block): int(r.num_rows) for r in rows},
+                nnz=sum(int(r.nnz) for r in rows),
+                positives=sum(int(r.positives) for r in rows),
+                seed=seed,
+            )
+        return sides
+
+    def _run_distributed(self, user_seed: int, item_seed: int, started: float):
+        job = self.job
+        sides = self._build_sides(user_seed, item_seed)
+        users, items = sides[USERS], sides[ITEMS]
+        if users.nnz == 0:
+            raise illegal_argument(f"requirement failed: No ratings available from {self.ratings}")
+        if job.implicit and users.positives == 0:
+            raise _no_positive_rating()
+        self.unpersist(self.ratings)
+        largest_factors = max(users.total_rows, items.total_rows) * job.rank * 4
+        whole_blocks = largest_factors <= job.broadcast_threshold
+        self.summary.details.update(
+            {
+                "dataflow": "broadcast" if whole_blocks else "messages",
+                "numUsers": users.total_rows,
+                "numItems": items.total_rows,
+                "numRatings": users.nnz,
+                "userPartitions": users.num_partitions,
+                "itemPartitions": items.num_partitions,
+                "phaseSeconds": {"hermitian": 0.0, "solve": 0.0},
+            }
+        )
+        self.summary.setup_seconds = time.perf_counter() - started
+        logger.info(
+            "ALS: %d users, %d items, %d ratings, rank %d; %s dataflow; setup %.2fs",
+            users.total_rows, items.total_rows, users.nnz, job.rank,
+            self.summary.details["dataflow"], self.summary.setup_seconds,
+        )  # fmt: skip
+        exchange = _Exchange(self, sides, whole_blocks)
+        alternate(exchange, job.max_iter, self.record)
+        return exchange.factor_frames()
+
+
+class _Exchange:
+    """The distributed dataflow: each half-iteration is one Arrow cogroup per partition of the
+    solved side, its inbox (the other side's last outbox) shuffled to it by Spark.
+
+    Half-iterations are lazy; ``finish_iteration`` runs the iteration as one query that collects
+    the blocks' STATS rows (seconds, squared errors) and leaves both new outboxes cached: three
+    stages (two shuffles of messages, then the users' solve), whatever the sizes.
+    ``whole_blocks``: every partition receives whole source blocks (the broadcast dataflow);
+    else each block receives just the rows it needs (Spark's OutBlocks, the message dataflow).
+    """
+
+    def __init__(self, trainer: _Trainer, sides: Dict[str, Side], whole_blocks: bool):
+        self.trainer = trainer
+        self.job = trainer.job
+        self.sides = sides
+        self.routes = {
+            name: Route(other_keys=sides[_other(name)].keys, whole_blocks=whole_blocks)
+            for name in sides
         }
-        if sorted(factors) != dst.block_ids:
-            raise RuntimeError(f"ALS lost {dst.name} blocks: got {sorted(factors)}")
-        phases = self.summary.details.setdefault("phaseSeconds", {"hermitian": 0.0, "solve": 0.0})
-        for name in phases:
-            phases[name] += sum(r[name] for r in solved)
-        yty = None
-        if job.implicit:
-            yty = als_tasks.sum_in_block_order(
-                {
-                    r["block"]: from_bytes(r["gram"], np.float64).reshape(job.rank, job.rank)
-                    for r in solved
-                }
-            )
-        return factors, yty
+        self.replaced: List[DataFrame] = []
+        # The items' starting factors are read only by a warm start (or as the model, after
+        # zero iterations); persisting is lazy, so an unread outbox costs nothing.
+        self.outbox: Dict[str, DataFrame] = {
+            USERS: self._initial_outbox(USERS, send=True),
+            ITEMS: self._initial_outbox(ITEMS, send=False),
+        }
+        self._warn_if_never_checkpointed()
 
-    def _gram(self, factors: Dict[int, np.ndarray]):
-        return als_tasks.gram_in_block_order(factors) if self.job.implicit else None
-
-    def _run_broadcast(self, users: Side, items: Side):
-        job = self.job
-        self._collect_ids(users)
-        self._collect_ids(items)
-        user_factors, item_factors = self._initial(users), self._initial(items)
-        user_yty = self._gram(user_factors)
-        for iteration in range(1, job.max_iter + 1):
-            started = time.perf_counter()
-            item_factors, item_yty = self._half_broadcast(
-                items,
-                users,
-                user_factors,
-                user_yty,
-                item_factors,
-                f"iteration {iteration}/{job.max_iter}: solve items",
-            )
-            user_factors, user_yty = self._half_broadcast(
-                users,
-                items,
-                item_factors,
-                item_yty,
-                user_factors,
-                f"iteration {iteration}/{job.max_iter}: solve users",
-            )
-            metrics = None
-            if job.training_rmse:
-                metrics = {
-                    "trainRmse": self._train_rmse_broadcast(
-                        users, items, user_factors, item_factors
-                    )
-                }
-            self._record(iteration, time.perf_counter() - started, metrics)
-        return (
-            self._final_broadcast(users, user_factors),
-            self._final_broadcast(items, item_factors),
-        )
-
-    def _train_rmse_broadcast(self, users: Side, items: Side, user_factors, item_factors) -> float:
-        source = self.sc.broadcast(self._source(items, item_factors, None))
-        own = self.sc.broadcast(self._source(users, user_factors, None))
-        self._describe("training RMSE")
-        try:
-            rows = users.blocks.mapInPandas(
-                bind(als_tasks.squared_error, source=source, own=own, rank=self.job.rank),
-                "sse double, count long",
-            ).collect()
-        finally:
-            source.destroy()
-            own.destroy()
-        return float(np.sqrt(sum(r.sse for r in rows) / max(1, sum(r["count"] for r in rows))))
-
-    def _final_broadcast(self, side: Side, factors) -> DataFrame:
-        ids = np.concatenate([side.ids[b] for b in side.block_ids])
-        matrix = np.concatenate([factors[b] for b in side.block_ids])
-        return self._finalize(
-            factors_dataframe(self.spark, ids, matrix), side.name, from_driver=True
-        )
-
-    def _finalize(self, df: DataFrame, side_name: str, from_driver: bool = False) -> DataFrame:
-        """Persist the factors at ``finalStorageLevel``, materialized now unless they were made
-        from arrays on the driver (``from_driver``): those cost nothing to recompute and need
-        none of the training state ``release`` drops, so a job (two per fit, ~0.2 s each at 1M
-        ratings) would only move the caching to before the user's first action."""
-        if self.job.final_level is not None:
-            df = df.persist(self.job.final_level)
-            if not from_driver:
-                self._describe(f"materialize {side_name} factors")
-                df.count()
-        return df
-
-    # ---------------------------------------------------------------- message dataflow
-    def _checkpoint_dir(self) -> Optional[str]:
-        jdir = self.sc._jsc.sc().getCheckpointDir()
-        return jdir.get() if jdir.isDefined() else None
-
-    def _maybe_checkpoint(self, outbox: DataFrame, side: Side, iteration: int) -> DataFrame:
-        """Cut the lineage every ``checkpointInterval`` iterations, as Spark's ALS does.
-
-        The outbox is written as Parquet under the checkpoint directory and read back; the side's
-        previous checkpoint is deleted once the new one is in place. Spark checkpoints only the
-        item factors; with a warm-started solver each side also reads its own previous factors,
-        so both sides are checkpointed (else one side's chain keeps growing until the stack
-        overflows).
-        """
-        interval = self.job.checkpoint_interval
-        directory = self._checkpoint_dir()
-        if directory is None or interval == -1 or iteration % interval != 0:
-            return outbox
-        path = f"{directory.rstrip('/')}/spark-gpu-mf-als-{side.name}-{uuid.uuid4().hex}"
-        self._describe(f"checkpoint {side.name} factors, iteration {iteration}")
-        outbox.write.parquet(path)
-        reread = self._persist(self.spark.read.parquet(path), self.job.intermediate_level)
-        reread.count()
-        self._unpersist(outbox)
-        previous = self.checkpoint_paths.pop(side.name, None)
-        if previous is not None:
-            _delete_path(self.spark, previous)
-        self.checkpoint_paths[side.name] = path
-        return reread
-
-    def _partition_by_key(self, side: Side) -> None:
-        """Cache the side's blocks under a partitioning Spark knows (hash of ``pkey``), so that
-        each half-iteration's cogroup shuffles only the messages, never the blocks."""
-        keyed = self._persist(
-            side.blocks.repartition(side.num_partitions, "pkey"), self.job.intermediate_level
-        )
-        self._describe(f"place {side.name} blocks")
-        keyed.count()
-        self._unpersist(side.blocks)
-        side.blocks = keyed
-
-    def _initial_outbox(self, side: Side, other: Side) -> DataFrame:
-        job = self.job
-        outbox = side.blocks.mapInPandas(
+    def _initial_outbox(self, name: str, send: bool) -> DataFrame:
+        """Spark's starting factors of a side: sent on (users), or kept for the warm start."""
+        side = self.sides[name]
+        outbox = side.blocks.mapInArrow(
             bind(
                 als_tasks.initial_outbox,
-                rank=job.rank,
+                rank=self.job.rank,
                 side_seed=side.seed,
-                other_keys=other.keys,
-                other_blocks=other.block_ids,
-                implicit=job.implicit,
+                route=self.routes[name],
+                implicit=self.job.implicit,
             ),
             OUTBOX_SCHEMA,
         )
-        outbox = self._persist(outbox, job.intermediate_level)
-        self._describe(f"initialize {side.name} factors")
-        outbox.count()
-        return self._truncated(outbox)
+        if not send:
+            outbox = outbox.filter(F.col("kind") == OWN)
+        return self.trainer.persist(outbox)
 
-    def _half_messages(self, dst: Side, src: Side, src_outbox, dst_outbox, label) -> DataFrame:
-        job = self.job
-        messages = src_outbox.filter(F.col("kind") != OWN)
-        if job.warm_start:
-            messages = messages.unionByName(dst_outbox.filter(F.col("kind") == OWN))
-        messages = messages.repartition(dst.num_partitions, "pkey")
+    def solve(self, name: str, iteration: int) -> None:
+        dst, src = self.sides[name], self.sides[_other(name)]
+        config = self.job.solve_config()
+        inbox = self.outbox[src.name].filter(F.col("kind").isin(FACTORS, GRAM))
+        if config.warm_start:
+            inbox = inbox.unionByName(self.outbox[name].filter(F.col("kind") == OWN))
         solved = (
-            messages.groupBy("pkey")
+            inbox.repartition(dst.num_partitions, "pkey")
+            .groupBy("pkey")
             .cogroup(dst.blocks.groupBy("pkey"))
-            .applyInPandas(
+            .applyInArrow(
                 bind_pair(
-                    als_tasks.solve_from_messages,
-                    settings=self._settings(dst),
-                    other_keys=src.keys,
-                    other_blocks=src.block_ids,
-                    num_gram_parts=len(src.block_ids) if job.implicit else 0,
+                    als_tasks.solve_inbox,
+                    settings=self.trainer.settings(dst.num_partitions),
+                    route=self.routes[name],
+                    fit=self.trainer.fit_id,
+                    side=name,
+                    num_source_blocks=src.num_blocks,
+                    num_gram_parts=len(src.block_ids) if config.implicit else 0,
+                    training_error=self.job.training_rmse and name == USERS,
                 ),
                 OUTBOX_SCHEMA,
             )
         )
-        solved = self._persist(solved, job.intermediate_level)
-        self._describe(label)
-        solved.count()
-        return self._truncated(solved)
+        self.replaced.append(self.outbox[name])
+        self.outbox[name] = self.trainer.persist(solved)
 
-    def _truncated(self, persisted: DataFrame) -> DataFrame:
-        """The same rows as ``persisted`` under a one-node logical plan.
+    def finish_iteration(self, iteration: int) -> Dict[str, float]:
+        trainer, job = self.trainer, self.job
+        trainer.describe(f"iteration {iteration}/{job.max_iter}")
+        stats_rows = (
+            self.outbox[ITEMS]
+            .filter(F.col("kind") == STATS)
+            .select(F.lit(ITEMS).alias("side"), "src", "payload")
+            .unionByName(
+                self.outbox[USERS]
+                .filter(F.col("kind") == STATS)
+                .select(F.lit(USERS).alias("side"), "src", "payload")
+            )
+            .collect()
+        )
+        metrics = {}
+        phases = trainer.summary.details["phaseSeconds"]
+        for name in (ITEMS, USERS):
+            stats = als_tasks.read_stats(r for r in stats_rows if r.side == name)
+            if sorted(stats) != self.sides[name].block_ids:
+                raise RuntimeError(f"ALS lost {name} blocks: got {sorted(stats)}")
+            for phase in phases:
+                phases[phase] += sum(s[phase] for s in stats.values())
+            if name == USERS and job.training_rmse:
+                sse, count = als_tasks.block_squared_errors(stats)
+                metrics["trainRmse"] = rmse(sse, count)
+        for df in self.replaced:
+            trainer.unpersist(df)
+        self.replaced = []
+        # Cut the plans now that both outboxes are cached: cutting before would run each
+        # half-iteration as a job of its own.
+        for name in (ITEMS, USERS):
+            self.outbox[name] = trainer.truncated(self.outbox[name])
+        self._maybe_checkpoint(iteration)
+        return metrics
 
-        Each half-iteration reads both the other side's and its own previous outbox, so the
-        logical plan of iteration t would hold the whole history as a tree twice as large as the
-        one before; Spark would spend memory and time on it in every later query. Reading the
-        persisted rows through ``queryExecution.toRdd`` keeps the RDD lineage (recomputable if an
-        executor is lost) while the plan stays a single scan. Every consumer of the outbox streams
-        its rows into a shuffle, Arrow or Parquet, so reused row buffers are safe.
+    def _warn_if_never_checkpointed(self) -> None:
+        interval = self.job.checkpoint_interval
+        if interval != -1 and self.job.max_iter >= interval:
+            if session.checkpoint_dir(self.trainer.spark) is None:
+                logger.warning(
+                    "ALS checkpointing is off: no checkpoint directory is set "
+                    "(SparkContext.setCheckpointDir or spark.checkpoint.dir), so "
+                    "checkpointInterval=%d is ignored and the lineage grows with every "
+                    "iteration.",
+                    interval,
+                )
+
+    def _maybe_checkpoint(self, iteration: int) -> None:
+        """Cut the lineage every ``checkpointInterval`` iterations, as Spark's ALS does.
+
+        Each side's outbox (its factors and messages) is written as Parquet under the checkpoint
+        directory and read back; the side's previous checkpoint is deleted once the new one is in
+        place. Spark checkpoints only the item factors; with a warm-started solver each side
+        also reads its own previous factors, so both sides are checkpointed.
         """
-        jdf = persisted._jdf
-        rows = jdf.queryExecution().toRdd()
-        flat = DataFrame(
-            self.spark._jsparkSession.internalCreateDataFrame(rows, jdf.schema(), False), self.spark
-        )
-        self.truncated_from[id(flat)] = persisted
-        return flat
+        trainer = self.trainer
+        interval = self.job.checkpoint_interval
+        directory = session.checkpoint_dir(trainer.spark)
+        if directory is None or interval == -1 or iteration % interval != 0:
+            return
+        for name in (ITEMS, USERS):
+            outbox = self.outbox[name]
+            path = f"{directory.rstrip('/')}/spark-gpu-mf-als-{name}-{uuid.uuid4().hex}"
+            trainer.describe(f"checkpoint {name} factors, iteration {iteration}")
+            outbox.filter(F.col("kind") != STATS).write.parquet(path)
+            reread = trainer.persist(trainer.spark.read.parquet(path))
+            trainer.unpersist(outbox)
+            self.outbox[name] = reread
+            previous = trainer.checkpoint_paths.pop(name, None)
+            if previous is not None:
+                _delete_checkpoint(trainer.spark, previous)
+            trainer.checkpoint_paths[name] = path
 
-    def _run_messages(self, users: Side, items: Side):
-        job = self.job
-        if (
-            job.checkpoint_interval != -1
-            and self._checkpoint_dir() is None
-            and (job.max_iter >= job.checkpoint_interval)
-        ):
-            logger.warning(
-                "ALS checkpointing is off: no checkpoint directory is set "
-                "(SparkContext.setCheckpointDir), so checkpointInterval=%d is ignored and the "
-                "lineage grows with every iteration.",
-                job.checkpoint_interval,
+    def factor_frames(self):
+        """The model's ``(id, features)`` DataFrames, persisted at ``finalStorageLevel`` and,
+        unless that is NONE, materialized by one job."""
+        trainer = self.trainer
+        explode = bind(als_tasks.explode_outbox, rank=self.job.rank)
+        frames = [
+            trainer.finalize(
+                self.outbox[name].filter(F.col("kind") == OWN).mapInArrow(explode, FACTORS_SCHEMA)
             )
-        for side in (users, items):
-            self._partition_by_key(side)
-        user_outbox = self._initial_outbox(users, items)
-        item_outbox = self._initial_outbox(items, users)
-        for iteration in range(1, job.max_iter + 1):
-            started = time.perf_counter()
-            new_items = self._half_messages(
-                items,
-                users,
-                user_outbox,
-                item_outbox,
-                f"iteration {iteration}/{job.max_iter}: solve items",
-            )
-            self._unpersist(item_outbox)
-            item_outbox = self._maybe_checkpoint(new_items, items, iteration)
-            new_users = self._half_messages(
-                users,
-                items,
-                item_outbox,
-                user_outbox,
-                f"iteration {iteration}/{job.max_iter}: solve users",
-            )
-            self._unpersist(user_outbox)
-            user_outbox = (
-                self._maybe_checkpoint(new_users, users, iteration) if job.warm_start else new_users
-            )
-            self._record(iteration, time.perf_counter() - started)
-        explode = bind(als_tasks.explode_outbox, rank=job.rank)
-        user_df = self._finalize(
-            user_outbox.filter(F.col("kind") == OWN).mapInPandas(explode, FACTORS_SCHEMA), users
-        )
-        item_df = self._finalize(
-            item_outbox.filter(F.col("kind") == OWN).mapInPandas(explode, FACTORS_SCHEMA), items
-        )
-        return user_df, item_df
+            for name in (USERS, ITEMS)
+        ]
+        if self.job.final_level is not None:
+            trainer.describe("materialize user and item factors")
+            frames[0].unionByName(frames[1]).count()
+        return frames[0], frames[1]
 
-    def release(self, keep: List[DataFrame]) -> None:
-        """Unpersist everything cached during training except the model's factor DataFrames."""
-        for df in list(self.cached):
-            if df not in keep:
-                self._unpersist(df)
-        for path in self.checkpoint_paths.values():
-            _delete_path(self.spark, path)
+
+def _other(side: str) -> str:
+    return ITEMS if side == USERS else USERS
 
 
 def _no_positive_rating() -> Exception:
@@ -645,21 +578,10 @@ def _no_positive_rating() -> Exception:
     )
 
 
-def _task_threads(spark: SparkSession) -> int:
-    """Cores one task may use when it is the only task running: the local machine's (local
-    mode) or one executor's."""
-    sc = spark.sparkContext
-    if (sc.master or "").startswith("local"):
-        return max(1, sc.defaultParallelism)
-    return max(1, int(sc.getConf().get("spark.executor.cores", "1")))
-
-
-def _delete_path(spark: SparkSession, path: str) -> None:
-    jvm = spark.sparkContext._jvm
-    hpath = jvm.org.apache.hadoop.fs.Path(path)
-    fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+def _delete_checkpoint(spark: SparkSession, path: str) -> None:
     try:
-        fs.delete(hpath, True)
+        if not session.delete_path(spark, path):
+            logger.info("ALS checkpoint %s is left in place (the session cannot delete)", path)
     except Exception:  # a leftover checkpoint is harmless; never fail a fit for it
         logger.warning("could not delete checkpoint %s", path)
 
@@ -671,7 +593,7 @@ def train(spark: SparkSession, ratings: DataFrame, job: AlsJob) -> TrainResult:
         result = trainer.run()
     except BaseException:
         trainer.release(keep=[])
-        trainer.sc.setJobDescription(None)
+        trainer.describe(None)
         raise
     if job.final_level is not None:
         trainer.release(keep=[result.user_factors, result.item_factors])

@@ -12,21 +12,14 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
+from spark_gpu_mf.executor.blocks import factor_table
+
 FACTORS_SCHEMA = T.StructType(
     [
         T.StructField("id", T.IntegerType(), False),
         T.StructField("features", T.ArrayType(T.FloatType(), False), True),
     ]
 )
-
-
-def factor_table(ids: np.ndarray, factors: np.ndarray) -> pa.Table:
-    """Arrow table of ``ids`` (n,) and float32 ``factors`` (n, rank)."""
-    factors = np.ascontiguousarray(factors, dtype=np.float32)
-    n, rank = factors.shape
-    offsets = pa.array(np.arange(0, (n + 1) * rank, rank, dtype=np.int32))
-    features = pa.ListArray.from_arrays(offsets, pa.array(factors.reshape(-1)))
-    return pa.table({"id": pa.array(np.asarray(ids, np.int32)), "features": features})
 
 
 def factors_dataframe(spark: SparkSession, ids: np.ndarray, factors: np.ndarray) -> DataFrame:
