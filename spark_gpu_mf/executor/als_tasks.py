@@ -180,13 +180,17 @@ def gram_in_block_order(factors_by_block) -> np.ndarray:
 _BLOCKS: Dict[tuple, list] = {}
 
 
-def _decoded(fit: str, side: str, row: dict) -> list:
-    key = (fit, side, int(row["block"]))
+def _decoded(fit: str, side: str, blocks: pa.Table, index: int) -> list:
+    """Row ``index`` of ``blocks`` decoded, from this worker's cache when it has it (the row's
+    bytes are then never copied out of Arrow)."""
+    block_id = blocks.column("block")[index].as_py()
+    nnz = blocks.column("nnz")[index].as_py()
+    key = (fit, side, block_id)
     entry = _BLOCKS.get(key)
-    if entry is None or len(entry[0].ratings) != len(row["ratings"]) // 4:
+    if entry is None or len(entry[0].ratings) != nnz:
         if any(k[0] != fit for k in _BLOCKS):
             _BLOCKS.clear()  # a new fit: the last one's blocks are never read again
-        entry = _BLOCKS[key] = [Block.from_row(row), None]
+        entry = _BLOCKS[key] = [Block.from_row(blocks.slice(index, 1).to_pylist()[0]), None]
     return entry
 
 
@@ -338,9 +342,10 @@ def solve_inbox(
     inbox = _Inbox(messages, rank)
     yty = inbox.yty(num_gram_parts)
     whole = inbox.whole_source(num_source_blocks, yty) if route.whole_blocks else None
-    for row in blocks.to_pylist():
+    pkeys = blocks.column("pkey").to_pylist()
+    for index, own_key in enumerate(pkeys):
         started = time.perf_counter()
-        entry = _decoded(fit, side, row)
+        entry = _decoded(fit, side, blocks, index)
         block = entry[0]
         if whole is not None:
             src, indices = whole.factors, _remapped_indices(entry, whole)
@@ -357,7 +362,6 @@ def solve_inbox(
             if training_error
             else 0.0
         )
-        own_key = int(row["pkey"])
         _send(out, block, factors, own_key, route, settings.config.implicit)
         stats = [time.perf_counter() - started, phases["hermitian"], phases["solve"], sse,
                  float(len(block.ratings))]  # fmt: skip
