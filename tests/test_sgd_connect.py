@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 
 from spark_gpu_mf import MascotMF, PrunedMF
+from spark_gpu_mf.spark import session as sessions
 from spark_gpu_mf.spark.factors import collect_factors
 
 MASCOT = {"rank": 4, "maxIter": 3, "stepSize": 0.05, "initStd": 0.1, "numBlocks": 2, "seed": 7,
@@ -128,3 +129,10 @@ def test_classic_dataframe_dataflow_equals_the_shortcut(spark, frames):
     finally:
         spark.conf.unset("spark.gpumf.sgd.jvmShortcut")
     _assert_same_fit(shortcut, dataframe)
+
+
+def test_default_number_of_blocks_on_connect_is_the_task_slots(spark, connect_spark):
+    """Without ``spark.default.parallelism`` a Connect session counts ``range``'s partitions."""
+    with functions_for("connect"):
+        counted = sessions.range_partitions(connect_spark)
+    assert counted == spark.sparkContext.defaultParallelism == 2
