@@ -55,12 +55,38 @@ def spark(tmp_path_factory):
     session.stop()
 
 
+_CONNECT_MODE = "SPARK_CONNECT_MODE_ENABLED"
+
+
+@contextmanager
+def functions_for(kind: str):
+    """Make ``pyspark.sql.functions`` build columns for ``kind`` ("classic" or "connect") sessions.
+
+    pyspark picks classic or Connect functions by one process-wide variable, which creating a
+    Connect session sets; a user's process holds one kind of session, this one holds both.
+    """
+    before = os.environ.pop(_CONNECT_MODE, None)
+    if kind == "connect":
+        os.environ[_CONNECT_MODE] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(_CONNECT_MODE, None)
+        if before is not None:
+            os.environ[_CONNECT_MODE] = before
+
+
 @pytest.fixture(scope="session")
 def connect_spark(spark):
-    """A Spark Connect session to the run's application (pyspark[connect]'s client)."""
+    """A Spark Connect session to the run's application (pyspark[connect]'s client).
+
+    Code that builds columns for it runs inside ``functions_for("connect")`` (``any_spark`` does
+    that for its Connect variant); everywhere else the functions stay classic.
+    """
     from pyspark.sql import SparkSession
 
     session = SparkSession.builder.remote(f"sc://127.0.0.1:{CONNECT_PORT}").create()
+    os.environ.pop(_CONNECT_MODE, None)
     yield session
     session.stop()
 
@@ -70,8 +96,11 @@ def any_spark(request):
     """Parametrize a test over both kinds of session (API surface tests only: each Connect
     variant costs a round trip per call)."""
     if request.param == "classic":
-        return request.getfixturevalue("spark")
-    return request.getfixturevalue("connect_spark")
+        yield request.getfixturevalue("spark")
+        return
+    session = request.getfixturevalue("connect_spark")
+    with functions_for("connect"):
+        yield session
 
 
 @pytest.fixture

@@ -7,9 +7,6 @@ Only ``fit``, the factor DataFrames, ``summary`` and ``transform`` are used on C
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -17,33 +14,13 @@ import pytest
 from spark_gpu_mf import MascotMF, PrunedMF
 from spark_gpu_mf.spark import session as sessions
 from spark_gpu_mf.spark.factors import collect_factors
+from tests.conftest import functions_for
 
 MASCOT = {"rank": 4, "maxIter": 3, "stepSize": 0.05, "initStd": 0.1, "numBlocks": 2, "seed": 7,
           "backend": "numpy", "firstCheckEpoch": 1, "checkInterval": 1, "errorThreshold": 0.02,
           "numUserGroups": 3, "numItemGroups": 3}  # fmt: skip
 PRUNED = {"rank": 4, "maxIter": 3, "pruneStartEpoch": 1, "pruningRate": 0.3, "numBlocks": 2,
           "seed": 5, "backend": "numpy"}  # fmt: skip
-
-
-_CONNECT_MODE = "SPARK_CONNECT_MODE_ENABLED"
-
-
-@contextmanager
-def functions_for(kind: str):
-    """Make ``pyspark.sql.functions`` build columns for ``kind`` sessions in this block.
-
-    pyspark picks classic or Connect functions by one process-wide variable, which creating the
-    Connect session sets; this process holds both kinds of session, one process of a user one.
-    """
-    before = os.environ.pop(_CONNECT_MODE, None)
-    if kind == "connect":
-        os.environ[_CONNECT_MODE] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop(_CONNECT_MODE, None)
-        if before is not None:
-            os.environ[_CONNECT_MODE] = before
 
 
 def _fit(estimator, frames, kind):
