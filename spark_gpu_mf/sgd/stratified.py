@@ -23,6 +23,9 @@ in ``docs/mascot.md`` and ``docs/benchmarks.md``)
   the messages alone (the cells side keeps its cached partitioning, so no rating moves), and the
   last one's messages (all blocks and every cell's statistics) come back to the driver as
   Arrow. Between epochs the estimator may change any state in plain NumPy.
+* **Classic sessions** take a measured-faster road to the same factors unless
+  ``spark.gpumf.sgd.jvmShortcut`` is false: one RDD job per sub-epoch over the same cells, the
+  blocks in broadcasts (``jvm_epochs``).
 * **Determinism.** Rows are assigned to blocks by (count, id), cells are sorted canonically and
   shuffled with a seed derived from ``(seed, kind, user block, item block)``, the order of strata
   in epoch ``e`` is a permutation seeded by ``(seed, e)``, and statistics are summed in cell order.
