@@ -130,3 +130,11 @@ SINGLE_TASK_MAX_RATINGS = ConfKey(
     "per half-iteration, the blocks solved by parallel threads). 'auto': 20,000,000 with a local "
     "master (every task shares the one machine anyway), 2,000,000 on a cluster; 0 turns it off.",
 )
+SGD_JVM_SHORTCUT = ConfKey(
+    "spark.gpumf.sgd.jvmShortcut",
+    "true",
+    parse_bool,
+    "MascotMF/PrunedMF on a classic session: run each sub-epoch as one RDD job over the cached "
+    "cells with the blocks broadcast (faster, same factors; see docs/benchmarks.md). false: the "
+    "DataFrame dataflow that Spark Connect sessions always use.",
+)

@@ -22,7 +22,6 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from spark_gpu_mf import conf
 from spark_gpu_mf.errors import illegal_argument
 from spark_gpu_mf.model import COLD_START_STRATEGIES, ALSModel
 from spark_gpu_mf.params import BACKENDS, HasBackend, validate_params
@@ -372,9 +371,10 @@ class MascotMF(
         return dataset.select(*columns)
 
     def _job(self, spark) -> MascotJob:
+        from spark_gpu_mf.executor.runtime import BackendChoice
         from spark_gpu_mf.sgd.stratified import default_num_blocks
 
-        master = spark.sparkContext.master or ""
+        choice = BackendChoice.for_session(spark, self.getBackend())
         return MascotJob(
             rank=self.getRank(),
             max_iter=self.getMaxIter(),
@@ -392,9 +392,9 @@ class MascotMF(
             num_blocks=self.getNumBlocks() or default_num_blocks(spark),
             seed=self.getSeed(),
             has_validation=self._validation_col() is not None,
-            backend=self.getBackend(),
-            local_mode=master.startswith("local"),
-            cpu_fallback=conf.CPU_FALLBACK.get(spark),
+            backend=choice.requested,
+            local_mode=choice.local_mode,
+            cpu_fallback=choice.cpu_fallback,
         )
 
     def _fit(self, dataset: DataFrame) -> ALSModel:

@@ -15,7 +15,6 @@ from pyspark.ml.recommendation import _ALSModelParams
 from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 from pyspark.sql import DataFrame
 
-from spark_gpu_mf import conf
 from spark_gpu_mf.model import COLD_START_STRATEGIES, ALSModel
 from spark_gpu_mf.params import BACKENDS, HasBackend, validate_params
 from spark_gpu_mf.sgd.params import HasInitStd, HasNumBlocks, HasRank, HasRatingCol
@@ -267,9 +266,10 @@ class PrunedMF(
         return schema
 
     def _job(self, spark) -> PrunedJob:
+        from spark_gpu_mf.executor.runtime import BackendChoice
         from spark_gpu_mf.sgd.stratified import default_num_blocks
 
-        master = spark.sparkContext.master or ""
+        choice = BackendChoice.for_session(spark, self.getBackend())
         return PrunedJob(
             rank=self.getRank(),
             max_iter=self.getMaxIter(),
@@ -282,9 +282,9 @@ class PrunedMF(
             truncate_factors=self.getTruncateFactors(),
             num_blocks=self.getNumBlocks() or default_num_blocks(spark),
             seed=self.getSeed(),
-            backend=self.getBackend(),
-            local_mode=master.startswith("local"),
-            cpu_fallback=conf.CPU_FALLBACK.get(spark),
+            backend=choice.requested,
+            local_mode=choice.local_mode,
+            cpu_fallback=choice.cpu_fallback,
         )
 
     def _fit(self, dataset: DataFrame) -> ALSModel:

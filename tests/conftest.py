@@ -55,37 +55,44 @@ def spark(tmp_path_factory):
     session.stop()
 
 
-@pytest.fixture(scope="session")
-def _connect_session(spark):
-    from pyspark.sql.connect.session import SparkSession as RemoteSparkSession
+# pyspark picks classic or Connect code (``pyspark.sql.functions``, its ML classes) by one
+# process-wide variable, which creating a Connect session sets (``pyspark.sql.utils.is_remote``).
+# A user's process holds one kind of session; this one holds both, so the variable is set only
+# while a test works with the Connect session.
+_CONNECT_MODE = "SPARK_CONNECT_MODE_ENABLED"
 
-    session = RemoteSparkSession.builder.remote(f"sc://127.0.0.1:{CONNECT_PORT}").create()
+
+@contextmanager
+def functions_for(kind: str):
+    """Make pyspark build columns and run ML code for ``kind`` ("classic" or "connect")."""
+    before = os.environ.pop(_CONNECT_MODE, None)
+    if kind == "connect":
+        os.environ[_CONNECT_MODE] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(_CONNECT_MODE, None)
+        if before is not None:
+            os.environ[_CONNECT_MODE] = before
+
+
+@pytest.fixture(scope="session")
+def connect_session(spark):
+    """The run's Spark Connect client session (pyspark[connect]), to the classic session's
+    application; use it inside ``functions_for("connect")``."""
+    from pyspark.sql import SparkSession
+
+    with functions_for("classic"):
+        session = SparkSession.builder.remote(f"sc://127.0.0.1:{CONNECT_PORT}").create()
     yield session
     session.stop()
 
 
-@contextmanager
-def connect_mode():
-    """pyspark builds Columns for Spark Connect while ``SPARK_CONNECT_MODE_ENABLED`` is set (the
-    variable ``builder.remote`` sets for the whole process, which would turn the classic
-    session's functions into Connect's). Tests set it only while they use the Connect session."""
-    previous = os.environ.get("SPARK_CONNECT_MODE_ENABLED")
-    os.environ["SPARK_CONNECT_MODE_ENABLED"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["SPARK_CONNECT_MODE_ENABLED"]
-        else:
-            os.environ["SPARK_CONNECT_MODE_ENABLED"] = previous
-
-
 @pytest.fixture
-def connect_spark(_connect_session):
-    """A Spark Connect session to the run's application (pyspark[connect]'s client), in
-    Connect mode for the test's duration."""
-    with connect_mode():
-        yield _connect_session
+def connect_spark(connect_session):
+    """The Connect session, with pyspark in Connect mode for the duration of the test."""
+    with functions_for("connect"):
+        yield connect_session
 
 
 @pytest.fixture(params=["classic", "connect"])

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import pytest
 
 from spark_gpu_mf import ALS, datasets
 from spark_gpu_mf.spark import als_train
-from tests.conftest import DATAFLOW_CONFS, connect_mode, dataflow_confs
+from tests.conftest import DATAFLOW_CONFS, dataflow_confs, functions_for
 
 
 @pytest.mark.parametrize("name", ["broadcast", "messages"])
@@ -256,7 +254,7 @@ def test_every_dataflow_fits_the_same_factors_bit_for_bit(spark, params):
 
 @pytest.mark.parametrize("name", list(DATAFLOW_CONFS))
 def test_every_dataflow_fits_on_spark_connect_with_the_classic_factors(
-    spark, _connect_session, name
+    spark, connect_session, name
 ):
     """The fit goes through the DataFrame API alone: on a Connect session every dataflow runs
     (no SparkContext, RDD or broadcast variable) and gives the classic session's bits."""
@@ -264,8 +262,8 @@ def test_every_dataflow_fits_on_spark_connect_with_the_classic_factors(
 
     frame = datasets.generate_dataframe(spark, 3000, seed=9).toPandas()
     factors = {}
-    for kind, session in (("classic", spark), ("connect", _connect_session)):
-        with connect_mode() if kind == "connect" else nullcontext():
+    for kind, session in (("classic", spark), ("connect", connect_session)):
+        with functions_for(kind):
             ratings = session.createDataFrame(frame)
             with dataflow_confs(session, name):
                 model = ALS(rank=4, maxIter=2, seed=4, numUserBlocks=3, numItemBlocks=2).fit(

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spark_gpu_mf.backends.numba_intrinsics import from_half_bits, to_half_bits
 from spark_gpu_mf.sgd import mascot_cuda
-from spark_gpu_mf.sgd.half import from_half_bits, to_half_bits
 from spark_gpu_mf.sgd.mascot_numba import cell_sgd
 
 _TESTS = Path(__file__).resolve().parent

@@ -25,11 +25,16 @@ from pyspark.ml.recommendation import ALSModel as SparkALSModel
 from pyspark.ml.tuning import CrossValidator, ParamGridBuilder
 
 from spark_gpu_mf import MascotMF
+from spark_gpu_mf.backends.numba_intrinsics import (
+    float_to_half,
+    from_half_bits,
+    half_to_float,
+    to_half_bits,
+)
 from spark_gpu_mf.model import ALSModel
 from spark_gpu_mf.sgd import cells as cells_module
 from spark_gpu_mf.sgd import mascot_tasks
 from spark_gpu_mf.sgd.cells import Cell
-from spark_gpu_mf.sgd.half import float_to_half, from_half_bits, half_to_float, to_half_bits
 from spark_gpu_mf.sgd.mascot_groups import GroupPrecision, count_groups, is_check_epoch
 from spark_gpu_mf.sgd.mascot_numba import cell_sgd
 from spark_gpu_mf.sgd.mascot_train import learning_rate

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from pyspark import cloudpickle
+from pyspark.sql import functions as F
 
 from spark_gpu_mf.sgd import cells as cells_module
 from spark_gpu_mf.sgd.cells import TRAIN, VALIDATION, pack_arrays, unpack_arrays
@@ -134,19 +135,19 @@ def test_build_strata_covers_every_rating_once(spark):
         assert strata.num_validation == int(known.sum())
         assert strata.num_validation_unknown == int((validation & ~known).sum())
         seen = {TRAIN: [], VALIDATION: []}
-        assert strata.cells.getNumPartitions() == 2 * 3 * 3
-        partitions = strata.cells.glom().collect()
-        for index, records in enumerate(partitions):
-            assert len(records) <= 1  # one cell per partition
-            for key, (kind, ub, ib, users, items, ratings) in records:
-                assert key == index == strata.partition(kind, ub, ib)
-                u = np.frombuffer(users, np.int32)
-                i = np.frombuffer(items, np.int32)
-                r = np.frombuffer(ratings, np.float32)
-                sizes = strata.train_sizes if kind == TRAIN else strata.validation_sizes
-                assert len(u) == len(i) == len(r) == sizes[ub, ib] > 0
-                ids_u, ids_i = strata.users.ids[ub][u], strata.items.ids[ib][i]
-                seen[kind] += list(zip(ids_u.tolist(), ids_i.tolist(), r.tolist()))
+        table = strata.cells.withColumn("partition", F.spark_partition_id()).toArrow()
+        assert strata.cells.rdd.getNumPartitions() == 3
+        keys = set()
+        for row, cell in enumerate(cells_module.cells_of_table(table)):
+            ub, ib, kind = cell.user_block, cell.item_block, cell.kind
+            assert table.column("partition")[row].as_py() == ub  # a user block's cells together
+            assert table.column("stratum")[row].as_py() == (ib - ub) % 3
+            assert (kind, ub, ib) not in keys  # one row per cell
+            keys.add((kind, ub, ib))
+            sizes = strata.train_sizes if kind == TRAIN else strata.validation_sizes
+            assert len(cell.users) == len(cell.items) == len(cell) == sizes[ub, ib] > 0
+            ids_u, ids_i = strata.users.ids[ub][cell.users], strata.items.ids[ib][cell.items]
+            seen[kind] += list(zip(ids_u.tolist(), ids_i.tolist(), cell.ratings.tolist()))
         expected_train = sorted(zip(user[~validation].tolist(), item[~validation].tolist(),
                                     rating[~validation].tolist()))  # fmt: skip
         assert sorted(seen[TRAIN]) == expected_train
@@ -238,11 +239,18 @@ def _run(spark, frame, num_blocks, seed, epochs=3, lr=0.05, reg=0.02):
     return strata, runner, runs
 
 
-@pytest.mark.parametrize("num_blocks", [1, 3])
-def test_runner_matches_a_float64_reference_of_the_same_schedule(spark, num_blocks):
+@pytest.mark.parametrize(
+    "num_blocks, shortcut", [(1, True), (3, True), (3, False)], ids=["1-rdd", "3-rdd", "3-df"]
+)
+def test_runner_matches_a_float64_reference_of_the_same_schedule(spark, num_blocks, shortcut):
+    """Both roads of an epoch: the classic session's RDD shortcut and the DataFrame dataflow."""
     user, item, rating, validation = _data(seed=num_blocks)
     frame = _frame(spark, user, item, rating, validation)
-    strata, runner, runs = _run(spark, frame, num_blocks, seed=11)
+    spark.conf.set("spark.gpumf.sgd.jvmShortcut", str(shortcut).lower())
+    try:
+        strata, runner, runs = _run(spark, frame, num_blocks, seed=11)
+    finally:
+        spark.conf.unset("spark.gpumf.sgd.jvmShortcut")
     try:
         train = ~validation
         P, Q, sse = _reference(strata, user[train], item[train], rating[train], 3, 0.05, 0.02, 11)
@@ -257,7 +265,8 @@ def test_runner_matches_a_float64_reference_of_the_same_schedule(spark, num_bloc
             assert run.statistics["count"][1] == np.count_nonzero(strata.train_sizes)
             np.testing.assert_allclose(run.statistics["sse"], expected, rtol=1e-12)
             assert len(run.sub_epochs) == num_blocks
-            assert all(s.max_task_seconds <= s.seconds for s in run.sub_epochs)
+            assert all(0 < s.max_task_seconds <= s.sum_task_seconds for s in run.sub_epochs)
+            assert run.overhead_seconds < run.seconds
         assert runs[-1].statistics["sse"] < runs[0].statistics["sse"]
         stats, seconds = runner.evaluate(squared_error)  # on the driver: few ratings
         in_spark, _ = runner.evaluate(squared_error, on_driver=False)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from spark_gpu_mf.sgd.half import prefetch
+from spark_gpu_mf.backends.numba_intrinsics import prefetch
 
 __all__ = ["CHUNK", "solve_block"]
 

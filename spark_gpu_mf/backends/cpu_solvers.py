@@ -33,7 +33,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from spark_gpu_mf.sgd.half import float_to_half, half_to_float
+from spark_gpu_mf.backends.numba_intrinsics import float_to_half, half_to_float
 
 __all__ = ["cg", "cholesky_solve", "energy", "to_fp16"]
 

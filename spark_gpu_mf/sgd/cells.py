@@ -2,13 +2,15 @@
 
 A *cell* holds the ratings whose user lies in user block ``bu`` and whose item lies in item block
 ``bi``, as three aligned arrays of block-local row numbers and ratings, in a fixed, seeded order.
-Cells are built once per fit by :func:`build_cells` and cached as an RDD with one cell per
-partition; each sub-epoch then runs :func:`update_cells` on the partitions of one stratum (see
-``stratified.py``).
+Cells are built once per fit by :func:`build_cells` and cached as a DataFrame, the cells of user
+block ``p`` in partition ``p``. An epoch is one chain of cogroups (see ``stratified.py``): in each
+sub-epoch, :func:`run_sub_epoch` meets a user block's cell with *messages* (``MESSAGE_SCHEMA``
+rows: the packed state of the user block, of the item block it meets, and the statistics so far)
+and sends the item block on to the task that needs it next.
 
-Everything here is a plain module-level function over NumPy values, so it pickles small
-and is testable without Spark. Per-row state travels between driver and executors as
-:func:`pack_arrays` bytes: a JSON header and raw buffers, never pickle.
+Everything here is a plain module-level function over NumPy and Arrow values, so it pickles
+small and is testable without Spark. Per-row state travels as :func:`pack_arrays` bytes: a JSON
+header and raw buffers, never pickle.
 """
 
 from __future__ import annotations
@@ -22,32 +24,63 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 __all__ = [
-    "CELL_SCHEMA",
+    "BUILT_CELL_SCHEMA",
+    "ITEM",
+    "MESSAGE_SCHEMA",
+    "STATS",
     "TRAIN",
+    "USER",
     "VALIDATION",
     "Cell",
     "CellFunction",
-    "CellResult",
     "RowState",
     "build_cells",
     "cell_order",
     "cell_record",
     "cells_of",
-    "evaluate_cells",
+    "cells_of_table",
+    "evaluate_batches",
+    "item_destination",
+    "message_table",
     "pack_arrays",
+    "run_sub_epoch",
+    "state_message",
+    "sum_statistics",
     "unpack_arrays",
     "update_cells",
 ]
 
 TRAIN, VALIDATION = 0, 1
 
-# One row per non-empty (kind, user block, item block) cell. ``index`` is the cell's partition in
-# the cached cell RDD: ``bu * b + bi`` for training cells, ``b * b`` more for validation cells.
-CELL_SCHEMA = (
-    "index int, kind int, user_block int, item_block int, size long, users binary, "
-    "items binary, ratings binary"
+# One row per non-empty (kind, user block, item block) cell, as ``build_cells`` returns it.
+BUILT_CELL_SCHEMA = (
+    "kind int, user_block int, item_block int, size long, users binary, items binary, "
+    "ratings binary"
+)
+
+# What a message carries: a user block's state, an item block's state, or a cell's statistics.
+USER, ITEM, STATS = 0, 1, 2
+
+# ``pkey``: partition key of the task the message goes to (``spark.partitioning``);
+# ``payload``: ``pack_arrays`` bytes of the state or of the statistics; ``seconds``: time the
+# estimator's function took on the cell (statistics only).
+MESSAGE_ARROW_SCHEMA = pa.schema(
+    [
+        ("pkey", pa.int32()),
+        ("side", pa.int32()),
+        ("sub_epoch", pa.int32()),
+        ("user_block", pa.int32()),
+        ("item_block", pa.int32()),
+        ("payload", pa.binary()),
+        ("seconds", pa.float64()),
+    ]
+)
+MESSAGE_SCHEMA = (
+    "pkey int, side int, sub_epoch int, user_block int, item_block int, payload binary, "
+    "seconds double"
 )
 
 #: Per-row arrays of one block (factors and optimizer state); axis 0 is the block's rows.
@@ -163,11 +196,11 @@ def cell_order(
 
 
 def build_cells(frame: pd.DataFrame, *, seed: int) -> pd.DataFrame:
-    """``applyInPandas`` over one cell (group by ``index``): the cell as one ``CELL_SCHEMA`` row.
+    """``applyInPandas`` over one cell (group by kind and blocks): the cell as one row.
 
-    Input columns: ``index, kind, ub, ul, ib, il, rating`` (block and block-local row of the user
-    and the item). Training cells get the seeded shuffle of :func:`cell_order`; validation cells
-    keep the canonical sorted order (they are only read).
+    Input columns: ``kind, ub, ul, ib, il, rating`` (block and block-local row of the user and
+    the item). Training cells get the seeded shuffle of :func:`cell_order`; validation cells
+    keep the canonical sorted order (they are only read). Output: ``BUILT_CELL_SCHEMA``.
     """
     kind = int(frame["kind"].iat[0])
     user_block, item_block = int(frame["ub"].iat[0]), int(frame["ib"].iat[0])
@@ -180,7 +213,6 @@ def build_cells(frame: pd.DataFrame, *, seed: int) -> pd.DataFrame:
         order = np.lexsort((ratings, items, users))
     return pd.DataFrame(
         {
-            "index": [int(frame["index"].iat[0])],
             "kind": [kind],
             "user_block": [user_block],
             "item_block": [item_block],
@@ -192,8 +224,149 @@ def build_cells(frame: pd.DataFrame, *, seed: int) -> pd.DataFrame:
     )
 
 
+def cells_of_table(table: pa.Table) -> Iterator[Cell]:
+    """The :class:`Cell` of every row of an Arrow table of cells (no copy of the arrays)."""
+    columns = {
+        name: table.column(name)
+        for name in ("kind", "user_block", "item_block", "users", "items", "ratings")
+    }
+    for row in range(table.num_rows):
+        yield Cell(
+            user_block=columns["user_block"][row].as_py(),
+            item_block=columns["item_block"][row].as_py(),
+            users=np.frombuffer(columns["users"][row].as_buffer(), np.int32),
+            items=np.frombuffer(columns["items"][row].as_buffer(), np.int32),
+            ratings=np.frombuffer(columns["ratings"][row].as_buffer(), np.float32),
+            kind=columns["kind"][row].as_py(),
+        )
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def message_table(messages: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """``MESSAGE_SCHEMA`` rows (dicts with every field) as an Arrow table with exact types."""
+    return pa.Table.from_pylist(list(messages), schema=MESSAGE_ARROW_SCHEMA)
+
+
+def state_message(side: int, block: int, state: bytes, destination_key: int) -> dict[str, Any]:
+    """A block's packed row state on its way to the task whose partition key is given."""
+    return {
+        "pkey": destination_key,
+        "side": side,
+        "sub_epoch": -1,
+        "user_block": block if side == USER else -1,
+        "item_block": block if side == ITEM else -1,
+        "payload": state,
+        "seconds": 0.0,
+    }
+
+
+def item_destination(item_block: int, stratum: int, num_blocks: int) -> int:
+    """The user block whose task meets ``item_block`` in ``stratum``: cells are
+    ``(p, (p + stratum) mod b)``."""
+    return (item_block - stratum) % num_blocks
+
+
+def run_sub_epoch(
+    cells: pa.Table,
+    messages: pa.Table,
+    *,
+    update: CellFunction,
+    settings: Mapping[str, Any],
+    keys: Sequence[int],
+    next_stratum: int,
+) -> pa.Table:
+    """Cogroup task of one sub-epoch, one user block: run ``update`` on the block's cell.
+
+    ``cells`` holds the block's training cell of this stratum (none when that cell is empty);
+    ``messages`` the user block's state, the state of the item block it meets, and the
+    statistics of earlier sub-epochs, which ride along to the end of the epoch. Returns the same
+    messages with both blocks updated, this cell's statistics added, and every message keyed
+    (``keys[user block]``) for the task that needs it in ``next_stratum``.
+
+    The blocks are unpacked into private copies, so a retried task starts from the same bytes.
+    """
+    num_blocks = len(keys)
+    user = item = None
+    out = []
+    for message in messages.to_pylist():
+        if message["side"] == USER:
+            user = message
+        elif message["side"] == ITEM:
+            item = message
+        else:
+            out.append(message)
+    if user is None or item is None:
+        raise RuntimeError(f"a sub-epoch task got no {'user' if user is None else 'item'} block")
+    for cell in cells_of_table(cells):
+        if (cell.user_block, cell.item_block) != (user["user_block"], item["item_block"]):
+            raise RuntimeError(
+                f"cell ({cell.user_block}, {cell.item_block}) met blocks "
+                f"({user['user_block']}, {item['item_block']})"
+            )
+        users = unpack_arrays(user["payload"])
+        items = unpack_arrays(item["payload"])
+        started = time.perf_counter()
+        stats = update(cell, users, items, settings)
+        seconds = time.perf_counter() - started
+        user = {**user, "payload": pack_arrays(users)}
+        item = {**item, "payload": pack_arrays(items)}
+        out.append(
+            {
+                "pkey": 0,
+                "side": STATS,
+                "sub_epoch": int(settings["sub_epoch"]),
+                "user_block": cell.user_block,
+                "item_block": cell.item_block,
+                "payload": _pack_stats(stats),
+                "seconds": seconds,
+            }
+        )
+    home = keys[user["user_block"]]
+    for message in out:
+        message["pkey"] = home
+    user["pkey"] = home
+    item["pkey"] = keys[item_destination(item["item_block"], next_stratum, num_blocks)]
+    return message_table([*out, user, item])
+
+
+def evaluate_batches(
+    batches: Iterable[pa.RecordBatch], *, evaluate: CellFunction, settings: Mapping[str, Any]
+) -> Iterator[pa.RecordBatch]:
+    """``mapInArrow`` task of a read-only pass (e.g. validation RMSE): statistics per cell.
+
+    Rows: a cell with the packed state of its two blocks (``user_state``, ``item_state``).
+    """
+    for batch in batches:
+        table = pa.Table.from_batches([batch])
+        messages = []
+        for row, cell in enumerate(cells_of_table(table)):
+            users = unpack_arrays(table.column("user_state")[row].as_py())
+            items = unpack_arrays(table.column("item_state")[row].as_py())
+            started = time.perf_counter()
+            stats = evaluate(cell, users, items, settings)
+            messages.append(
+                {
+                    "pkey": 0,
+                    "side": STATS,
+                    "sub_epoch": -1,
+                    "user_block": cell.user_block,
+                    "item_block": cell.item_block,
+                    "payload": _pack_stats(stats),
+                    "seconds": time.perf_counter() - started,
+                }
+            )
+        yield from message_table(messages).to_batches()
+
+
+# --------------------------------------------------------------------------- classic shortcut
+# ``jvm_epochs``: on a classic session a sub-epoch is one RDD job over cached cell records with
+# the blocks broadcast. These functions are its tasks.
+
+
 def cell_record(row) -> tuple[int, tuple]:
-    """A ``CELL_SCHEMA`` row as the ``(partition index, payload)`` record of the cell RDD."""
+    """A cell row (with its partition ``index``) as the ``(index, payload)`` RDD record."""
     payload = (
         int(row["kind"]),
         int(row["user_block"]),
@@ -206,7 +379,7 @@ def cell_record(row) -> tuple[int, tuple]:
 
 
 def cells_of(records: Iterable[tuple[int, tuple]]) -> Iterator[Cell]:
-    """The :class:`Cell` of every ``(index, payload)`` record of the cached cell RDD."""
+    """The :class:`Cell` of every ``(index, payload)`` record of a cached cell RDD."""
     for _, (kind, user_block, item_block, users, items, ratings) in records:
         yield Cell(
             user_block=user_block,
@@ -218,18 +391,8 @@ def cells_of(records: Iterable[tuple[int, tuple]]) -> Iterator[Cell]:
         )
 
 
-# --------------------------------------------------------------------------- tasks
-
-
-def _block_state(blocks: Sequence[Any], block: int) -> RowState:
-    handle = blocks[block]
-    if handle is None:
-        raise RuntimeError(f"no state was sent for block {block}")
-    return unpack_arrays(handle.value if hasattr(handle, "value") else handle, copy=True)
-
-
-#: What a task returns per cell: ``(user block, item block, packed user block, packed item
-#: block, packed statistics, seconds spent in the estimator's function)``.
+#: What a shortcut task returns per cell: ``(user block, item block, packed user block, packed
+#: item block, packed statistics, seconds spent in the estimator's function)``.
 CellResult = tuple[int, int, bytes, bytes, bytes, float]
 
 
@@ -241,17 +404,17 @@ def update_cells(
     item_blocks: Sequence[Any],
     settings: Mapping[str, Any],
 ) -> list[CellResult]:
-    """Task of one sub-epoch (one partition = one cell): run ``update``, return both blocks.
+    """Shortcut task of one sub-epoch (one partition = one cell): run ``update``, return both
+    blocks.
 
-    ``user_blocks[b]`` / ``item_blocks[b]`` are broadcasts (or plain bytes) of
-    :func:`pack_arrays` row state; a task unpacks private copies of the two blocks its cell needs
-    (a broadcast value is shared by the tasks of a Python worker, and a retried task must start
-    from the same state), so no block is read or written by two tasks of a sub-epoch.
+    ``user_blocks[b]`` / ``item_blocks[b]`` are broadcasts of :func:`pack_arrays` row state; a
+    task unpacks private copies of its two blocks (a broadcast value is shared by the tasks of a
+    Python worker, and a retried task must start from the same state).
     """
     results = []
     for cell in cells_of(records):
-        users = _block_state(user_blocks, cell.user_block)
-        items = _block_state(item_blocks, cell.item_block)
+        users = unpack_arrays(user_blocks[cell.user_block].value)
+        items = unpack_arrays(item_blocks[cell.item_block].value)
         started = time.perf_counter()
         stats = update(cell, users, items, settings)
         seconds = time.perf_counter() - started
@@ -265,26 +428,6 @@ def update_cells(
                 seconds,
             )
         )
-    return results
-
-
-def evaluate_cells(
-    records: Iterable[tuple[int, tuple]],
-    *,
-    evaluate: CellFunction,
-    user_blocks: Sequence[Any],
-    item_blocks: Sequence[Any],
-    settings: Mapping[str, Any],
-) -> list[CellResult]:
-    """Task of a read-only pass (e.g. validation RMSE): statistics per cell, no state back."""
-    results = []
-    for cell in cells_of(records):
-        users = _block_state(user_blocks, cell.user_block)
-        items = _block_state(item_blocks, cell.item_block)
-        started = time.perf_counter()
-        stats = evaluate(cell, users, items, settings)
-        seconds = time.perf_counter() - started
-        results.append((cell.user_block, cell.item_block, b"", b"", _pack_stats(stats), seconds))
     return results
 
 

@@ -35,7 +35,7 @@ import math
 import numpy as np
 from numba import njit
 
-from spark_gpu_mf.sgd.half import float_to_half, half_to_float, prefetch
+from spark_gpu_mf.backends.numba_intrinsics import float_to_half, half_to_float, prefetch
 
 __all__ = ["PREFETCH_AHEAD", "cell_sgd", "cell_squared_error"]
 

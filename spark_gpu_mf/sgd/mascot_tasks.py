@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from spark_gpu_mf.backends.numba_intrinsics import from_half_bits, non_finite_half, to_half_bits
 from spark_gpu_mf.sgd.cells import Cell, RowState
-from spark_gpu_mf.sgd.half import from_half_bits, non_finite_half, to_half_bits
 from spark_gpu_mf.sgd.mascot_numba import cell_sgd, cell_squared_error
 
 __all__ = [

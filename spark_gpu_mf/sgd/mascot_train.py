@@ -26,6 +26,7 @@ from pyspark.sql import DataFrame, SparkSession
 from spark_gpu_mf.sgd import mascot_tasks
 from spark_gpu_mf.sgd.mascot_groups import GroupPrecision, count_groups, is_check_epoch
 from spark_gpu_mf.sgd.stratified import BlockLayout, StratifiedRunner, build_strata, merged_ids
+from spark_gpu_mf.spark import session as sessions
 from spark_gpu_mf.spark.factors import factors_dataframe
 from spark_gpu_mf.summary import TrainingSummary
 
@@ -104,7 +105,6 @@ def train(spark: SparkSession, ratings: DataFrame, job: MascotJob) -> MascotResu
     """Fit MascotMF factors for validated ``(user int, item int, rating float[, is_validation])``
     ratings."""
     started = time.perf_counter()
-    sc = spark.sparkContext
     summary = TrainingSummary(algorithm="mascot")
     strata = runner = None
     try:
@@ -169,7 +169,7 @@ def train(spark: SparkSession, ratings: DataFrame, job: MascotJob) -> MascotResu
             runner.close()
         if strata is not None:
             strata.release()
-        sc.setJobDescription(None)
+        sessions.set_job_description(spark, None)
     summary.total_seconds = time.perf_counter() - started
     return MascotResult(user_df, item_df, summary)
 

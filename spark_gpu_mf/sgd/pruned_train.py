@@ -30,6 +30,7 @@ from spark_gpu_mf.sgd import pruned_math
 from spark_gpu_mf.sgd.pruned_numba import OPTIMIZERS
 from spark_gpu_mf.sgd.pruned_tasks import ACCUMULATOR, FACTORS, initial_state, update_cell
 from spark_gpu_mf.sgd.stratified import StratifiedRunner, build_strata, merged_ids
+from spark_gpu_mf.spark import session as sessions
 from spark_gpu_mf.spark.factors import factors_dataframe
 from spark_gpu_mf.summary import TrainingSummary
 
@@ -76,12 +77,11 @@ def rating_scale(ratings: DataFrame) -> float:
 def train(spark: SparkSession, ratings: DataFrame, job: PrunedJob) -> PrunedResult:
     """Fit PrunedMF factors for validated ``(user int, item int, rating float)`` ratings."""
     started = time.perf_counter()
-    sc = spark.sparkContext
     summary = TrainingSummary(algorithm="pruned")
     ratings = ratings.persist(StorageLevel.MEMORY_AND_DISK)
     strata = runner = None
     try:
-        sc.setJobDescription("spark_gpu_mf PrunedMF: rating scale")
+        sessions.set_job_description(spark, "spark_gpu_mf PrunedMF: rating scale")
         scale = rating_scale(ratings)
         scaled = ratings.withColumn("rating", (F.col("rating") / F.lit(scale)).cast(T.FloatType()))
         strata = build_strata(
@@ -126,7 +126,7 @@ def train(spark: SparkSession, ratings: DataFrame, job: PrunedJob) -> PrunedResu
             runner.close()
         if strata is not None:
             strata.release()
-        sc.setJobDescription(None)
+        sessions.set_job_description(spark, None)
     summary.total_seconds = time.perf_counter() - started
     return PrunedResult(user_df, item_df, summary)
 

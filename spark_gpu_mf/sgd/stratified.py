@@ -7,26 +7,30 @@ so ``b`` tasks can run SGD on them at the same time without two tasks ever writi
 An epoch runs all ``b`` strata one after the other (``b`` sub-epochs); every rating is visited once
 per epoch.
 
-Dataflow (measured and justified in ``docs/mascot.md``)
--------------------------------------------------------
+Dataflow (DataFrame API only, so classic and Spark Connect sessions run the same code; measured
+in ``docs/mascot.md`` and ``docs/benchmarks.md``)
+--------------------------------------------------------------------------------------------
 * **Cells, built once.** :func:`build_strata` counts ratings per user and item, deals the rows to
   blocks on the driver (balanced by rating count), maps ids to (block, row) with a broadcast join,
   and builds every non-empty cell once (block-local row numbers and ratings in a fixed seeded
-  order), cached as an RDD with one cell per partition. A sub-epoch is then one job of ``b``
-  tasks, ``SparkContext.runJob`` on the partitions of its stratum's cells: no filter, no shuffle,
-  no SQL planning (a ``mapInArrow`` stage over a cached cell DataFrame took about twice as long).
-* **Row state lives on the driver** between sub-epochs, as NumPy arrays per block: factors and any
-  optimizer state an estimator keeps per row. Before a sub-epoch every block that will change is
-  broadcast (one broadcast per block, reused until the block changes); each task unpacks the two
-  blocks of its cell, runs the estimator's update on private copies and returns both blocks with
-  its statistics; the driver collects them (Arrow) and the next sub-epoch starts. This keeps every
-  sub-epoch to one Spark job with no shuffle, and lets the estimator change any state between
-  epochs in plain NumPy. It suits factor matrices up to a few hundred MB (they cross the network
-  twice per sub-epoch).
+  order), cached as a DataFrame with one row per cell, the cells of user block ``p`` in
+  partition ``p`` (``repartition`` by a partition key, ``spark.partitioning``).
+* **An epoch is one Spark job.** The driver sends every block's row state (factors and any
+  optimizer state, packed as Arrow binary) in a small local DataFrame of *messages*. Sub-epoch
+  ``k`` is a cogroup, on the user block's partition key, of the stratum's cached cells with the
+  messages; its task (``cells.run_sub_epoch``) updates its two blocks and re-keys the item block
+  for the task that meets it in the next stratum. Sub-epochs are chained by a ``repartition`` of
+  the messages alone (the cells side keeps its cached partitioning, so no rating moves), and the
+  last one's messages (all blocks and every cell's statistics) come back to the driver as
+  Arrow. Between epochs the estimator may change any state in plain NumPy.
+* **Classic sessions** take a measured-faster road to the same factors unless
+  ``spark.gpumf.sgd.jvmShortcut`` is false: one RDD job per sub-epoch over the same cells, the
+  blocks in broadcasts (``jvm_epochs``).
 * **Determinism.** Rows are assigned to blocks by (count, id), cells are sorted canonically and
   shuffled with a seed derived from ``(seed, kind, user block, item block)``, the order of strata
   in epoch ``e`` is a permutation seeded by ``(seed, e)``, and statistics are summed in cell order.
-  Same seed, data and ``b`` => identical factors, whatever Spark's scheduling.
+  Same seed, data and ``b`` => identical factors, whatever Spark's scheduling or the kind of
+  session. A retried task reads the same shuffled messages and so computes the same blocks.
 
 API for estimators
 ------------------
@@ -65,25 +69,34 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pyspark import RDD, StorageLevel
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from spark_gpu_mf import conf
 from spark_gpu_mf.errors import illegal_argument
-from spark_gpu_mf.executor.binding import bind
+from spark_gpu_mf.executor.binding import bind, bind_pair
 from spark_gpu_mf.sgd import cells as cells_module
 from spark_gpu_mf.sgd.cells import (
-    CELL_SCHEMA,
+    BUILT_CELL_SCHEMA,
+    ITEM,
+    MESSAGE_SCHEMA,
+    STATS,
     TRAIN,
+    USER,
     VALIDATION,
     CellFunction,
-    CellResult,
     RowState,
+    item_destination,
+    message_table,
     pack_arrays,
+    state_message,
     sum_statistics,
     unpack_arrays,
 )
-from spark_gpu_mf.spark.partitioning import key_of_block
+from spark_gpu_mf.sgd.jvm_epochs import BroadcastEpochs, absorb
+from spark_gpu_mf.spark import session as sessions
+from spark_gpu_mf.spark.partitioning import key_of_block, partition_keys
 
 __all__ = [
     "BlockLayout",
@@ -180,7 +193,7 @@ def assign_blocks(name: str, ids: np.ndarray, counts: np.ndarray, num_blocks: in
 
 def default_num_blocks(spark: SparkSession) -> int:
     """One block per task slot: each sub-epoch is one wave of tasks."""
-    return max(1, spark.sparkContext.defaultParallelism)
+    return sessions.default_parallelism(spark)
 
 
 def strata_order(num_blocks: int, seed: int, epoch: int) -> list[int]:
@@ -201,10 +214,10 @@ class Strata:
     num_blocks : int
     seed : int
     users, items : BlockLayout
-    cells : pyspark.RDD
-        Cached, one cell per partition: training cell ``(bu, bi)`` in partition ``bu * b + bi``,
-        validation cells ``b * b`` further on; records ``(index, (kind, bu, bi, users, items,
-        ratings))`` with the arrays as bytes (``cells.cell_record``).
+    cells : pyspark.sql.DataFrame
+        Cached, one row per non-empty cell: ``pkey, stratum`` (``(item block - user block) mod
+        b``) and the ``cells.BUILT_CELL_SCHEMA`` columns, hash-partitioned on ``pkey`` so that
+        the cells of user block ``p`` are in partition ``p``.
     train_sizes, validation_sizes : numpy.ndarray
         int64 ``(b, b)``: ratings per cell.
     num_validation_unknown : int
@@ -216,7 +229,7 @@ class Strata:
     seed: int
     users: BlockLayout
     items: BlockLayout
-    cells: RDD
+    cells: DataFrame
     train_sizes: np.ndarray
     validation_sizes: np.ndarray
     num_validation_unknown: int = 0
@@ -230,10 +243,12 @@ class Strata:
     def num_validation(self) -> int:
         return int(self.validation_sizes.sum())
 
-    def partition(self, kind: int, user_block: int, item_block: int) -> int:
-        """The partition of the cached cell RDD that holds one cell."""
-        b = self.num_blocks
-        return kind * b * b + user_block * b + item_block
+    def of_kind(self, kind: int, stratum: int | None = None) -> DataFrame:
+        """The cached cells of ``kind`` (and of one stratum), keeping their partitioning."""
+        condition = F.col("kind") == kind
+        if stratum is not None:
+            condition = condition & (F.col("stratum") == stratum)
+        return self.cells.filter(condition)
 
     def release(self) -> None:
         """Unpersist the cached cells."""
@@ -283,16 +298,6 @@ def _row_map(spark: SparkSession, layout: BlockLayout, prefix: str) -> DataFrame
     return F.broadcast(frame) if len(ids) <= _BROADCAST_MAP_ROWS else frame
 
 
-def _cell_meta(partition: int, records) -> list[tuple[int, int, int, int]]:
-    """``(kind, user block, item block, size)`` of the partition's cell, checking its place."""
-    meta = []
-    for index, (kind, user_block, item_block, _, _, ratings) in records:
-        if index != partition:
-            raise RuntimeError(f"cell {index} landed on partition {partition}")
-        meta.append((kind, user_block, item_block, len(ratings) // 4))
-    return meta
-
-
 def build_strata(
     spark: SparkSession,
     ratings: DataFrame,
@@ -324,13 +329,11 @@ def build_strata(
     if num_blocks < 1:
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
     started = time.perf_counter()
-    sc = spark.sparkContext
-    sc.setJobDescription(f"spark_gpu_mf {label}: count ratings per user and item")
-    most = _SCAN_TASKS_PER_SLOT * max(1, sc.defaultParallelism)
-    if ratings.rdd.getNumPartitions() > most:
-        # Input from createDataFrame or many small files can have thousands of partitions; the
-        # setup scans it three times, and each task costs scheduling time whatever its size.
-        ratings = ratings.coalesce(most)
+    sessions.set_job_description(spark, f"spark_gpu_mf {label}: count ratings per user and item")
+    # Input from createDataFrame or many small files can have thousands of partitions; the setup
+    # scans it twice, and each task costs scheduling time whatever its size (a no-op when the
+    # input has fewer partitions).
+    ratings = ratings.coalesce(_SCAN_TASKS_PER_SLOT * sessions.default_parallelism(spark))
     ratings = ratings.persist(storage_level)
     try:
         counts = _counts(ratings, has_validation)
@@ -352,35 +355,37 @@ def build_strata(
             else F.lit(TRAIN)
         )
         b = num_blocks
-        partitions = (2 if has_validation else 1) * b * b
-        index = kind * (b * b) + F.col("ub") * b + F.col("ib")
-        keyed = joined.select(
-            key_of_block(index, partitions).alias("pkey"),
-            index.alias("index"),
-            kind.alias("kind"),
-            "ub",
-            "ul",
-            "ib",
-            "il",
-            "rating",
-        ).repartition(partitions, "pkey")
-        # Cell ``index`` lands on partition ``index`` (see spark.partitioning), the grouping
-        # keeps that placement, so the RDD has one cell per partition without another shuffle.
-        frames = keyed.groupBy("pkey", "index").applyInPandas(
-            bind(cells_module.build_cells, seed=seed), CELL_SCHEMA
+        built = (
+            joined.select(kind.alias("kind"), "ub", "ul", "ib", "il", "rating")
+            .groupBy("kind", "ub", "ib")
+            .applyInPandas(bind(cells_module.build_cells, seed=seed), BUILT_CELL_SCHEMA)
         )
-        cells = frames.rdd.map(cells_module.cell_record).persist(storage_level)
-        sc.setJobDescription(f"spark_gpu_mf {label}: build rating cells")
-        meta = cells.mapPartitionsWithIndex(_cell_meta).collect()
+        cells = (
+            built.select(
+                key_of_block(F.col("user_block"), b).alias("pkey"),
+                F.pmod(F.col("item_block") - F.col("user_block"), F.lit(b)).alias("stratum"),
+                *built.columns,
+            )
+            .repartition(b, "pkey")
+            .persist(storage_level)
+        )
+        sessions.set_job_description(spark, f"spark_gpu_mf {label}: build rating cells")
+        meta = cells.select(
+            "kind", "user_block", "item_block", "size", F.spark_partition_id().alias("partition")
+        ).toArrow()
     except BaseException:
         ratings.unpersist()
-        sc.setJobDescription(None)
+        sessions.set_job_description(spark, None)
         raise
     ratings.unpersist()
     sizes = np.zeros((2, num_blocks, num_blocks), np.int64)
-    for kind_of_cell, user_block, item_block, size in meta:
-        sizes[kind_of_cell, user_block, item_block] += size
-    sc.setJobDescription(None)
+    columns = [meta.column(c).to_numpy() for c in ("kind", "user_block", "item_block", "size")]
+    misplaced = meta.column("partition").to_numpy() != columns[1]
+    if misplaced.any():
+        cells.unpersist()
+        raise RuntimeError(f"{int(misplaced.sum())} cells are not in their user block's partition")
+    np.add.at(sizes, tuple(columns[:3]), columns[3])
+    sessions.set_job_description(spark, None)
     return Strata(
         spark=spark,
         num_blocks=num_blocks,
@@ -400,18 +405,13 @@ def build_strata(
 
 @dataclass
 class SubEpochRun:
-    """One sub-epoch: its stratum, wall time, and the time tasks spent in the update function
-    (the rest of ``seconds`` is Spark and data movement)."""
+    """One sub-epoch: its stratum and the time its tasks spent in the update function (the
+    sub-epochs of an epoch run in one Spark job, so only the epoch has a wall time)."""
 
     stratum: int
-    seconds: float
     cells: int
     max_task_seconds: float
     sum_task_seconds: float
-
-    @property
-    def overhead_seconds(self) -> float:
-        return max(0.0, self.seconds - self.max_task_seconds)
 
 
 @dataclass
@@ -425,14 +425,15 @@ class EpochRun:
 
     @property
     def overhead_seconds(self) -> float:
-        return sum(s.overhead_seconds for s in self.sub_epochs)
+        """Wall time not spent in the slowest task of each sub-epoch: Spark and data movement."""
+        return max(0.0, self.seconds - sum(s.max_task_seconds for s in self.sub_epochs))
 
 
 _SIDES = ("user", "item")
 
 
 class StratifiedRunner:
-    """Runs sub-epochs of an estimator's per-cell update over :class:`Strata`.
+    """Runs epochs of an estimator's per-cell update over :class:`Strata`.
 
     Parameters
     ----------
@@ -442,7 +443,7 @@ class StratifiedRunner:
     user_state, item_state : list of RowState
         Initial per-row state of every block (``len == num_blocks``; arrays with the block's rows
         on axis 0). The runner owns the lists; read them with :meth:`state` and replace blocks
-        with :meth:`set_state` / :meth:`set_block` so that stale broadcasts are dropped.
+        with :meth:`set_state` / :meth:`set_block`.
     label : str
         Estimator name for Spark job descriptions and log lines.
     """
@@ -458,13 +459,17 @@ class StratifiedRunner:
     ):
         self.strata = strata
         self.spark = strata.spark
-        self.sc = strata.spark.sparkContext
         self.update = update
         self.label = label
         b = strata.num_blocks
+        self._keys = partition_keys(b)
         self._state: dict[str, list[RowState]] = {"user": [], "item": []}
-        self._broadcasts: dict[tuple[str, int], Any] = {}
+        self._packed: dict[tuple[str, int], bytes] = {}
         self._local_cells: dict[int, list[cells_module.Cell]] = {}
+        self._jvm: BroadcastEpochs | None = None
+        self._use_jvm = not sessions.is_connect(self.spark) and conf.SGD_JVM_SHORTCUT.get(
+            self.spark
+        )
         self.set_state("user", user_state)
         self.set_state("item", item_state)
         self._strata_cells = [
@@ -485,102 +490,163 @@ class StratifiedRunner:
             raise ValueError(f"expected {self.strata.num_blocks} {side} blocks, got {len(blocks)}")
         self._state[side] = [dict(block) for block in blocks]
         for b in range(self.strata.num_blocks):
-            self._drop_broadcast(side, b)
+            self._packed.pop((side, b), None)
 
-    def set_block(self, side: str, block: int, arrays: RowState) -> None:
-        """Replace the state of one block."""
+    def set_block(self, side: str, block: int, arrays: RowState, packed: bytes | None = None):
+        """Replace the state of one block (``packed``: its ``pack_arrays`` bytes, if known)."""
         self._state[side][block] = dict(arrays)
-        self._drop_broadcast(side, block)
+        if packed is None:
+            self._packed.pop((side, block), None)
+        else:
+            self._packed[(side, block)] = packed
 
-    def _drop_broadcast(self, side: str, block: int) -> None:
-        handle = self._broadcasts.pop((side, block), None)
-        if handle is not None:
-            handle.destroy(blocking=False)
+    def packed(self, side: str, block: int) -> bytes:
+        """The ``pack_arrays`` bytes of one block's state (kept until the block changes)."""
+        packed = self._packed.get((side, block))
+        if packed is None:
+            packed = pack_arrays(self._state[side][block])
+            self._packed[(side, block)] = packed
+        return packed
 
-    def _handle(self, side: str, block: int):
-        handle = self._broadcasts.get((side, block))
-        if handle is None:
-            handle = self.sc.broadcast(pack_arrays(self._state[side][block]))
-            self._broadcasts[(side, block)] = handle
-        return handle
-
-    def _handles(self, pairs: Sequence[tuple[int, int]]):
+    def _state_frame(self, first_stratum: int) -> DataFrame:
+        """Every block's packed state, keyed for the tasks of ``first_stratum``."""
         b = self.strata.num_blocks
-        users: list[Any] = [None] * b
-        items: list[Any] = [None] * b
-        for user_block, item_block in pairs:
-            users[user_block] = self._handle("user", user_block)
-            items[item_block] = self._handle("item", item_block)
-        return users, items
+        messages = [state_message(USER, p, self.packed("user", p), self._keys[p]) for p in range(b)]
+        messages += [
+            state_message(
+                ITEM, q, self.packed("item", q), self._keys[item_destination(q, first_stratum, b)]
+            )
+            for q in range(b)
+        ]
+        return self.spark.createDataFrame(message_table(messages))
+
+    def _block_frame(self, side: str) -> DataFrame:
+        """``<side>_block int, <side>_state binary``: every block's packed state."""
+        b = self.strata.num_blocks
+        table = pa.table(
+            {
+                f"{side}_block": pa.array(range(b), pa.int32()),
+                f"{side}_state": pa.array([self.packed(side, k) for k in range(b)], pa.binary()),
+            }
+        )
+        return self.spark.createDataFrame(table)
 
     # ------------------------------------------------------------------ epochs
-    def _describe(self, text: str) -> None:
-        self.sc.setJobDescription(f"spark_gpu_mf {self.label}: {text}")
+    def _describe(self, text: str | None) -> None:
+        sessions.set_job_description(
+            self.spark, None if text is None else f"spark_gpu_mf {self.label}: {text}"
+        )
 
     def run_epoch(
         self, epoch: int, settings: Mapping[str, Any] | None = None, *, max_iter: int = 0
     ) -> EpochRun:
-        """Run the ``b`` sub-epochs of ``epoch`` (0-based) and return their summed statistics.
+        """Run the ``b`` sub-epochs of ``epoch`` (0-based), one Spark job; returns their summed
+        statistics.
 
         ``settings`` (plain, picklable values) reach every task together with ``epoch``,
         ``sub_epoch`` and ``stratum``.
         """
         started = time.perf_counter()
         b = self.strata.num_blocks
-        results: list[tuple[tuple[int, int], dict[str, np.ndarray]]] = []
-        sub_epochs = []
-        total = f"/{max_iter}" if max_iter else ""
-        for sub_epoch, stratum in enumerate(strata_order(b, self.strata.seed, epoch)):
-            pairs = self._strata_cells[stratum]
-            if not pairs:
-                continue
-            sub_started = time.perf_counter()
-            users, items = self._handles(pairs)
-            task_settings = cells_module.settings_for(
-                settings, epoch=epoch, sub_epoch=sub_epoch, stratum=stratum
-            )
-            self._describe(f"epoch {epoch + 1}{total}, sub-epoch {sub_epoch + 1}/{b}")
-            partitions = [self.strata.partition(TRAIN, u, i) for u, i in pairs]
-            returned = self.sc.runJob(
-                self.strata.cells,
-                bind(
-                    cells_module.update_cells,
-                    update=self.update,
-                    user_blocks=users,
-                    item_blocks=items,
-                    settings=task_settings,
+        steps = [
+            (sub_epoch, stratum)
+            for sub_epoch, stratum in enumerate(strata_order(b, self.strata.seed, epoch))
+            if self._strata_cells[stratum]
+        ]
+        if not steps:
+            return EpochRun(epoch, {}, time.perf_counter() - started, [])
+        if self._use_jvm:
+            statistics, sub_epochs = self._run_jvm_epoch(epoch, steps, settings, max_iter)
+            return EpochRun(epoch, statistics, time.perf_counter() - started, sub_epochs)
+        messages = self._state_frame(steps[0][1]).repartition(b, "pkey")
+        for position, (sub_epoch, stratum) in enumerate(steps):
+            task = bind_pair(
+                cells_module.run_sub_epoch,
+                update=self.update,
+                settings=cells_module.settings_for(
+                    settings, epoch=epoch, sub_epoch=sub_epoch, stratum=stratum
                 ),
-                partitions,
+                keys=self._keys,
+                next_stratum=steps[position + 1][1] if position + 1 < len(steps) else 0,
             )
-            task_seconds = self._absorb(returned, pairs, results)
+            messages = (
+                self.strata.of_kind(TRAIN, stratum)
+                .groupBy("pkey")
+                .cogroup(messages.groupBy("pkey"))
+                .applyInArrow(task, MESSAGE_SCHEMA)
+            )
+            if position + 1 < len(steps):
+                messages = messages.repartition(b, "pkey")
+        total = f"/{max_iter}" if max_iter else ""
+        self._describe(f"epoch {epoch + 1}{total} ({len(steps)} sub-epochs)")
+        try:
+            table = messages.toArrow()
+        finally:
+            self._describe(None)
+        statistics, sub_epochs = self._absorb(table, steps)
+        return EpochRun(epoch, statistics, time.perf_counter() - started, sub_epochs)
+
+    def _run_jvm_epoch(self, epoch: int, steps, settings, max_iter: int):
+        """The classic-session shortcut (``jvm_epochs``): one RDD job per sub-epoch."""
+        if self._jvm is None:
+            self._jvm = BroadcastEpochs(self)
+        b = self.strata.num_blocks
+        total = f"/{max_iter}" if max_iter else ""
+        results, sub_epochs = [], []
+        try:
+            for sub_epoch, stratum in steps:
+                pairs = self._strata_cells[stratum]
+                self._describe(f"epoch {epoch + 1}{total}, sub-epoch {sub_epoch + 1}/{b}")
+                returned = self._jvm.run_sub_epoch(
+                    pairs,
+                    cells_module.settings_for(
+                        settings, epoch=epoch, sub_epoch=sub_epoch, stratum=stratum
+                    ),
+                )
+                cell_results, seconds = absorb(self, returned, pairs)
+                results += cell_results
+                sub_epochs.append(
+                    SubEpochRun(stratum, len(pairs), max(seconds, default=0.0), sum(seconds))
+                )
+        finally:
+            self._describe(None)
+        results.sort(key=lambda item: item[0])
+        return sum_statistics([stats for _, stats in results]), sub_epochs
+
+    def _absorb(self, table: pa.Table, steps) -> tuple[dict[str, np.ndarray], list[SubEpochRun]]:
+        """Take an epoch's blocks and statistics; check every block and cell came back once."""
+        b = self.strata.num_blocks
+        rows = table.select(["side", "sub_epoch", "user_block", "item_block", "seconds"])
+        side, sub_epoch, user_block, item_block, seconds = (c.to_numpy() for c in rows.columns)
+        payload = table.column("payload")
+        for name, code, blocks in (("user", USER, user_block), ("item", ITEM, item_block)):
+            mine = np.flatnonzero(side == code)
+            if sorted(blocks[mine].tolist()) != list(range(b)):
+                raise RuntimeError(f"{self.label}: an epoch returned {name} blocks {blocks[mine]}")
+            for row in mine:
+                packed = payload[int(row)].as_py()
+                self.set_block(name, int(blocks[row]), unpack_arrays(packed, copy=False), packed)
+        stats = np.flatnonzero(side == STATS)
+        expected = sorted(pair for _, stratum in steps for pair in self._strata_cells[stratum])
+        returned = sorted(zip(user_block[stats].tolist(), item_block[stats].tolist()))
+        if returned != expected:
+            raise RuntimeError(f"{self.label}: an epoch returned cells {returned}, not {expected}")
+        in_cell_order = sorted(stats.tolist(), key=lambda r: (user_block[r], item_block[r]))
+        statistics = sum_statistics(
+            [unpack_arrays(payload[r].as_py(), copy=False) for r in in_cell_order]
+        )
+        sub_epochs = []
+        for number, stratum in steps:
+            times = seconds[stats[sub_epoch[stats] == number]]
             sub_epochs.append(
                 SubEpochRun(
                     stratum=stratum,
-                    seconds=time.perf_counter() - sub_started,
-                    cells=len(pairs),
-                    max_task_seconds=max(task_seconds, default=0.0),
-                    sum_task_seconds=float(sum(task_seconds)),
+                    cells=len(times),
+                    max_task_seconds=float(times.max(initial=0.0)),
+                    sum_task_seconds=float(times.sum()),
                 )
             )
-        self.sc.setJobDescription(None)
-        results.sort(key=lambda item: item[0])
-        statistics = sum_statistics([stats for _, stats in results])
-        return EpochRun(epoch, statistics, time.perf_counter() - started, sub_epochs)
-
-    def _absorb(self, returned: list[CellResult], pairs, results) -> list[float]:
-        """Take the updated blocks of a sub-epoch's results; check every cell came back once."""
-        cells_back = sorted((r[0], r[1]) for r in returned)
-        if cells_back != sorted(pairs):
-            raise RuntimeError(
-                f"{self.label}: a sub-epoch returned cells {cells_back}, expected {sorted(pairs)}"
-            )
-        seconds = []
-        for user_block, item_block, user_state, item_state, stats, task_seconds in returned:
-            self.set_block("user", user_block, unpack_arrays(user_state, copy=False))
-            self.set_block("item", item_block, unpack_arrays(item_state, copy=False))
-            results.append(((user_block, item_block), unpack_arrays(stats, copy=False)))
-            seconds.append(task_seconds)
-        return seconds
+        return statistics, sub_epochs
 
     def evaluate(
         self,
@@ -597,16 +663,14 @@ class StratifiedRunner:
         runs. ``None`` (default) runs on the driver when the cells hold at most
         ``LOCAL_EVALUATION_RATINGS`` ratings: they are collected once (12 bytes per rating) and
         every later call costs no Spark job, which would otherwise take as long as a whole
-        epoch on small data. Otherwise (or with ``False``) it is one job in which blocks are
-        broadcast as for a sub-epoch (and those broadcasts are reused by the next sub-epoch).
-        On the driver ``evaluate`` receives the runner's own state: it must not change it.
+        epoch on small data. Otherwise (or with ``False``) it is one job in which every cell
+        meets its two blocks through broadcast joins. On the driver ``evaluate`` receives the
+        runner's own state: it must not change it.
         """
         started = time.perf_counter()
         sizes = self.strata.validation_sizes if kind == VALIDATION else self.strata.train_sizes
-        pairs = [tuple(int(x) for x in p) for p in np.argwhere(sizes > 0)]
-        if not pairs:
+        if not (sizes > 0).any():
             return {}, 0.0
-        partitions = [self.strata.partition(kind, u, i) for u, i in pairs]
         if on_driver is None:
             on_driver = int(sizes.sum()) <= LOCAL_EVALUATION_RATINGS
         settings = dict(settings or {})
@@ -616,9 +680,12 @@ class StratifiedRunner:
                 self._describe(
                     f"collect {'validation' if kind == VALIDATION else 'training'} cells"
                 )
-                records = self.sc.runJob(self.strata.cells, _records, partitions)
+                try:
+                    table = self.strata.of_kind(kind).drop("pkey", "stratum").toArrow()
+                finally:
+                    self._describe(None)
                 cells = sorted(
-                    cells_module.cells_of(records), key=lambda c: (c.user_block, c.item_block)
+                    cells_module.cells_of_table(table), key=lambda c: (c.user_block, c.item_block)
                 )
                 self._local_cells[kind] = cells
             results = [
@@ -626,34 +693,38 @@ class StratifiedRunner:
                          settings)
                 for c in cells
             ]  # fmt: skip
-            self.sc.setJobDescription(None)
             return sum_statistics(results), time.perf_counter() - started
-        users, items = self._handles(pairs)
-        self._describe(label)
-        returned = self.sc.runJob(
-            self.strata.cells,
-            bind(
-                cells_module.evaluate_cells,
-                evaluate=evaluate,
-                user_blocks=users,
-                item_blocks=items,
-                settings=settings,
-            ),
-            partitions,
+        frame = (
+            self.strata.of_kind(kind)
+            .join(F.broadcast(self._block_frame("user")), "user_block")
+            .join(F.broadcast(self._block_frame("item")), "item_block")
+            .mapInArrow(
+                bind(cells_module.evaluate_batches, evaluate=evaluate, settings=settings),
+                MESSAGE_SCHEMA,
+            )
         )
-        self.sc.setJobDescription(None)
-        returned.sort(key=lambda r: (r[0], r[1]))
-        statistics = sum_statistics([unpack_arrays(r[4], copy=False) for r in returned])
+        self._describe(label)
+        try:
+            table = frame.select("user_block", "item_block", "payload").toArrow()
+        finally:
+            self._describe(None)
+        user_block, item_block = (table.column(c).to_numpy() for c in ("user_block", "item_block"))
+        payload = table.column("payload")
+        statistics = sum_statistics(
+            [
+                unpack_arrays(payload[int(r)].as_py(), copy=False)
+                for r in np.lexsort((item_block, user_block))
+            ]
+        )
         return statistics, time.perf_counter() - started
 
     def close(self) -> None:
-        """Destroy every broadcast the runner made."""
-        for key in list(self._broadcasts):
-            self._drop_broadcast(*key)
-
-
-def _records(records):
-    return list(records)
+        """Drop the packed blocks, the cells collected for evaluation and the shortcut's RDD."""
+        if self._jvm is not None:
+            self._jvm.close()
+            self._jvm = None
+        self._packed.clear()
+        self._local_cells.clear()
 
 
 def merged_ids(layout: BlockLayout) -> np.ndarray:

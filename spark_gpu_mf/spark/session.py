@@ -52,9 +52,15 @@ def default_parallelism(spark: SparkSession) -> int:
         return max(1, int(configured))
     key = spark.session_id
     if key not in _PARALLELISM:
-        row = spark.range(0, 1 << 16).agg(F.max(F.spark_partition_id()).alias("last")).first()
-        _PARALLELISM[key] = int(row["last"]) + 1
+        _PARALLELISM[key] = range_partitions(spark)
     return _PARALLELISM[key]
+
+
+def range_partitions(spark: SparkSession) -> int:
+    """Partitions of ``spark.range`` by default (one job): the application's task slots."""
+    # Projected first: an aggregate may not take a nondeterministic argument directly.
+    partitions = spark.range(0, 1 << 16).select(F.spark_partition_id().alias("partition"))
+    return int(partitions.agg(F.max("partition").alias("last")).first()["last"]) + 1
 
 
 def local_cores(spark: SparkSession) -> Optional[int]:

@@ -1,4 +1,4 @@
-"""FP16 storage for CPU SGD: IEEE half-precision values kept as ``uint16`` bit patterns.
+"""Numba intrinsics shared by the CPU kernels (ALS solvers and SGD): FP16 bits and prefetch.
 
 Numba 0.68 cannot compile ``float16`` arrays on the CPU (``NotImplementedError: float16``), so
 factors stored in FP16 are ``uint16`` arrays holding the bits of ``numpy.float16`` values, and the
@@ -7,7 +7,7 @@ compiled kernels convert with two LLVM intrinsics defined here: ``fpext half -> 
 and CUDA's ``__float2half_rn``). On x86-64 with F16C (every AVX2 CPU) LLVM lowers them to
 ``vcvtph2ps`` / ``vcvtps2ph`` and vectorizes loops over a row, 8 or 16 values per instruction.
 
-Also here: ``prefetch``, LLVM's software prefetch, which SGD kernels use to request the factor
+Also here: ``prefetch``, LLVM's software prefetch, which the kernels use to request the factor
 rows of a rating a few ratings ahead (rows are visited in random order, so the hardware
 prefetchers cannot guess them).
 """
