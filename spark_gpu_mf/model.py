@@ -320,13 +320,16 @@ class ALSModelWriter(MLWriter):
     def saveImpl(self, path: str) -> None:
         model = self.instance
         persistence.save_model(
-            self.sparkSession,
+            # The factors' session unless one was given: a process may hold a classic and a
+            # Connect session, and only the factors know which one the model lives in.
+            self._sparkSession or model._spark(),
             model,
             model.rank,
             model.userFactors,
             model.itemFactors,
             path,
             overwrite=self.shouldOverwrite,
+            python_class=f"{type(model).__module__}.{type(model).__name__}",
         )
 
 
