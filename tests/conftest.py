@@ -55,14 +55,48 @@ def spark(tmp_path_factory):
     session.stop()
 
 
+# pyspark's ML classes choose their Connect code paths by the process-wide environment variable
+# that creating a Connect session sets (``pyspark.sql.utils.is_remote``). Left set, every later
+# classic test would send pyspark's own estimators down the Connect road and fail; so it is set
+# only while a test that asked for ``connect_spark`` runs, as in a process that is all Connect.
+_CONNECT_MODE = "SPARK_CONNECT_MODE_ENABLED"
+
+
 @pytest.fixture(scope="session")
-def connect_spark(spark):
-    """A Spark Connect session to the run's application (pyspark[connect]'s client)."""
+def _connect_session(spark):
     from pyspark.sql import SparkSession
 
+    had_mode = _CONNECT_MODE in os.environ
     session = SparkSession.builder.remote(f"sc://127.0.0.1:{CONNECT_PORT}").create()
+    if not had_mode:
+        os.environ.pop(_CONNECT_MODE, None)
     yield session
     session.stop()
+
+
+@contextmanager
+def pyspark_ml_mode(connect: bool):
+    """pyspark's ML classes take their Connect (or classic) code paths inside this block."""
+    had = os.environ.get(_CONNECT_MODE)
+    if connect:
+        os.environ[_CONNECT_MODE] = "1"
+    else:
+        os.environ.pop(_CONNECT_MODE, None)
+    try:
+        yield
+    finally:
+        if had is None:
+            os.environ.pop(_CONNECT_MODE, None)
+        else:
+            os.environ[_CONNECT_MODE] = had
+
+
+@pytest.fixture
+def connect_spark(_connect_session):
+    """A Spark Connect session to the run's application (pyspark[connect]'s client); pyspark's
+    ML classes take their Connect paths for the duration of the test."""
+    with pyspark_ml_mode(connect=True):
+        yield _connect_session
 
 
 @pytest.fixture(params=["classic", "connect"])
