@@ -385,7 +385,10 @@ def _saved_model_class(metadata: Dict[str, Any]) -> Optional[type]:
     module, _, attribute = name.rpartition(".")
     if module.split(".")[0] != "spark_gpu_mf":
         return None
-    found = getattr(importlib.import_module(module), attribute, None)
+    try:
+        found = getattr(importlib.import_module(module), attribute, None)
+    except ImportError:  # saved by a version of this package that had it
+        return None
     return found if isinstance(found, type) and issubclass(found, ALSModel) else None
 
 

@@ -386,3 +386,42 @@ def test_cross_validator_and_train_validation_split_fit_on_connect(
     tvs_model = tvs.fit(frame)
     tvs_model.save(str(tmp_path / "tvs"))
     assert type(TrainValidationSplitModel.load(str(tmp_path / "tvs")).bestModel) is ALSModel
+
+
+@pytest.mark.parametrize(
+    "metadata,expected",
+    [
+        ({"class": "org.apache.spark.ml.recommendation.ALSModel"}, None),
+        (
+            {
+                "class": "org.apache.spark.ml.recommendation.ALSModel",
+                "pythonClass": "spark_gpu_mf.model.ALSModel",
+            },
+            ALSModel,
+        ),
+        ({"class": "pyspark.ml.feature.StringIndexerModel", "pythonClass": "x.Y"}, None),
+        (
+            {"class": "org.apache.spark.ml.recommendation.ALSModel", "pythonClass": "os.system"},
+            None,
+        ),
+        (
+            {
+                "class": "org.apache.spark.ml.recommendation.ALSModel",
+                "pythonClass": "spark_gpu_mf.als.ALS",
+            },
+            None,
+        ),
+        (
+            {
+                "class": "org.apache.spark.ml.recommendation.ALSModel",
+                "pythonClass": "spark_gpu_mf.gone.ALSModel",
+            },
+            None,
+        ),
+    ],
+    ids=["spark-saved", "ours", "other-class", "foreign-module", "not-a-model", "gone"],
+)
+def test_only_our_own_model_classes_are_taken_from_saved_metadata(metadata, expected):
+    from spark_gpu_mf.model import _saved_model_class
+
+    assert _saved_model_class(metadata) is expected

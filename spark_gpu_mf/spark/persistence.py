@@ -130,12 +130,13 @@ def _save(
 ) -> None:
     if not isinstance(path, str):
         raise TypeError("path should be a string, got type %s" % type(path))
-    if path_exists(spark, path) and not overwrite:
+    exists = path_exists(spark, path)
+    if exists and not overwrite:
         raise already_exists(path)
     if session.can_rename(spark):
         _save_then_rename(spark, path, write_data, metadata_line)
     else:
-        _save_in_place(spark, path, write_data, metadata_line)
+        _save_in_place(spark, path, exists, write_data, metadata_line)
 
 
 def _write(spark: SparkSession, root: str, write_data, metadata_line) -> None:
@@ -158,9 +159,10 @@ def _save_then_rename(spark: SparkSession, path: str, write_data, metadata_line)
         raise
 
 
-def _save_in_place(spark: SparkSession, path: str, write_data, metadata_line) -> None:
+def _save_in_place(spark: SparkSession, path: str, exists: bool, write_data, metadata_line) -> None:
     """Spark Connect: no rename, so the old directory goes first and the metadata comes last."""
-    session.delete_path(spark, path)
+    if exists:
+        session.delete_path(spark, path)
     try:
         _write(spark, path, write_data, metadata_line)
     except BaseException:
