@@ -16,6 +16,8 @@ from typing import Optional
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
+from spark_gpu_mf import conf
+
 _LOCAL_MASTER = re.compile(r"^local(?:-cluster)?(?:\[(\*|\d+)(?:,\s*\d+)?\])?$")
 
 # Spark Connect sessions have no SparkContext to cache answers on; keyed by session id.
@@ -171,7 +173,7 @@ def application_id(spark: SparkSession) -> str:
     """The Spark application id (``spark.app.id``): what outlives a session's broadcasts."""
     if not is_connect(spark):
         return spark.sparkContext.applicationId
-    return spark.conf.get("spark.app.id", "") or spark.session_id
+    return conf.APP_ID.get(spark) or spark.session_id
 
 
 def broadcast(spark: SparkSession, value):
