@@ -322,6 +322,10 @@ def test_pipeline_model_saved_on_classic_loads_and_saves_on_connect(
         assert _predictions(loaded, frame) == expected
         loaded.write().overwrite().save(resaved)
         assert type(SparkALSModel.load(_stage_dir(resaved, 2))) is SparkALSModel
+        _pipeline().write().overwrite().save(str(tmp_path / "unfitted"))
+        stages = Pipeline.load(str(tmp_path / "unfitted")).getStages()
+        assert [type(s).__name__ for s in stages] == ["StringIndexer", "StringIndexer", "ALS"]
+        assert stages[2].getRank() == 3 and isinstance(stages[2], ALS)
     back = PipelineModel.load(resaved)
     assert type(back.stages[2]) is ALSModel
     assert _predictions(back, named_ratings) == expected
@@ -349,20 +353,41 @@ def _cross_validator() -> CrossValidator:
     )
 
 
-def test_cross_validator_model_round_trips_between_sessions(
-    spark, _connect_session, ratings, tmp_path
+def _train_validation_split() -> TrainValidationSplit:
+    cv = _cross_validator()
+    return TrainValidationSplit(
+        estimator=cv.getEstimator(),
+        estimatorParamMaps=cv.getEstimatorParamMaps(),
+        evaluator=cv.getEvaluator(),
+        trainRatio=0.7,
+        seed=2,
+    )
+
+
+@pytest.mark.parametrize(
+    "make,model_class",
+    [(_cross_validator, CrossValidatorModel), (_train_validation_split, TrainValidationSplitModel)],
+    ids=["cross-validator", "train-validation-split"],
+)
+def test_tuning_models_round_trip_between_sessions(
+    spark, _connect_session, ratings, tmp_path, make, model_class
 ):
-    model = _cross_validator().fit(ratings)
-    path, resaved = str(tmp_path / "cv"), str(tmp_path / "cv_from_connect")
+    model = make().fit(ratings)
+    metrics = model.avgMetrics if model_class is CrossValidatorModel else model.validationMetrics
+    path, resaved = str(tmp_path / "tuned"), str(tmp_path / "tuned_from_connect")
     model.save(path)
     expected = model.bestModel.transform(ratings).orderBy("user", "item").collect()
+
+    def metrics_of(loaded):
+        return loaded.avgMetrics if model_class is CrossValidatorModel else loaded.validationMetrics
+
     with pyspark_ml_mode(connect=True):
-        loaded = CrossValidatorModel.load(path)
-        assert type(loaded.bestModel) is ALSModel and loaded.avgMetrics == model.avgMetrics
+        loaded = model_class.load(path)
+        assert type(loaded.bestModel) is ALSModel and metrics_of(loaded) == metrics
         assert spark_session.is_connect(loaded.bestModel.userFactors.sparkSession)
         loaded.write().overwrite().save(resaved)
-    back = CrossValidatorModel.load(resaved)
-    assert type(back.bestModel) is ALSModel and back.avgMetrics == model.avgMetrics
+    back = model_class.load(resaved)
+    assert type(back.bestModel) is ALSModel and metrics_of(back) == metrics
     assert back.bestModel.transform(ratings).orderBy("user", "item").collect() == expected
 
 
@@ -376,14 +401,7 @@ def test_cross_validator_and_train_validation_split_fit_on_connect(
     assert type(model.bestModel) is ALSModel and len(model.avgMetrics) == 2
     model.save(str(tmp_path / "cv"))
     assert type(CrossValidatorModel.load(str(tmp_path / "cv")).bestModel) is ALSModel
-    tvs = TrainValidationSplit(
-        estimator=cv.getEstimator(),
-        estimatorParamMaps=cv.getEstimatorParamMaps(),
-        evaluator=cv.getEvaluator(),
-        trainRatio=0.7,
-        seed=2,
-    )
-    tvs_model = tvs.fit(frame)
+    tvs_model = _train_validation_split().fit(frame)
     tvs_model.save(str(tmp_path / "tvs"))
     assert type(TrainValidationSplitModel.load(str(tmp_path / "tvs")).bestModel) is ALSModel
 
