@@ -28,6 +28,7 @@ from spark_gpu_mf.params import (
 )
 from spark_gpu_mf.spark import session
 from spark_gpu_mf.spark.als_train import AlsJob, train
+from spark_gpu_mf.spark.persistence import ParamsWriter
 from spark_gpu_mf.validation import check_numeric_column, validated_ratings
 
 __all__ = ["ALS"]
@@ -287,6 +288,12 @@ class ALS(
     def setBackend(self, value: str) -> "ALS":
         """Sets the value of :py:attr:`backend`."""
         return self._set(backend=value)
+
+    # persistence ------------------------------------------------------------
+    def write(self) -> ParamsWriter:
+        """Returns an MLWriter instance for this ML instance (``DefaultParamsWriter``'s layout,
+        Spark's overwrite error, and no py4j, so it also works on Spark Connect)."""
+        return ParamsWriter(self)
 
     # fit --------------------------------------------------------------------
     def transformSchema(self, schema):

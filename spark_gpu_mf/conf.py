@@ -103,6 +103,8 @@ TASK_GPU_AMOUNT = ConfKey(
     "GPUs per task (a fraction shares a GPU between tasks); backend='cupy' on a cluster needs "
     "it > 0.",
 )
+# Spark sets it; on Spark Connect it names the application that outlives a session's calls.
+APP_ID = ConfKey("spark.app.id", "", str, "The Spark application id (set by Spark, read only).")
 FAIL_FIRST_ATTEMPT = ConfKey(
     "spark.gpumf.test.failFirstAttempt",
     "false",

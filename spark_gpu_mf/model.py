@@ -1,15 +1,33 @@
 """``ALSModel``: the fitted factors, with the API and on-disk format of Spark's ``ALSModel``.
 
 Every estimator of this package (``ALS``, ``MascotMF``, ``PrunedMF``) produces this model.
+
+Two hooks into pyspark, both installed when this module is imported:
+
+* ``ALSModel`` is registered as a virtual subclass of ``pyspark.ml.recommendation.ALSModel``
+  (``ABCMeta.register``, the extension point pyspark's ``Params`` classes have): code that checks
+  ``isinstance(stage, ALSModel)`` with pyspark's class accepts ours, and no pyspark method is
+  inherited. A real subclass would inherit ``JavaModel``'s machinery: pyspark would then save a
+  pipeline holding it through the JVM (``_to_java``), where our class is lost.
+* pyspark loads every stage of a saved ``PipelineModel`` / ``CrossValidatorModel`` /
+  ``TrainValidationSplitModel`` with ``DefaultParamsReader.loadParamsInstance``, which maps the
+  metadata class ``org.apache.spark.ml.recommendation.ALSModel`` to pyspark's ``ALSModel``. That
+  class must stay Spark's (Spark's loaders accept nothing else), so our saves add a
+  ``pythonClass`` key that they ignore, and ``loadParamsInstance`` is wrapped to give back the
+  class named there. It changes nothing for directories without the key, nor for
+  ``pyspark.ml.recommendation.ALSModel.load``, which still returns pyspark's class; it costs one
+  more read of each nested stage's one-line metadata.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from pyspark.ml import Model
+from pyspark.ml.recommendation import ALSModel as SparkALSModel
 from pyspark.ml.recommendation import _ALSModelParams
-from pyspark.ml.util import MLReadable, MLReader, MLWritable, MLWriter
+from pyspark.ml.util import DefaultParamsReader, MLReadable, MLReader, MLWritable, MLWriter
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -320,13 +338,16 @@ class ALSModelWriter(MLWriter):
     def saveImpl(self, path: str) -> None:
         model = self.instance
         persistence.save_model(
-            self.sparkSession,
+            # The factors' session unless one was given: a process may hold a classic and a
+            # Connect session, and only the factors know which one the model lives in.
+            self._sparkSession or model._spark(),
             model,
             model.rank,
             model.userFactors,
             model.itemFactors,
             path,
             overwrite=self.shouldOverwrite,
+            python_class=f"{type(model).__module__}.{type(model).__name__}",
         )
 
 
@@ -352,3 +373,43 @@ def _set_params_from_metadata(model: ALSModel, metadata: Dict[str, Any]) -> None
     for name, value in metadata.get("defaultParamMap", {}).items():
         if model.hasParam(name):
             model._setDefault(**{name: value})
+
+
+def _saved_model_class(metadata: Dict[str, Any]) -> Optional[type]:
+    """Our model class a saved stage names in ``pythonClass``; None for other stages.
+
+    Only classes inside this package are imported: a model directory may come from elsewhere.
+    """
+    name = metadata.get(persistence.PYTHON_CLASS_KEY)
+    if metadata.get("class") != persistence.SPARK_ALS_MODEL_CLASS or not isinstance(name, str):
+        return None
+    module, _, attribute = name.rpartition(".")
+    if module.split(".")[0] != "spark_gpu_mf":
+        return None
+    try:
+        found = getattr(importlib.import_module(module), attribute, None)
+    except ImportError:  # saved by a version of this package that had it
+        return None
+    return found if isinstance(found, type) and issubclass(found, ALSModel) else None
+
+
+def _install_stage_loader() -> None:
+    """Wrap ``DefaultParamsReader.loadParamsInstance`` so that the stages we saved come back as
+    our class (see the module docstring); idempotent, and safe on module reload."""
+    current = DefaultParamsReader.loadParamsInstance
+    pyspark_load = getattr(current, "_pyspark_original", current)
+
+    def load_params_instance(path: str, sc):
+        spark = sc if hasattr(sc, "createDataFrame") else SparkSession.active()
+        model_class = _saved_model_class(DefaultParamsReader.loadMetadata(path, spark))
+        if model_class is None:
+            return pyspark_load(path, sc)
+        return model_class.read().session(spark).load(path)
+
+    load_params_instance._pyspark_original = pyspark_load
+    load_params_instance.__doc__ = pyspark_load.__doc__
+    DefaultParamsReader.loadParamsInstance = staticmethod(load_params_instance)
+
+
+SparkALSModel.register(ALSModel)
+_install_stage_loader()

@@ -1,18 +1,23 @@
-"""Saving and loading ``ALSModel`` in Spark's on-disk layout, atomically.
+"""Saving and loading ``ALSModel`` (and params-only stages) in Spark's on-disk layout.
 
 Layout (Spark's ``ALSModel.ALSModelWriter``)::
 
     <path>/metadata/part-00000...   one JSON line: class, timestamp, sparkVersion, uid, paramMap,
-                                    defaultParamMap, rank
+                                    defaultParamMap, rank, pythonClass
     <path>/userFactors/             Parquet (id int, features array<float>)
     <path>/itemFactors/             Parquet
 
 The class recorded is Spark's (``org.apache.spark.ml.recommendation.ALSModel``), so
-``pyspark.ml.recommendation.ALSModel.load`` reads our models, and we read Spark's.
+``pyspark.ml.recommendation.ALSModel.load`` and Spark's JVM loader read our models, and we read
+Spark's. ``pythonClass`` is ours: Spark's loaders ignore keys they do not know, and
+``spark_gpu_mf.model`` reads it to give saved pipelines back our model class.
 
-A save writes everything into a hidden sibling directory, metadata last, and renames it into place:
-an interrupted save never leaves a directory at ``path`` that loads. Loading reads only JSON and
-Parquet (never pickle) and names what is wrong with a damaged directory.
+Every save writes the metadata last, and every load starts from it: a directory whose save was
+interrupted has no metadata and does not load. On a classic session the save goes to a hidden
+sibling directory that is renamed into place, so an overwrite keeps the old model until the new
+one is complete. Spark Connect cannot rename: there an overwrite deletes the old directory first
+and writes in place. Loading reads only JSON and Parquet (never pickle) and names what is wrong
+with a damaged directory.
 """
 
 from __future__ import annotations
@@ -20,26 +25,30 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from pyspark.ml.param import Params
+from pyspark.ml.util import MLWriter
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from spark_gpu_mf.errors import DamagedModelError
+from spark_gpu_mf.spark import session
 
 SPARK_ALS_MODEL_CLASS = "org.apache.spark.ml.recommendation.ALSModel"
-
-
-def _filesystem(spark: SparkSession, path: str):
-    jvm = spark.sparkContext._jvm
-    hpath = jvm.org.apache.hadoop.fs.Path(path)
-    return hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hpath
+PYTHON_CLASS_KEY = "pythonClass"
 
 
 def path_exists(spark: SparkSession, path: str) -> bool:
-    fs, hpath = _filesystem(spark, path)
-    return bool(fs.exists(hpath))
+    return session.path_exists(spark, path)
+
+
+def already_exists(path: str) -> IOError:
+    """Spark's ``FileSystemOverwrite`` error for saving over ``path`` without ``overwrite()``."""
+    return IOError(
+        f"Path {path} already exists. To overwrite it, please use write.overwrite().save(path) "
+        "for Scala and use write().overwrite().save(path) for Java and Python."
+    )
 
 
 def metadata_json(
@@ -66,42 +75,119 @@ def save_model(
     item_factors: DataFrame,
     path: str,
     overwrite: bool,
+    python_class: Optional[str] = None,
 ) -> None:
-    """Write a model in Spark's ALSModel layout; all or nothing at ``path``."""
-    if path_exists(spark, path) and not overwrite:
-        raise IOError(
-            f"Path {path} already exists. To overwrite it, please use write.overwrite().save(path) "
-            "for Scala and use write().overwrite().save(path) for Java and Python."
-        )
+    """Write a model in Spark's ALSModel layout; nothing that loads until it is complete."""
+
+    def write_factors(root: str) -> None:
+        user_factors.select("id", "features").write.parquet(f"{root}/userFactors")
+        item_factors.select("id", "features").write.parquet(f"{root}/itemFactors")
+
+    extra: Dict[str, Any] = {"rank": rank}
+    if python_class is not None:
+        extra[PYTHON_CLASS_KEY] = python_class
+    _save(
+        spark,
+        path,
+        overwrite,
+        write_factors,
+        lambda: metadata_json(instance, spark, SPARK_ALS_MODEL_CLASS, extra),
+    )
+
+
+def save_params(spark: SparkSession, instance: Params, path: str, overwrite: bool) -> None:
+    """``DefaultParamsWriter``'s layout (metadata only, the Python class recorded), with Spark's
+    overwrite check, on classic and Connect sessions alike."""
+    class_name = f"{type(instance).__module__}.{type(instance).__name__}"
+    _save(
+        spark,
+        path,
+        overwrite,
+        lambda root: None,
+        lambda: metadata_json(instance, spark, class_name, {}),
+    )
+
+
+class ParamsWriter(MLWriter):
+    """``DefaultParamsWriter`` for estimators, with Spark's overwrite check and no py4j, so
+    ``save`` and ``write().overwrite().save`` work on Spark Connect too."""
+
+    def __init__(self, instance: Params):
+        super().__init__()
+        self.instance = instance
+
+    def save(self, path: str) -> None:
+        """Save the params to ``path``; overwriting needs ``.overwrite()``, as in Spark."""
+        save_params(self.sparkSession, self.instance, path, self.shouldOverwrite)
+
+
+def _save(
+    spark: SparkSession,
+    path: str,
+    overwrite: bool,
+    write_data: Callable[[str], None],
+    metadata_line: Callable[[], str],
+) -> None:
+    if not isinstance(path, str):
+        raise TypeError("path should be a string, got type %s" % type(path))
+    exists = path_exists(spark, path)
+    if exists and not overwrite:
+        raise already_exists(path)
+    if session.can_rename(spark):
+        _save_then_rename(spark, path, write_data, metadata_line)
+    else:
+        _save_in_place(spark, path, exists, write_data, metadata_line)
+
+
+def _write(spark: SparkSession, root: str, write_data, metadata_line) -> None:
+    write_data(root)
+    # Last: a directory without metadata is not a model to any loader.
+    spark.createDataFrame([(metadata_line(),)], schema="value string").coalesce(1).write.text(
+        f"{root}/metadata"
+    )
+
+
+def _save_then_rename(spark: SparkSession, path: str, write_data, metadata_line) -> None:
     staging = f"{path.rstrip('/')}.saving-{uuid.uuid4().hex}"
     try:
-        user_factors.select("id", "features").write.parquet(f"{staging}/userFactors")
-        item_factors.select("id", "features").write.parquet(f"{staging}/itemFactors")
-        line = metadata_json(instance, spark, SPARK_ALS_MODEL_CLASS, {"rank": rank})
-        spark.createDataFrame([(line,)], schema="value string").coalesce(1).write.text(
-            f"{staging}/metadata"
-        )
-        fs, target = _filesystem(spark, path)
-        if overwrite and fs.exists(target):
-            fs.delete(target, True)
-        _, staged = _filesystem(spark, staging)
-        if not fs.rename(staged, target):
+        _write(spark, staging, write_data, metadata_line)
+        session.delete_path(spark, path)
+        if not session.rename_path(spark, staging, path):
             raise IOError(f"could not move the saved model from {staging} to {path}")
     except BaseException:
-        fs, staged = _filesystem(spark, staging)
-        if fs.exists(staged):
-            fs.delete(staged, True)
+        session.delete_path(spark, staging)
+        raise
+
+
+def _save_in_place(spark: SparkSession, path: str, exists: bool, write_data, metadata_line) -> None:
+    """Spark Connect: no rename, so the old directory goes first and the metadata comes last."""
+    if exists:
+        session.delete_path(spark, path)
+    try:
+        _write(spark, path, write_data, metadata_line)
+    except BaseException:
+        try:
+            session.delete_path(spark, path)
+        except Exception:  # noqa: BLE001 - the original error matters; no metadata, no model
+            pass
         raise
 
 
 def load_metadata(spark: SparkSession, path: str, expected_class: str) -> Dict[str, Any]:
     """The metadata JSON of a saved ML instance, checked like Spark's ``DefaultParamsReader``."""
     metadata_path = f"{path.rstrip('/')}/metadata"
-    if not path_exists(spark, path):
-        raise DamagedModelError(f"No saved model at {path}: the path does not exist.")
-    if not path_exists(spark, metadata_path):
-        raise DamagedModelError(f"Cannot load the model at {path}: {metadata_path} is missing.")
-    lines = spark.read.text(metadata_path).collect()
+    try:
+        lines = spark.read.text(metadata_path).collect()
+    except Exception:  # noqa: BLE001 - a missing path; asked only now (a round trip on Connect)
+        if not path_exists(spark, path):
+            raise DamagedModelError(
+                f"No saved model at {path}: the path does not exist."
+            ) from None
+        if not path_exists(spark, metadata_path):
+            raise DamagedModelError(
+                f"Cannot load the model at {path}: {metadata_path} is missing."
+            ) from None
+        raise
     if not lines:
         raise DamagedModelError(f"Cannot load the model at {path}: {metadata_path} is empty.")
     try:
@@ -136,18 +222,21 @@ def _has_factor_schema(schema: T.StructType) -> bool:
 
 def _read_factors(spark: SparkSession, path: str, name: str) -> DataFrame:
     factor_path = f"{path.rstrip('/')}/{name}"
-    if not path_exists(spark, factor_path):
-        raise DamagedModelError(f"Cannot load the model at {path}: {name}/ is missing.")
     try:
         df = spark.read.parquet(factor_path)
+        schema = df.schema  # Connect reads lazily: its errors come here
     except Exception as e:  # noqa: BLE001 - re-raised with the path and part named
+        if not path_exists(spark, factor_path):
+            raise DamagedModelError(
+                f"Cannot load the model at {path}: {name}/ is missing."
+            ) from None
         raise DamagedModelError(
             f"Cannot load the model at {path}: {name}/ is not readable Parquet ({e})."
         ) from None
-    if not _has_factor_schema(df.schema):
+    if not _has_factor_schema(schema):
         raise DamagedModelError(
             f"Cannot load the model at {path}: {name}/ must have columns id int and "
-            f"features array<float>, found {df.schema.simpleString()}."
+            f"features array<float>, found {schema.simpleString()}."
         )
     return df
 

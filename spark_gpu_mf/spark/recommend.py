@@ -8,6 +8,9 @@ pass with no shuffle; otherwise destination blocks are cross-joined and the per-
 are merged.
 
 Results follow Spark's order: rating descending, equal ratings by larger id first.
+
+Spark Connect has no broadcast variables: there the cross-join road is taken whatever the size,
+with the same results (Spark itself may still broadcast the small side of the join).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pyspark.sql import types as T
 
 from spark_gpu_mf.executor.binding import bind
 from spark_gpu_mf.executor.runtime import BackendChoice, executor_backend
+from spark_gpu_mf.spark import session
 from spark_gpu_mf.spark.factors import factors_from_table
 
 
@@ -164,8 +168,10 @@ def recommend_for_all(
     """
     choice = BackendChoice.for_session(spark, backend)
     schema = recommendation_schema(src_col, dst_col)
-    limit = broadcast_threshold // (max(rank, 1) * 4)
-    candidates = _broadcast_candidates(spark, dst, limit, candidates_cache)
+    candidates = None
+    if not session.is_connect(spark):
+        limit = broadcast_threshold // (max(rank, 1) * 4)
+        candidates = _broadcast_candidates(spark, dst, limit, candidates_cache)
     src, dst = _factor_columns(src), _factor_columns(dst)
     if candidates is not None:
         body = bind(
@@ -179,7 +185,7 @@ def recommend_for_all(
         )
         # One task per core: each task costs tens of milliseconds of Spark and Python overhead,
         # more than its GEMM for model-sized inputs. coalesce never adds partitions.
-        return src.coalesce(spark.sparkContext.defaultParallelism).mapInArrow(body, schema)
+        return src.coalesce(session.default_parallelism(spark)).mapInArrow(body, schema)
     return _recommend_cross_join(src, dst, src_col, dst_col, num, block_size, choice, schema)
 
 
@@ -190,13 +196,13 @@ def _broadcast_candidates(spark: SparkSession, dst: DataFrame, limit: int, cache
     session and limit) through ``cache``: later calls skip the collecting job, and no broadcast
     is left behind per call.
     """
-    key = (id(dst), limit, spark.sparkContext.applicationId)
+    key = (id(dst), limit, session.application_id(spark))
     if cache is not None and key in cache:
         return cache[key]
     # At most limit + 1 rows come back, and fewer than that means they are all of them (a
     # count and a collect would cost two jobs).
     ids, factors = _collect_candidates(_factor_columns(dst), limit)
-    candidates = spark.sparkContext.broadcast((ids, factors)) if len(ids) <= limit else None
+    candidates = session.broadcast(spark, (ids, factors)) if len(ids) <= limit else None
     if cache is not None:
         cache[key] = candidates
     return candidates

@@ -16,6 +16,8 @@ from typing import Optional
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
+from spark_gpu_mf import conf
+
 _LOCAL_MASTER = re.compile(r"^local(?:-cluster)?(?:\[(\*|\d+)(?:,\s*\d+)?\])?$")
 
 # Spark Connect sessions have no SparkContext to cache answers on; keyed by session id.
@@ -124,12 +126,44 @@ def path_exists(spark: SparkSession, path: str) -> bool:
     return True
 
 
+def _connect_ml_helper(spark: SparkSession, method: str, *args) -> None:
+    """Call ``method`` of the Connect server's ML helper (Spark's ``ConnectHelper``).
+
+    This is the command pyspark's own ``RemoteMLWriter`` sends to clear a path before an
+    overwrite; it is sent on ``spark``'s client directly, so it does not depend on the process's
+    ``is_remote()`` state.
+    """
+    import pyspark.sql.connect.proto as pb2
+    from pyspark.ml.connect.serialize import serialize
+    from pyspark.ml.util import ML_CONNECT_HELPER_ID
+
+    command = pb2.Command()
+    command.ml_command.fetch.CopyFrom(
+        pb2.Fetch(
+            obj_ref=pb2.ObjectRef(id=ML_CONNECT_HELPER_ID),
+            methods=[pb2.Fetch.Method(method=method, args=serialize(spark.client, *args))],
+        )
+    )
+    spark.client.execute_command(command)
+
+
 def delete_path(spark: SparkSession, path: str) -> bool:
-    """Delete ``path`` recursively; False where the session cannot (Spark Connect)."""
+    """Delete ``path`` recursively; whether it existed.
+
+    Connect: through the server's ML helper (``handleOverwrite``), as pyspark's ML writers do.
+    """
     if is_connect(spark):
-        return False
+        if not path_exists(spark, path):
+            return False
+        _connect_ml_helper(spark, "handleOverwrite", path, True)
+        return True
     fs, hpath = _filesystem(spark, path)
     return bool(fs.delete(hpath, True))
+
+
+def can_rename(spark: SparkSession) -> bool:
+    """Whether :func:`rename_path` works here: a JVM with Hadoop's file system (not Connect)."""
+    return not is_connect(spark)
 
 
 def rename_path(spark: SparkSession, source: str, target: str) -> bool:
@@ -139,3 +173,18 @@ def rename_path(spark: SparkSession, source: str, target: str) -> bool:
     fs, src = _filesystem(spark, source)
     _, dst = _filesystem(spark, target)
     return bool(fs.rename(src, dst))
+
+
+def application_id(spark: SparkSession) -> str:
+    """The Spark application id (``spark.app.id``): what outlives a session's broadcasts."""
+    if not is_connect(spark):
+        return spark.sparkContext.applicationId
+    return conf.APP_ID.get(spark) or spark.session_id
+
+
+def broadcast(spark: SparkSession, value):
+    """``value`` as a broadcast variable, or None on Connect, which has none (callers then take
+    a DataFrame road that gives the same result)."""
+    if is_connect(spark):
+        return None
+    return spark.sparkContext.broadcast(value)
