@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spark_gpu_mf.jobs.standalone import StandaloneCluster
 from spark_gpu_mf.spark.factors import collect_factors
 from tests.cluster import fit_job
-from tests.cluster.standalone import StandaloneCluster
 from tests.conftest import DATAFLOW_CONFS
 
 pytestmark = pytest.mark.cluster
