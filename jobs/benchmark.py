@@ -175,7 +175,7 @@ class Bench:
 
 
 def make_session(args, master: str, cores: int | None = None):
-    """The classic session, and a Connect session on it with ``--connect``.
+    """``(session the fits run on, classic session)``: the same one, or a Connect session.
 
     With ``--connect`` the application also runs a Spark Connect server on 127.0.0.1 (a port
     the OS picked); an already running session (the test suite's) must have its own server,
@@ -223,7 +223,6 @@ def make_session(args, master: str, cores: int | None = None):
                          "Spark Connect server")
     port = conf.get("spark.connect.grpc.binding.port")
     return SparkSession.builder.remote(f"sc://127.0.0.1:{port}").create(), classic
-
 
 
 def spark_blas(spark) -> dict:
