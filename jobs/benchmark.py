@@ -548,7 +548,7 @@ def run_case(bench: Bench, args, name: str, implicit: bool, gemm: dict, log) -> 
     variants = [v for v in args.variants.split(",") if v and (small or v == "default")]
     runs = [OurRun(v, d) for v in variants for d in args.dataflows]
     spark_model, spark_times, spark_memory = None, [], []
-    models, errors = {}, {}
+    models, rmse_models, errors = {}, {}, {}
     times, memory, rmse_times = ({r.label: [] for r in runs} for _ in range(3))
     # Interleaved (Spark, ours, Spark, ours...) so that load changes on a shared machine hit
     # both estimators alike.
@@ -569,8 +569,9 @@ def run_case(bench: Bench, args, name: str, implicit: bool, gemm: dict, log) -> 
                 memory[run.label].append(peaks)
                 log(f"  ours ({run.label}) fit {seconds:.2f}s" + _memory_note(peaks))
                 if args.training_rmse_cost:
-                    _, seconds = fit_ours(df, args, implicit, args.seed, run.variant,
-                                          run.dataflow, training_rmse=True)
+                    rmse_models[run.label], seconds = fit_ours(
+                        df, args, implicit, args.seed, run.variant, run.dataflow,
+                        training_rmse=True)
                     rmse_times[run.label].append(seconds)
                     log(f"  ours ({run.label}) with trainingRmse fit {seconds:.2f}s")
             except Exception as error:  # noqa: BLE001 - one failing run must not end the others
@@ -605,9 +606,12 @@ def run_case(bench: Bench, args, name: str, implicit: bool, gemm: dict, log) -> 
         if rmse_times[run.label]:
             with_rmse = statistics.median(rmse_times[run.label])
             without = entry["fitSeconds"]["median"]
+            # Not always the same dataflow: the single task does not compute a training RMSE.
+            ran = rmse_models[run.label].summary.details.get("dataflow")
             entry["trainingRmse"] = {"fitSeconds": _spread(rmse_times[run.label]),
                                      "costSeconds": with_rmse - without,
-                                     "costRelative": with_rmse / without - 1}
+                                     "costRelative": with_rmse / without - 1,
+                                     "dataflowRun": ran}
         if "spark" in case:
             entry["speedup"] = case["spark"]["fitSeconds"]["median"] / entry["fitSeconds"]["median"]
             if not implicit:
@@ -737,8 +741,12 @@ def markdown(report: dict) -> str:
         cells = []
         if with_cost:
             cost = entry.get("trainingRmse")
-            cells.append(f"{cost['costSeconds']:+.2f} s ({cost['costRelative'] * 100:+.0f}%)"
-                         if cost else "")
+            text = ""
+            if cost:
+                text = f"{cost['costSeconds']:+.2f} s ({cost['costRelative'] * 100:+.0f}%)"
+                if cost.get("dataflowRun") != entry.get("dataflowRun"):
+                    text += f", ran {cost.get('dataflowRun')}"
+            cells.append(text)
         if with_memory:
             peaks = entry.get("peakExecutorMiB")
             cells.append(" / ".join(str(p) for p in peaks) if peaks else "")

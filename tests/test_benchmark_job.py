@@ -115,6 +115,7 @@ def test_dataflow_all_gives_one_row_per_dataflow_with_spark_ratios(dataflow_repo
         assert entry["dataflowRun"] == ran[name]
         assert entry["speedup"] > 0 and abs(entry["rmseRelativeToSpark"]) < 0.05
         assert entry["trainingRmse"]["fitSeconds"]["median"] > 0
+        assert entry["trainingRmse"]["dataflowRun"]
         assert f"| ours (default, {name}) | {ran[name]} |" in table
     assert "trainingRmse=true costs" in table
     assert result["params"]["dataflowConfs"]["messages"] == benchmark.DATAFLOW_CONFS["messages"]
