@@ -411,15 +411,18 @@ def with_peak_memory(bench: Bench, fit):
     """``(model, seconds, peak executor MiB per worker)`` of ``fit()``; None off a cluster."""
     if bench.memory is None:
         return (*fit(), None)
-    with bench.memory.measure() as peaks:
+    with bench.memory.measure() as memory:
         model, seconds = fit()
-    return model, seconds, [round(p / 2**20) for p in peaks]
+    return model, seconds, {k: [round(b / 2**20) for b in v] for k, v in memory.items()}
 
 
-def _peak_over_fits(samples: list) -> list | None:
-    """Per worker, the largest peak over several fits."""
+def memory_over_fits(samples: list) -> dict:
+    """Per worker, the largest peak over several fits and the smallest footprint at a start."""
     samples = [s for s in samples if s]
-    return [max(column) for column in zip(*samples)] if samples else None
+    if not samples:
+        return {}
+    return {"peakExecutorMiB": [max(c) for c in zip(*(s["peak"] for s in samples))],
+            "executorMiBAtStart": [min(c) for c in zip(*(s["start"] for s in samples))]}
 
 
 @dataclass(frozen=True)
@@ -581,8 +584,7 @@ def run_case(bench: Bench, args, name: str, implicit: bool, gemm: dict, log) -> 
         users, items = factors_of(spark_model)
         case["spark"] = {"fitSeconds": _spread(spark_times),
                          metric_name: metric(users, items, data.test)}
-        if _peak_over_fits(spark_memory):
-            case["spark"]["peakExecutorMiB"] = _peak_over_fits(spark_memory)
+        case["spark"].update(memory_over_fits(spark_memory))
     parallelism = default_parallelism(bench.spark)
     case["ours"] = {}
     for run in runs:
@@ -601,8 +603,7 @@ def run_case(bench: Bench, args, name: str, implicit: bool, gemm: dict, log) -> 
             "phases": phase_split(model.summary, times[run.label][-1], parallelism),
         })
         entry["floorRatio"] = entry["fitSeconds"]["median"] / case["floorSeconds"]
-        if _peak_over_fits(memory[run.label]):
-            entry["peakExecutorMiB"] = _peak_over_fits(memory[run.label])
+        entry.update(memory_over_fits(memory[run.label]))
         if rmse_times[run.label]:
             with_rmse = statistics.median(rmse_times[run.label])
             without = entry["fitSeconds"]["median"]
@@ -650,8 +651,11 @@ def one_line_error(error: BaseException) -> str:
     return f"{describe_exception(error)} (at {relative}:{frame.lineno})"
 
 
-def _memory_note(peaks) -> str:
-    return f", peak executor memory {' / '.join(f'{p} MiB' for p in peaks)}" if peaks else ""
+def _memory_note(memory) -> str:
+    if not memory:
+        return ""
+    return ", executor memory per worker " + " / ".join(
+        f"{peak} MiB (at start {start})" for peak, start in zip(memory["peak"], memory["start"]))
 
 
 def warm_up(bench: Bench, args) -> dict:
@@ -710,7 +714,7 @@ def markdown(report: dict) -> str:
     with_cost = any("trainingRmse" in e for e in ours_entries)
     with_memory = any("peakExecutorMiB" in e for e in ours_entries)
     extra_heads = ((["trainingRmse=true costs"] if with_cost else [])
-                   + (["peak executor MiB per worker"] if with_memory else []))
+                   + (["peak executor MiB per worker (at fit start)"] if with_memory else []))
     lines = [
         (f"Rank {report['params']['rank']}, {report['params']['maxIter']} iterations, regParam "
         f"{report['params']['regParam']}, {report['params']['numBlocks']} user and item blocks, "
@@ -749,7 +753,8 @@ def markdown(report: dict) -> str:
             cells.append(text)
         if with_memory:
             peaks = entry.get("peakExecutorMiB")
-            cells.append(" / ".join(str(p) for p in peaks) if peaks else "")
+            starts = entry.get("executorMiBAtStart")
+            cells.append(" / ".join(f"{p} ({s})" for p, s in zip(peaks, starts)) if peaks else "")
         return cells
 
     def row(head, *cells):

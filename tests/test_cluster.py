@@ -137,5 +137,6 @@ def test_benchmark_on_its_own_standalone_cluster_reports_memory_per_worker(tmp_p
     (case,) = report["cases"]
     for entry in (case["spark"], *case["ours"].values()):
         assert len(entry["peakExecutorMiB"]) == 2 and min(entry["peakExecutorMiB"]) > 0
+        assert all(s <= p for s, p in zip(entry["executorMiBAtStart"], entry["peakExecutorMiB"]))
     assert "peak executor MiB per worker" in (tmp_path / "benchmark.md").read_text()
     assert _processes_naming(master) == []  # the benchmark stopped its master and workers

@@ -308,14 +308,18 @@ class ExecutorMemorySampler:
 
     @contextmanager
     def measure(self):
-        """``with sampler.measure() as peaks:`` fills ``peaks`` (bytes per worker) at the end."""
+        """``with sampler.measure() as memory:``: ``memory["start"]`` (bytes per worker) when the
+        block starts, ``memory["peak"]`` at its end.
+
+        The start matters: executor JVMs keep the heap earlier work grew, so a peak alone
+        includes what previous fits left behind.
+        """
         self.reset()
-        self.sample()
-        peaks: list[int] = []
+        memory = {"start": self.sample(), "peak": []}
         try:
-            yield peaks
+            yield memory
         finally:
-            peaks.extend(self.peaks())
+            memory["peak"] = self.peaks()
 
     def _run(self) -> None:
         while not self._stopped.wait(self.interval):
