@@ -120,6 +120,7 @@ def _processes_naming(text: str) -> list[int]:
     return pids
 
 
+@pytest.mark.slow  # ~100 s: its own cluster, a driver and warm-up fits of both estimators
 def test_benchmark_on_its_own_standalone_cluster_reports_memory_per_worker(tmp_path):
     job = Path(__file__).resolve().parents[1] / "jobs" / "benchmark.py"
     result = subprocess.run(
