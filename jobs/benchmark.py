@@ -18,6 +18,14 @@ native`` (the default ``auto`` does this when the file exists) points the JVM at
 OpenBLAS (``apt-get install libopenblas0-pthread``) explicitly, so the benchmark gets native BLAS
 even where the system default ``libblas.so.3`` link is absent. The BLAS Spark used is reported.
 
+Dataflows: ``--dataflow all`` fits ours once per dataflow (single task, broadcast, messages),
+interleaved with Spark's fits on the same cached data, one table row each;
+``--training-rmse-cost`` adds a fit with ``spark.gpumf.trainingRmse=true`` beside each of ours.
+``--cluster standalone`` runs the session against a master and two one-core workers started on
+127.0.0.1 and reports each worker's peak executor memory per fit. ``--connect`` fits both
+estimators through a Spark Connect session served by the benchmark's own Spark application; a fit
+of ours that fails there is reported as its one-line error in the table.
+
 Outputs: ``benchmark.json`` (everything), ``benchmark.md`` (the tables) and ``benchmark.png``
 (fit time and speedups) under ``--out-dir``. Timings are wall-clock seconds on a machine that may
 be shared; compare ratios within one run.
@@ -29,12 +37,17 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
+import tempfile
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+
+from spark_gpu_mf.conf import BROADCAST_THRESHOLD, SINGLE_TASK_MAX_RATINGS, TRAINING_RMSE
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -42,6 +55,25 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
 OPENBLAS_DIR = "/usr/lib/x86_64-linux-gnu/openblas-pthread"
 SIZES = {"1m": 1_000_000, "10m": 10_000_000}
+
+# The confs that make our ALS take each dataflow. The dataflow rewrite may rename or replace
+# these keys: this mapping is the one place to change. "auto" sets nothing (the size thresholds
+# decide, as for users).
+DATAFLOW_CONFS = {
+    "auto": {},
+    "single": {SINGLE_TASK_MAX_RATINGS.key: str(2**31 - 1)},
+    "broadcast": {SINGLE_TASK_MAX_RATINGS.key: "0", BROADCAST_THRESHOLD.key: "1t"},
+    "messages": {SINGLE_TASK_MAX_RATINGS.key: "0", BROADCAST_THRESHOLD.key: "0"},
+}
+ALL_DATAFLOWS = ("single", "broadcast", "messages")
+TRAINING_RMSE_CONFS = {TRAINING_RMSE.key: "true"}
+
+# --cluster standalone on this 2-core machine: one core per worker, so two executors.
+STANDALONE_WORKERS = 2
+STANDALONE_CORES_PER_WORKER = 1
+
+# The Spark Connect server as a plugin of the benchmark's own Spark application.
+CONNECT_PLUGIN = "org.apache.spark.sql.connect.SparkConnectPlugin"
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -57,9 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated: 'sample' (Spark's bundled file), '1m', '10m' or a "
                              "number of generated ratings")
     parser.add_argument("--modes", default="explicit,implicit", help="explicit and/or implicit")
-    parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--max-iter", type=int, default=10)
-    parser.add_argument("--reg-param", type=float, default=0.05)
+    parser.add_argument("--rank", type=int, default=64, help="rank of both estimators")
+    parser.add_argument("--max-iter", type=int, default=10, help="ALS iterations (maxIter)")
+    parser.add_argument("--reg-param", type=float, default=0.05, help="regParam")
     parser.add_argument("--alpha", type=float, default=1.0, help="implicit confidence scale")
     parser.add_argument("--num-blocks", type=int, default=10,
                         help="numUserBlocks = numItemBlocks (Spark's default is 10)")
@@ -81,12 +113,34 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="skip the implicit library in implicit mode")
     parser.add_argument("--spark-blas", choices=("auto", "native", "java"), default="auto",
                         help="native: Debian's OpenBLAS under " + OPENBLAS_DIR)
-    parser.add_argument("--master", default="local[2]")
-    parser.add_argument("--driver-memory", default="6g")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", default="docs/benchmark")
-    parser.add_argument("--quiet", action="store_true")
-    return parser.parse_args(argv)
+    parser.add_argument("--dataflow", choices=(*DATAFLOW_CONFS, "all"), default="auto",
+                        help="how our ALS moves factors: 'auto' lets the size thresholds choose; "
+                             "'single', 'broadcast' or 'messages' forces one; 'all' fits each "
+                             "of the three, one table row per dataflow")
+    parser.add_argument("--training-rmse-cost", action="store_true",
+                        help="also fit ours with spark.gpumf.trainingRmse=true, interleaved, "
+                             "and report what the per-iteration training RMSE costs")
+    parser.add_argument("--cluster", choices=("none", "standalone"), default="none",
+                        help=f"standalone: start a master and {STANDALONE_WORKERS} workers of "
+                             f"{STANDALONE_CORES_PER_WORKER} core on 127.0.0.1, run against "
+                             "them (overrides --master) and record each worker's peak executor "
+                             "memory during every fit; the cluster stops when the run ends")
+    parser.add_argument("--executor-memory", default="4g",
+                        help="with --cluster standalone: heap of each worker's executor")
+    parser.add_argument("--connect", action="store_true",
+                        help="fit both estimators through a Spark Connect session (a Connect "
+                             "server plugin in this run's Spark application, on 127.0.0.1)")
+    parser.add_argument("--master", default="local[2]",
+                        help="Spark master of the session (ignored with --cluster standalone)")
+    parser.add_argument("--driver-memory", default="6g", help="spark.driver.memory")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data, the split and both estimators")
+    parser.add_argument("--out-dir", default="docs/benchmark",
+                        help="where benchmark.json, benchmark.md and benchmark.png go")
+    parser.add_argument("--quiet", action="store_true", help="print only the final tables")
+    args = parser.parse_args(argv)
+    args.dataflows = list(ALL_DATAFLOWS) if args.dataflow == "all" else [args.dataflow]
+    return args
 
 
 # ------------------------------------------------------------------------------------ session
@@ -106,23 +160,69 @@ def native_blas_options(mode: str) -> str:
             f"-Ddev.ludovic.netlib.lapack.nativeLibPath={OPENBLAS_DIR}/liblapack.so.3")
 
 
-def make_session(args):
+@dataclass
+class Bench:
+    """Where the fits run: ``spark`` (classic or Connect) and the classic session behind it.
+
+    ``classic`` is the JVM-side session (BLAS report, Connect server); ``memory`` samples the
+    executors' memory on a standalone cluster (None otherwise).
+    """
+
+    spark: object
+    classic: object
+    memory: object = None
+    cluster: dict | None = None
+
+
+def make_session(args, master: str, cores: int | None = None):
+    """``(session the fits run on, classic session)``: the same one, or a Connect session.
+
+    With ``--connect`` the application also runs a Spark Connect server on 127.0.0.1 (a port
+    the OS picked); an already running session (the test suite's) must have its own server,
+    whose port is then read back from its conf.
+    """
     from pyspark.sql import SparkSession
 
-    spark = (
-        SparkSession.builder.master(args.master)
+    from spark_gpu_mf.jobs.standalone import free_port
+
+    blas = native_blas_options(args.spark_blas)
+    builder = (
+        SparkSession.builder.master(master)
         .appName("spark_gpu_mf benchmark")
         .config("spark.driver.memory", args.driver_memory)
-        .config("spark.driver.extraJavaOptions", native_blas_options(args.spark_blas))
+        .config("spark.driver.extraJavaOptions", blas)
+        # Spark's ALS runs its BLAS in the executors: off local mode they need the choice too.
+        .config("spark.executor.extraJavaOptions", blas)
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.python.worker.reuse", "true")
         .config("spark.sql.shuffle.partitions", "4")
-        .getOrCreate()
     )
-    spark.sparkContext.setLogLevel("ERROR")
-    return spark
+    if args.cluster == "standalone":
+        builder = (builder.config("spark.executor.memory", args.executor_memory)
+                   .config("spark.executor.cores", str(STANDALONE_CORES_PER_WORKER))
+                   .config("spark.pyspark.python", sys.executable))
+    if args.connect:
+        builder = (builder.config("spark.plugins", CONNECT_PLUGIN)
+                   .config("spark.connect.grpc.binding.address", "127.0.0.1")
+                   .config("spark.connect.grpc.binding.port", str(free_port())))
+        if cores:
+            # A Connect client asks the conf for the parallelism (it has no SparkContext).
+            builder = builder.config("spark.default.parallelism", str(cores))
+    classic = builder.getOrCreate()
+    classic.sparkContext.setLogLevel("ERROR")
+    if classic.sparkContext.master != master:
+        raise SystemExit(f"benchmark.py: error: this process already runs a Spark session on "
+                         f"{classic.sparkContext.master}, not {master}")
+    if not args.connect:
+        return classic, classic
+    conf = classic.sparkContext.getConf()
+    if CONNECT_PLUGIN not in (conf.get("spark.plugins", "") or ""):
+        raise SystemExit("benchmark.py: error: --connect: the running Spark session has no "
+                         "Spark Connect server")
+    port = conf.get("spark.connect.grpc.binding.port")
+    return SparkSession.builder.remote(f"sc://127.0.0.1:{port}").create(), classic
 
 
 def spark_blas(spark) -> dict:
@@ -278,13 +378,63 @@ def fit_spark(df, args, implicit: bool, seed: int):
     return _timed(lambda: est.fit(df))
 
 
-def fit_ours(df, args, implicit: bool, seed: int, variant: str):
+@contextmanager
+def session_confs(spark, confs: dict):
+    """Set ``confs`` on ``spark`` for the block, then put back what was there before."""
+    previous = {key: spark.conf.get(key, None) for key in confs}
+    for key, value in confs.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
+
+
+def fit_ours(df, args, implicit: bool, seed: int, variant: str, dataflow: str = "auto",
+             training_rmse: bool = False):
+    """Our fit with the ``variant``'s params under the ``dataflow``'s confs, timed."""
     from spark_gpu_mf import ALS
 
     est = ALS(rank=args.rank, maxIter=args.max_iter, regParam=args.reg_param,
               implicitPrefs=implicit, alpha=args.alpha, numUserBlocks=args.num_blocks,
               numItemBlocks=args.num_blocks, seed=seed, **variant_params(variant))
-    return _timed(lambda: est.fit(df))
+    confs = {**DATAFLOW_CONFS[dataflow], **(TRAINING_RMSE_CONFS if training_rmse else {})}
+    with session_confs(df.sparkSession, confs):
+        return _timed(lambda: est.fit(df))
+
+
+def with_peak_memory(bench: Bench, fit):
+    """``(model, seconds, peak executor MiB per worker)`` of ``fit()``; None off a cluster."""
+    if bench.memory is None:
+        return (*fit(), None)
+    with bench.memory.measure() as memory:
+        model, seconds = fit()
+    return model, seconds, {k: [round(b / 2**20) for b in v] for k, v in memory.items()}
+
+
+def memory_over_fits(samples: list) -> dict:
+    """Per worker, the largest peak over several fits and the smallest footprint at a start."""
+    samples = [s for s in samples if s]
+    if not samples:
+        return {}
+    return {"peakExecutorMiB": [max(c) for c in zip(*(s["peak"] for s in samples))],
+            "executorMiBAtStart": [min(c) for c in zip(*(s["start"] for s in samples))]}
+
+
+@dataclass(frozen=True)
+class OurRun:
+    """One configuration of ours within a case: a solver variant under a dataflow."""
+
+    variant: str
+    dataflow: str
+
+    @property
+    def label(self) -> str:
+        return self.variant if self.dataflow == "auto" else f"{self.variant}, {self.dataflow}"
 
 
 def fit_implicit_lib(data: Dataset, args) -> dict | None:
@@ -378,9 +528,12 @@ def phase_split(summary, fit_seconds: float, parallelism: int) -> dict:
     }
 
 
-def run_case(spark, args, name: str, implicit: bool, gemm: dict, log) -> dict:
-    data = load_dataset(spark, name, implicit, args.seed)
-    df = training_frame(spark, data)
+def run_case(bench: Bench, args, name: str, implicit: bool, gemm: dict, log) -> dict:
+    """Spark's ALS and each of our runs (variant x dataflow) on one data set, interleaved."""
+    from spark_gpu_mf.spark.session import default_parallelism
+
+    data = load_dataset(bench.spark, name, implicit, args.seed)
+    df = training_frame(bench.spark, data)
     u, i, _ = data.train
     case = {"dataset": name, "mode": "implicit" if implicit else "explicit",
             "trainRatings": len(u), "testRatings": len(data.test[0]),
@@ -396,65 +549,136 @@ def run_case(spark, args, name: str, implicit: bool, gemm: dict, log) -> dict:
     small = len(u) <= args.small_max_ratings
     repeats = args.repeats if small else args.large_repeats
     variants = [v for v in args.variants.split(",") if v and (small or v == "default")]
-    spark_model, spark_times = None, []
-    models, times = {}, {v: [] for v in variants}
+    runs = [OurRun(v, d) for v in variants for d in args.dataflows]
+    spark_model, spark_times, spark_memory = None, [], []
+    models, rmse_models, errors = {}, {}, {}
+    times, memory, rmse_times = ({r.label: [] for r in runs} for _ in range(3))
     # Interleaved (Spark, ours, Spark, ours...) so that load changes on a shared machine hit
     # both estimators alike.
     for _ in range(repeats):
         if not args.no_spark:
-            spark_model, seconds = fit_spark(df, args, implicit, args.seed)
+            spark_model, seconds, peaks = with_peak_memory(
+                bench, lambda: fit_spark(df, args, implicit, args.seed))
             spark_times.append(seconds)
-            log(f"  Spark ALS fit {seconds:.2f}s")
-        for variant in variants:
-            models[variant], seconds = fit_ours(df, args, implicit, args.seed, variant)
-            times[variant].append(seconds)
-            log(f"  ours ({variant}) fit {seconds:.2f}s")
+            spark_memory.append(peaks)
+            log(f"  Spark ALS fit {seconds:.2f}s" + _memory_note(peaks))
+        for run in runs:
+            if run.label in errors:
+                continue
+            try:
+                models[run.label], seconds, peaks = with_peak_memory(bench, lambda: fit_ours(
+                    df, args, implicit, args.seed, run.variant, run.dataflow))
+                times[run.label].append(seconds)
+                memory[run.label].append(peaks)
+                log(f"  ours ({run.label}) fit {seconds:.2f}s" + _memory_note(peaks))
+                if args.training_rmse_cost:
+                    rmse_models[run.label], seconds = fit_ours(
+                        df, args, implicit, args.seed, run.variant, run.dataflow,
+                        training_rmse=True)
+                    rmse_times[run.label].append(seconds)
+                    log(f"  ours ({run.label}) with trainingRmse fit {seconds:.2f}s")
+            except Exception as error:  # noqa: BLE001 - one failing run must not end the others
+                errors[run.label] = one_line_error(error)
+                log(f"  ours ({run.label}) failed: {errors[run.label]}")
     if spark_model is not None:
         users, items = factors_of(spark_model)
         case["spark"] = {"fitSeconds": _spread(spark_times),
                          metric_name: metric(users, items, data.test)}
-    parallelism = spark.sparkContext.defaultParallelism
+        case["spark"].update(memory_over_fits(spark_memory))
+    parallelism = default_parallelism(bench.spark)
     case["ours"] = {}
-    for variant in variants:
-        model = models[variant]
+    for run in runs:
+        entry = {"variant": run.variant, "dataflow": run.dataflow,
+                 "params": variant_params(run.variant), "confs": DATAFLOW_CONFS[run.dataflow]}
+        case["ours"][run.label] = entry
+        if run.label in errors:
+            entry["error"] = errors[run.label]
+            continue
+        model = models[run.label]
         users, items = factors_of(model)
-        entry = {"params": variant_params(variant), "fitSeconds": _spread(times[variant]),
-                 metric_name: metric(users, items, data.test),
-                 "phases": phase_split(model.summary, times[variant][-1], parallelism),
-                 "dataflow": model.summary.details.get("dataflow")}
+        entry.update({
+            "dataflowRun": model.summary.details.get("dataflow"),
+            "fitSeconds": _spread(times[run.label]),
+            metric_name: metric(users, items, data.test),
+            "phases": phase_split(model.summary, times[run.label][-1], parallelism),
+        })
         entry["floorRatio"] = entry["fitSeconds"]["median"] / case["floorSeconds"]
+        entry.update(memory_over_fits(memory[run.label]))
+        if rmse_times[run.label]:
+            with_rmse = statistics.median(rmse_times[run.label])
+            without = entry["fitSeconds"]["median"]
+            # Not always the same dataflow: the single task does not compute a training RMSE.
+            ran = rmse_models[run.label].summary.details.get("dataflow")
+            entry["trainingRmse"] = {"fitSeconds": _spread(rmse_times[run.label]),
+                                     "costSeconds": with_rmse - without,
+                                     "costRelative": with_rmse / without - 1,
+                                     "dataflowRun": ran}
         if "spark" in case:
             entry["speedup"] = case["spark"]["fitSeconds"]["median"] / entry["fitSeconds"]["median"]
             if not implicit:
                 entry["rmseRelativeToSpark"] = entry["rmse"] / case["spark"]["rmse"] - 1
-        case["ours"][variant] = entry
     if implicit and not args.no_implicit_lib:
         lib = fit_implicit_lib(data, args)
         if lib is not None:
             case["implicitLib"] = lib
             log(f"  implicit library fit {lib['fitSeconds']:.2f}s")
     if spark_model is not None and args.recommend and not implicit and small:
-        case["recommend"] = recommend_benchmark(spark_model, args.recommend, repeats)
-        log(f"  recommendForAllUsers({args.recommend}): Spark "
-            f"{case['recommend']['sparkSeconds']['median']:.2f}s, ours "
-            f"{case['recommend']['oursSeconds']['median']:.2f}s")
+        try:
+            case["recommend"] = recommend_benchmark(spark_model, args.recommend, repeats)
+            log(f"  recommendForAllUsers({args.recommend}): Spark "
+                f"{case['recommend']['sparkSeconds']['median']:.2f}s, ours "
+                f"{case['recommend']['oursSeconds']['median']:.2f}s")
+        except Exception as error:  # noqa: BLE001 - e.g. ours on Spark Connect, not there yet
+            case["recommend"] = {"k": args.recommend, "error": one_line_error(error)}
+            log(f"  recommendForAllUsers({args.recommend}) failed: "
+                f"{case['recommend']['error']}")
     df.unpersist()
     return case
 
 
-def warm_up(spark, args) -> dict:
-    """One small fit of each estimator before anything is timed, timed itself.
+def one_line_error(error: BaseException) -> str:
+    """What failed, in one line, and the innermost line of our package it came through."""
+    import traceback
+
+    from spark_gpu_mf.jobs.common import describe_exception
+
+    package = f"{os.sep}spark_gpu_mf{os.sep}"
+    ours = [f for f in traceback.extract_tb(error.__traceback__) if package in f.filename]
+    if not ours:
+        return describe_exception(error)
+    frame = ours[-1]
+    relative = frame.filename[frame.filename.rindex(package) + 1 :]
+    return f"{describe_exception(error)} (at {relative}:{frame.lineno})"
+
+
+def _memory_note(memory) -> str:
+    if not memory:
+        return ""
+    return ", executor memory per worker " + " / ".join(
+        f"{peak} MiB (at start {start})" for peak, start in zip(memory["peak"], memory["start"]))
+
+
+def warm_up(bench: Bench, args) -> dict:
+    """One small fit of each estimator (ours: under each dataflow) before anything is timed.
 
     The first fit in a session pays one-time costs the later ones do not: JVM JIT for Spark's,
     Python worker start-up, imports and loading compiled kernels for ours.
     """
     from spark_gpu_mf import datasets
 
-    df = datasets.to_dataframe(spark, datasets.generate_ratings(5000, seed=1), via="arrow")
+    df = datasets.to_dataframe(bench.spark, datasets.generate_ratings(5000, seed=1), via="arrow")
     df = df.cache()
     df.count()
     small = argparse.Namespace(**{**vars(args), "max_iter": 2})
-    out = {"oursSeconds": fit_ours(df, small, False, 0, "default")[1]}
+    out = {}
+    for dataflow in args.dataflows:
+        key = "oursSeconds" if dataflow == "auto" else f"oursSeconds ({dataflow})"
+        try:
+            out[key] = fit_ours(df, small, False, 0, "default", dataflow)[1]
+            if args.training_rmse_cost:
+                fit_ours(df, small, False, 0, "default", dataflow, training_rmse=True)
+        except Exception as error:  # noqa: BLE001 - reported again by the timed fits
+            out[key] = one_line_error(error)
     if not args.no_spark:
         out["sparkSeconds"] = fit_spark(df, small, False, 0)[1]
     df.unpersist()
@@ -464,21 +688,51 @@ def warm_up(spark, args) -> dict:
 # ------------------------------------------------------------------------------------ report
 
 
+def _session_note(env: dict) -> str:
+    """Where the fits ran, for the table's heading."""
+    where = env["master"]
+    cluster = env.get("cluster")
+    if cluster:
+        where = (f"standalone cluster {env['master']} ({cluster['workers']} workers x "
+                 f"{cluster['coresPerWorker']} core, executor heap {cluster['executorMemory']}, "
+                 f"driver {cluster['driverMemory']})")
+    if env.get("connect"):
+        where += ", through a Spark Connect session"
+    return where
+
+
+def _cell(text: str, limit: int = 200) -> str:
+    """``text`` fit for a table cell: no column separators, at most ``limit`` characters."""
+    text = str(text).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
+    cases = report["cases"]
+    ours_entries = [e for c in cases for e in c["ours"].values()]
+    with_cost = any("trainingRmse" in e for e in ours_entries)
+    with_memory = any("peakExecutorMiB" in e for e in ours_entries)
+    extra_heads = ((["trainingRmse=true costs"] if with_cost else [])
+                   + (["peak executor MiB per worker (at fit start)"] if with_memory else []))
     lines = [
         (f"Rank {report['params']['rank']}, {report['params']['maxIter']} iterations, regParam "
         f"{report['params']['regParam']}, {report['params']['numBlocks']} user and item blocks, "
-        f"{env['master']}, {env['cores']} cores; Spark {env['spark']} ALS with "
+        f"{_session_note(env)}, {env['cores']} cores; Spark {env['spark']} ALS with "
         f"{env['sparkBlas']['blas']} / {env['sparkBlas']['lapack']}; float32 GEMM (2048^2, "
         f"all cores) {env['gemmGflops']['min']:.0f}-"
         f"{env.get('floorGflops', env['gemmGflops']['max']):.0f} GFLOP/s over the run, the "
         f"floor uses the best. Seconds are medians of the fits (range in brackets), "
-        f"Spark's and ours interleaved."),
+        f"Spark's and ours interleaved. 1-minute load average "
+        f"{env['loadAverage'][0]:.1f} at the start"
+        + (f", {env['loadAverageAfter'][0]:.1f} at the end." if "loadAverageAfter" in env
+           else ".")),
         "",
-        ("| data | mode | ratings (train) | estimator | fit s | held-out | speedup | "
-         "x floor | phases: build / hermitian / solve / exchange s |"),
-        "|---|---|---:|---|---:|---:|---:|---:|---|",
+        "| " + " | ".join(["data", "mode", "ratings (train)", "estimator", "dataflow", "fit s",
+                          "held-out", "speedup", "x floor", *extra_heads,
+                          "phases: build / hermitian / solve / exchange s"]) + " |",
+        "|" + "|".join(["---", "---", "---:", "---", "---", "---:", "---:", "---:", "---:",
+                        *["---:"] * len(extra_heads), "---"]) + "|",
     ]
 
     def seconds(entry):
@@ -487,39 +741,69 @@ def markdown(report: dict) -> str:
             return f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]"
         return f"{s['median']:.2f}"
 
-    for case in report["cases"]:
+    def extras(entry):
+        cells = []
+        if with_cost:
+            cost = entry.get("trainingRmse")
+            text = ""
+            if cost:
+                text = f"{cost['costSeconds']:+.2f} s ({cost['costRelative'] * 100:+.0f}%)"
+                if cost.get("dataflowRun") != entry.get("dataflowRun"):
+                    text += f", ran {cost.get('dataflowRun')}"
+            cells.append(text)
+        if with_memory:
+            peaks = entry.get("peakExecutorMiB")
+            starts = entry.get("executorMiBAtStart")
+            cells.append(" / ".join(f"{p} ({s})" for p, s in zip(peaks, starts)) if peaks else "")
+        return cells
+
+    def row(head, *cells):
+        lines.append("| " + " | ".join([*head, *map(str, cells)]) + " |")
+
+    for case in cases:
         key = "auc" if case["mode"] == "implicit" else "rmse"
-        head = f"| {case['dataset']} | {case['mode']} | {case['trainRatings']:,} "
+        head = [case["dataset"], case["mode"], f"{case['trainRatings']:,}"]
         if "spark" in case:
-            lines.append(head + f"| Spark ALS | {seconds(case['spark'])} | "
-                         f"{key} {case['spark'][key]:.4f} | 1.0 | "
-                         f"{case['spark']['fitSeconds']['median'] / case['floorSeconds']:.1f} | |")
-        for variant, entry in case["ours"].items():
+            spark = case["spark"]
+            row(head, "Spark ALS", "", seconds(spark), f"{key} {spark[key]:.4f}", "1.0",
+                f"{spark['fitSeconds']['median'] / case['floorSeconds']:.1f}",
+                *extras(spark), "")
+        for label, entry in case["ours"].items():
+            if "error" in entry:
+                row(head, f"ours ({label})", entry["dataflow"], "-",
+                    f"failed: {_cell(entry['error'])}", "-", "-", *[""] * len(extra_heads), "")
+                continue
             p = entry["phases"]
             speed = f"{entry['speedup']:.1f}" if "speedup" in entry else "-"
             rel = (f" ({entry['rmseRelativeToSpark'] * 100:+.2f}%)"
                    if "rmseRelativeToSpark" in entry else "")
-            lines.append(
-                head + f"| ours ({variant}) | {seconds(entry)} | {key} {entry[key]:.4f}{rel} | "
-                f"{speed} | {entry['floorRatio']:.1f} | {p['blockBuild']:.2f} / "
-                f"{p['hermitian']:.2f} / {p['solve']:.2f} / {p['exchange']:.2f} |"
-            )
+            dataflow = entry.get("dataflowRun") or ""
+            if entry["dataflow"] != "auto" and entry["dataflow"] not in dataflow:
+                dataflow += f" (asked: {entry['dataflow']})"
+            row(head, f"ours ({label})", dataflow, seconds(entry), f"{key} {entry[key]:.4f}{rel}",
+                speed, f"{entry['floorRatio']:.1f}", *extras(entry),
+                f"{p['blockBuild']:.2f} / {p['hermitian']:.2f} / {p['solve']:.2f} / "
+                f"{p['exchange']:.2f}")
         if "implicitLib" in case:
             lib = case["implicitLib"]
             speed = (f"{case['spark']['fitSeconds']['median'] / lib['fitSeconds']:.1f}"
                      if "spark" in case else "-")
-            lines.append(head + f"| implicit {lib['version']} ({lib['threads']} threads) | "
-                         f"{lib['fitSeconds']:.2f} | auc {lib['auc']:.4f} | {speed} | "
-                         f"{lib['fitSeconds'] / case['floorSeconds']:.1f} | |")
-        lines.append(f"| | | | FLOP floor ({case['fitGflop']:.0f} GFLOP) | "
-                     f"{case['floorSeconds']:.2f} | | | 1.0 | |")
-    recs = [c for c in report["cases"] if "recommend" in c]
+            row(head, f"implicit {lib['version']} ({lib['threads']} threads)", "",
+                f"{lib['fitSeconds']:.2f}", f"auc {lib['auc']:.4f}", speed,
+                f"{lib['fitSeconds'] / case['floorSeconds']:.1f}", *[""] * len(extra_heads), "")
+        row(["", "", ""], f"FLOP floor ({case['fitGflop']:.0f} GFLOP)", "",
+            f"{case['floorSeconds']:.2f}", "", "", "1.0", *[""] * len(extra_heads), "")
+    recs = [c for c in cases if "recommend" in c]
     if recs:
         lines += ["", ("| data | recommendForAllUsers(k) | Spark s | ours s | speedup | "
                        "identical lists | ties only | different |"),
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for case in recs:
             r = case["recommend"]
+            if "error" in r:
+                lines.append(f"| {case['dataset']} | {r['k']} | | | | failed: "
+                             f"{_cell(r['error'])} | | |")
+                continue
             a = r["agreement"]
             lines.append(f"| {case['dataset']} | {r['k']} | {r['sparkSeconds']['median']:.2f} | "
                          f"{r['oursSeconds']['median']:.2f} | {r['speedup']:.1f} | "
@@ -534,33 +818,46 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = [c for c in report["cases"] if "spark" in c and "default" in c["ours"]]
-    if not cases:
+    cases = [c for c in report["cases"] if "spark" in c]
+    labels = sorted({label for c in cases for label, e in c["ours"].items() if "speedup" in e},
+                    key=lambda label: [k for c in cases for k in c["ours"]].index(label))
+    if not cases or not labels:
         return
-    labels = [f"{c['dataset']}\n{c['mode']}" for c in cases]
     x = np.arange(len(cases))
+    width = 0.8 / (len(labels) + 2)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    spark_s = [c["spark"]["fitSeconds"]["median"] for c in cases]
-    ours_s = [c["ours"]["default"]["fitSeconds"]["median"] for c in cases]
-    floor_s = [c["floorSeconds"] for c in cases]
-    left.bar(x - 0.27, spark_s, 0.27, label="Spark ALS")
-    left.bar(x, ours_s, 0.27, label="spark_gpu_mf (default)")
-    left.bar(x + 0.27, floor_s, 0.27, label="FLOP floor")
+
+    def fit_seconds(case, label):
+        entry = case["ours"].get(label, {})
+        return entry["fitSeconds"]["median"] if "fitSeconds" in entry else np.nan
+
+    bars = [("Spark ALS", [c["spark"]["fitSeconds"]["median"] for c in cases])]
+    bars += [(f"ours ({label})", [fit_seconds(c, label) for c in cases]) for label in labels]
+    bars += [("FLOP floor", [c["floorSeconds"] for c in cases])]
+    for index, (name, values) in enumerate(bars):
+        left.bar(x + (index - (len(bars) - 1) / 2) * width, values, width, label=name)
+    case_names = [f"{c['dataset']}\n{c['mode']}" for c in cases]
     left.set_yscale("log")
-    left.set_xticks(x, labels)
+    left.set_xticks(x, case_names)
     left.set_ylabel("fit seconds (log)")
     params = report["params"]
     left.set_title(f"Fit, rank {params['rank']}, {params['maxIter']} iterations")
-    left.legend(fontsize=8)
-    speedups = [c["ours"]["default"]["speedup"] for c in cases]
-    right.bar(x, speedups, 0.5, color="tab:green")
-    for xi, s in zip(x, speedups):
-        right.text(xi, s, f"{s:.1f}x", ha="center", va="bottom", fontsize=9)
-    right.set_xticks(x, labels)
+    left.legend(fontsize=7)
+    for index, label in enumerate(labels):
+        speedups = [c["ours"].get(label, {}).get("speedup", np.nan) for c in cases]
+        offset = (index - (len(labels) - 1) / 2) * width
+        right.bar(x + offset, speedups, width, label=f"ours ({label})")
+        for xi, value in zip(x, speedups):
+            if np.isfinite(value):
+                right.text(xi + offset, value, f"{value:.1f}x", ha="center", va="bottom",
+                           fontsize=8)
+    right.set_xticks(x, case_names)
     right.set_ylabel("speedup over Spark ALS")
     right.set_title("Fit speedup (same data, same session)")
-    fig.suptitle(f"{report['environment']['cores']} cores, Spark ALS with "
-                 f"{report['environment']['sparkBlas']['blas']}", fontsize=10)
+    right.legend(fontsize=7)
+    fig.suptitle(f"{_session_note(report['environment'])}; {report['environment']['cores']} "
+                 f"cores, Spark ALS with {report['environment']['sparkBlas']['blas']}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -576,32 +873,92 @@ def main(argv=None) -> dict:
         if not args.quiet:
             print(message, flush=True)
 
+    os.makedirs(args.out_dir, exist_ok=True)
+    with ExitStack() as cleanup:
+        bench = start_bench(args, cleanup, log)
+        return run(bench, args, argv, log)
+
+
+def start_bench(args, cleanup: ExitStack, log) -> Bench:
+    """The sessions (and with ``--cluster standalone`` the cluster) of this run.
+
+    ``cleanup`` stops what was started, in reverse order, however the run ends.
+    """
+    if args.cluster == "none":
+        cores = _local_cores(args.master)
+        spark, classic = make_session(args, args.master, cores)
+        if args.connect:
+            cleanup.callback(spark.stop)
+        return Bench(spark, classic)
+
+    from spark_gpu_mf.jobs.standalone import ExecutorMemorySampler, StandaloneCluster
+
+    # SIGTERM (a killed run) unwinds like an exception, so the cluster's JVMs stop too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    log_dir = tempfile.mkdtemp(prefix="gpumf-benchmark-cluster-")
+    cluster = StandaloneCluster(workers=STANDALONE_WORKERS, cores=STANDALONE_CORES_PER_WORKER,
+                                memory=args.executor_memory, log_dir=log_dir)
+    cleanup.enter_context(cluster)
+    log(f"standalone cluster {cluster.url}: {STANDALONE_WORKERS} workers x "
+        f"{STANDALONE_CORES_PER_WORKER} core, executor heap {args.executor_memory}; logs in "
+        f"{log_dir}")
+    spark, classic = make_session(args, cluster.url,
+                                  STANDALONE_WORKERS * STANDALONE_CORES_PER_WORKER)
+    cleanup.callback(classic.stop)  # before the cluster goes (callbacks run last-in first-out)
+    if args.connect:
+        cleanup.callback(spark.stop)
+    memory = ExecutorMemorySampler(cluster).start()
+    cleanup.callback(memory.stop)
+    return Bench(spark, classic, memory, {
+        "workers": STANDALONE_WORKERS, "coresPerWorker": STANDALONE_CORES_PER_WORKER,
+        "executorMemory": args.executor_memory, "driverMemory": args.driver_memory,
+        "logDir": log_dir,
+        "memoryMeasure": "peak PSS of each worker's executor JVM and its Python workers, "
+                         "sampled from /proc every 0.2 s during each fit",
+    })
+
+
+def _local_cores(master: str) -> int | None:
+    """Task slots of a ``local[N]`` master (None for other masters)."""
+    if master == "local":
+        return 1
+    if master.startswith("local["):
+        inside = master[len("local["):].split(",")[0].rstrip("]")
+        return os.cpu_count() if inside == "*" else int(inside)
+    return None
+
+
+def run(bench: Bench, args, argv, log) -> dict:
+    """Every data set and mode on ``bench``'s session; writes the outputs after each case."""
     import pyspark
 
-    spark = make_session(args)
-    os.makedirs(args.out_dir, exist_ok=True)
     gemm = measure_gemm_gflops()
     report = {
         "command": " ".join(["python jobs/benchmark.py", *(argv or sys.argv[1:])]),
         "params": {"rank": args.rank, "maxIter": args.max_iter, "regParam": args.reg_param,
                    "alpha": args.alpha, "numBlocks": args.num_blocks, "repeats": args.repeats,
-                   "seed": args.seed},
+                   "seed": args.seed, "dataflows": args.dataflows,
+                   "dataflowConfs": {d: DATAFLOW_CONFS[d] for d in args.dataflows},
+                   "trainingRmseCost": args.training_rmse_cost},
         "environment": {
-            "spark": pyspark.__version__, "numpy": np.__version__, "master": args.master,
+            "spark": pyspark.__version__, "numpy": np.__version__,
+            "master": bench.classic.sparkContext.master, "connect": args.connect,
             "cores": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-            "sparkBlas": spark_blas(spark), "gemmGflops": gemm,
+            "sparkBlas": spark_blas(bench.classic), "gemmGflops": gemm,
             "loadAverage": os.getloadavg(),
         },
         "cases": [],
     }
+    if bench.cluster:
+        report["environment"]["cluster"] = bench.cluster
     log(f"Spark BLAS: {report['environment']['sparkBlas']['blas']}; float32 GEMM "
         f"{gemm['median']:.0f} GFLOP/s (best {gemm['max']:.0f})")
-    report["environment"]["coldStart"] = warm_up(spark, args)
+    report["environment"]["coldStart"] = warm_up(bench, args)
     log(f"warm-up (first fits in this session): {report['environment']['coldStart']}")
     try:
         for name in [d for d in args.datasets.split(",") if d]:
             for mode in [m for m in args.modes.split(",") if m]:
-                case = run_case(spark, args, name, mode == "implicit", gemm, log)
+                case = run_case(bench, args, name, mode == "implicit", gemm, log)
                 report["cases"].append(case)
                 _write(report, args)
     finally:
@@ -619,7 +976,8 @@ def rescale_floors(report: dict, gflops: float) -> None:
     for case in report["cases"]:
         case["floorSeconds"] = case["fitGflop"] / gflops
         for entry in case["ours"].values():
-            entry["floorRatio"] = entry["fitSeconds"]["median"] / case["floorSeconds"]
+            if "fitSeconds" in entry:
+                entry["floorRatio"] = entry["fitSeconds"]["median"] / case["floorSeconds"]
 
 
 def _write(report: dict, args) -> None:

@@ -868,10 +868,9 @@ def _write_parquet(table, tmp_dir: str | None) -> str:
 
 
 def _default_parallelism(spark: SparkSession) -> int:
-    try:
-        return max(1, spark.sparkContext.defaultParallelism)
-    except NotImplementedError:  # Spark Connect has no SparkContext
-        return max(1, int(spark.conf.get("spark.default.parallelism", "2")))
+    from spark_gpu_mf.spark.session import default_parallelism
+
+    return default_parallelism(spark)  # also on Spark Connect, which has no SparkContext
 
 
 # --------------------------------------------------------------------------------------------

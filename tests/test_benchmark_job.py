@@ -92,3 +92,48 @@ def test_variant_names():
     assert benchmark.variant_params("cg3-fp16") == {
         "solver": "cg", "cgIterations": 3, "precision": "fp16"
     }
+
+
+@pytest.fixture(scope="module")
+def dataflow_report(spark, tmp_path_factory):
+    out = tmp_path_factory.mktemp("benchmark-dataflows")
+    result = benchmark.main(
+        ["--datasets", "sample", "--modes", "explicit", "--rank", "4", "--max-iter", "1",
+         "--variants", "default", "--dataflow", "all", "--training-rmse-cost", "--recommend", "0",
+         "--repeats", "1", "--out-dir", str(out), "--quiet"]
+    )
+    return result, out
+
+
+def test_dataflow_all_gives_one_row_per_dataflow_with_spark_ratios(dataflow_report):
+    result, out = dataflow_report
+    (case,) = result["cases"]
+    ran = {"single": "single task", "broadcast": "broadcast", "messages": "messages"}
+    assert set(case["ours"]) == {f"default, {name}" for name in ran}
+    table = (out / "benchmark.md").read_text()
+    for name, entry in ((e["dataflow"], e) for e in case["ours"].values()):
+        assert entry["dataflowRun"] == ran[name]
+        assert entry["speedup"] > 0 and abs(entry["rmseRelativeToSpark"]) < 0.05
+        assert entry["trainingRmse"]["fitSeconds"]["median"] > 0
+        assert entry["trainingRmse"]["dataflowRun"]
+        assert f"| ours (default, {name}) | {ran[name]} |" in table
+    assert "trainingRmse=true costs" in table
+    assert result["params"]["dataflowConfs"]["messages"] == benchmark.DATAFLOW_CONFS["messages"]
+
+
+def test_connect_fits_both_estimators_or_reports_our_error_in_one_line(spark, tmp_path):
+    result = benchmark.main(
+        ["--connect", "--datasets", "sample", "--modes", "explicit", "--rank", "4",
+         "--max-iter", "1", "--variants", "default", "--recommend", "0", "--repeats", "1",
+         "--out-dir", str(tmp_path), "--quiet"]
+    )
+    assert result["environment"]["connect"] is True
+    (case,) = result["cases"]
+    assert np.isfinite(case["spark"]["rmse"])
+    (entry,) = case["ours"].values()
+    if "error" in entry:  # ours is not on Connect everywhere yet: one line, in the table
+        assert "\n" not in entry["error"]
+        assert "failed: " in (tmp_path / "benchmark.md").read_text()
+    else:
+        assert np.isfinite(entry["rmse"])
+    assert "through a Spark Connect session" in (tmp_path / "benchmark.md").read_text()

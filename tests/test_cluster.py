@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from spark_gpu_mf.jobs.standalone import StandaloneCluster
 from spark_gpu_mf.spark.factors import collect_factors
 from tests.cluster import fit_job
-from tests.cluster.standalone import StandaloneCluster
 from tests.conftest import DATAFLOW_CONFS
 
 pytestmark = pytest.mark.cluster
@@ -94,3 +96,48 @@ def test_killing_an_executor_mid_fit_still_completes_the_same_model(spark, clust
     assert killed is not None, "the fit never logged iteration 3:\n" + "".join(log[-40:])
     assert "ALS iteration 12/12" in "".join(log)
     assert_same_model(tmp_path, *_local_fit(spark, "cg", max_iter=12))
+
+
+def test_the_starter_stops_every_process_when_its_block_fails(tmp_path):
+    pids = []
+    with pytest.raises(RuntimeError, match="stop here"):
+        with StandaloneCluster(workers=1, cores=1, memory="512m", log_dir=tmp_path) as started:
+            pids = [p.pid for p in started.processes]
+            assert len(pids) == 2 and all(os.path.exists(f"/proc/{pid}") for pid in pids)
+            raise RuntimeError("stop here")
+    assert pids and not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
+def _processes_naming(text: str) -> list[int]:
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline") as f:
+                if text in f.read():
+                    pids.append(int(entry))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.slow  # ~100 s: its own cluster, a driver and warm-up fits of both estimators
+def test_benchmark_on_its_own_standalone_cluster_reports_memory_per_worker(tmp_path):
+    job = Path(__file__).resolve().parents[1] / "jobs" / "benchmark.py"
+    result = subprocess.run(
+        [sys.executable, str(job), "--cluster", "standalone", "--executor-memory", "1g",
+         "--driver-memory", "1g", "--datasets", "sample", "--modes", "explicit", "--rank", "4",
+         "--max-iter", "1", "--variants", "default", "--recommend", "0", "--repeats", "1",
+         "--out-dir", str(tmp_path), "--quiet"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    master = report["environment"]["master"]
+    assert master.startswith("spark://127.0.0.1:")
+    assert report["environment"]["cluster"]["executorMemory"] == "1g"
+    (case,) = report["cases"]
+    for entry in (case["spark"], *case["ours"].values()):
+        assert len(entry["peakExecutorMiB"]) == 2 and min(entry["peakExecutorMiB"]) > 0
+        assert all(s <= p for s, p in zip(entry["executorMiBAtStart"], entry["peakExecutorMiB"]))
+    assert "peak executor MiB per worker" in (tmp_path / "benchmark.md").read_text()
+    assert _processes_naming(master) == []  # the benchmark stopped its master and workers
