@@ -180,7 +180,7 @@ def gram_in_block_order(factors_by_block) -> np.ndarray:
 _BLOCKS: Dict[tuple, list] = {}
 
 
-def _decoded(fit: str, side: str, blocks: pa.Table, index: int) -> list:
+def _decoded(fit: str, side: str, blocks, index: int) -> list:
     """Row ``index`` of ``blocks`` decoded, from this worker's cache when it has it (the row's
     bytes are then never copied out of Arrow)."""
     block_id = blocks.column("block")[index].as_py()
@@ -369,10 +369,62 @@ def solve_inbox(
     return out.table()
 
 
-def read_stats(rows) -> Dict[int, Dict[str, float]]:
+SOLVED_SCHEMA = "block int, factors binary, gram binary, stats binary"
+_SOLVED_ARROW = pa.schema(
+    [("block", pa.int32()), ("factors", pa.binary()), ("gram", pa.binary()), ("stats", pa.binary())]
+)
+
+
+def solve_with_broadcast(
+    batches: Iterator[pa.RecordBatch],
+    source,
+    previous,
+    settings: TaskSettings,
+    fit: str,
+    side: str,
+    training_error: bool,
+) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body of a half-iteration whose source factors come in a broadcast variable
+    (classic sessions): solve every block of the partition against the whole source matrix.
+
+    ``source``/``previous`` hold ``SourceFactors`` (``previous``: this side's own factors for the
+    warm start, or None). Returns the new factors, their Gram matrix (implicit) and STATS.
+    """
+    src: SourceFactors = source.value
+    prev: SourceFactors | None = previous.value if previous is not None else None
+    for batch in batches:
+        columns: Dict[str, List] = {name: [] for name in _SOLVED_ARROW.names}
+        for index in range(batch.num_rows):
+            started = time.perf_counter()
+            entry = _decoded(fit, side, batch, index)
+            block = entry[0]
+            indices = _remapped_indices(entry, src)
+            warm = None
+            if prev is not None:
+                warm = prev.factors[prev.offsets[block.block] : prev.offsets[block.block + 1]]
+            take_phase_seconds()
+            factors = solve_block(block, indices, src.factors, warm, settings, src.yty)
+            phases = take_phase_seconds()
+            sse = (
+                squared_error(block.indptr, indices, block.ratings, factors, src.factors)
+                if training_error
+                else 0.0
+            )
+            stats = [time.perf_counter() - started, phases["hermitian"], phases["solve"], sse,
+                     float(len(block.ratings))]  # fmt: skip
+            columns["block"].append(block.block)
+            columns["factors"].append(to_bytes(factors))
+            columns["gram"].append(
+                to_bytes(block_gram(factors)) if settings.config.implicit else None
+            )
+            columns["stats"].append(to_bytes(np.array(stats)))
+        yield pa.RecordBatch.from_pydict(columns, schema=_SOLVED_ARROW)
+
+
+def read_stats(rows, block="src", payload="payload") -> Dict[int, Dict[str, float]]:
     """Driver side: ``{block: {seconds, hermitian, solve, sse, ratings}}`` from STATS rows."""
     return {
-        int(r["src"]): dict(zip(STATS_FIELDS, from_bytes(r["payload"], np.float64).tolist()))
+        int(r[block]): dict(zip(STATS_FIELDS, from_bytes(r[payload], np.float64).tolist()))
         for r in rows
     }
 

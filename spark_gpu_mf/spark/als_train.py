@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
+import numpy as np
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -37,7 +38,7 @@ from spark_gpu_mf.executor.als_tasks import (
     Route,
     TaskSettings,
 )
-from spark_gpu_mf.executor.alternation import ITEMS, USERS, alternate, rmse
+from spark_gpu_mf.executor.alternation import ITEMS, USERS, alternate, rmse, starting_factors
 from spark_gpu_mf.executor.binding import bind, bind_pair
 from spark_gpu_mf.executor.blocks import (
     BLOCK_SCHEMA,
@@ -400,9 +401,12 @@ class _Trainer:
             users.total_rows, items.total_rows, users.nnz, job.rank,
             self.summary.details["dataflow"], self.summary.setup_seconds,
         )  # fmt: skip
-        exchange = _Exchange(self, sides, whole_blocks)
-        alternate(exchange, job.max_iter, self.record)
-        return exchange.factor_frames()
+        if whole_blocks and not session.is_connect(self.spark):
+            dataflow = _DriverBroadcast(self, sides)
+        else:
+            dataflow = _Exchange(self, sides, whole_blocks)
+        alternate(dataflow, job.max_iter, self.record)
+        return dataflow.factor_frames()
 
 
 class _Exchange:
@@ -424,6 +428,8 @@ class _Exchange:
             name: Route(other_keys=sides[_other(name)].keys, whole_blocks=whole_blocks)
             for name in sides
         }
+        self.settings = {n: trainer.settings(side.num_partitions) for n, side in sides.items()}
+        self.checkpoint_dir = session.checkpoint_dir(trainer.spark)
         self.replaced: List[DataFrame] = []
         # The items' starting factors are read only by a warm start (or as the model, after
         # zero iterations); persisting is lazy, so an unread outbox costs nothing.
@@ -463,7 +469,7 @@ class _Exchange:
             .applyInArrow(
                 bind_pair(
                     als_tasks.solve_inbox,
-                    settings=self.trainer.settings(dst.num_partitions),
+                    settings=self.settings[name],
                     route=self.routes[name],
                     fit=self.trainer.fit_id,
                     side=name,
@@ -491,17 +497,12 @@ class _Exchange:
             )
             .collect()
         )
-        metrics = {}
-        phases = trainer.summary.details["phaseSeconds"]
+        stats = {}
         for name in (ITEMS, USERS):
-            stats = als_tasks.read_stats(r for r in stats_rows if r.side == name)
-            if sorted(stats) != self.sides[name].block_ids:
-                raise RuntimeError(f"ALS lost {name} blocks: got {sorted(stats)}")
-            for phase in phases:
-                phases[phase] += sum(s[phase] for s in stats.values())
-            if name == USERS and job.training_rmse:
-                sse, count = als_tasks.block_squared_errors(stats)
-                metrics["trainRmse"] = rmse(sse, count)
+            stats[name] = als_tasks.read_stats(r for r in stats_rows if r.side == name)
+            if sorted(stats[name]) != self.sides[name].block_ids:
+                raise RuntimeError(f"ALS lost {name} blocks: got {sorted(stats[name])}")
+        metrics = _iteration_metrics(trainer, stats, job.training_rmse)
         for df in self.replaced:
             trainer.unpersist(df)
         self.replaced = []
@@ -515,7 +516,7 @@ class _Exchange:
     def _warn_if_never_checkpointed(self) -> None:
         interval = self.job.checkpoint_interval
         if interval != -1 and self.job.max_iter >= interval:
-            if session.checkpoint_dir(self.trainer.spark) is None:
+            if self.checkpoint_dir is None:
                 logger.warning(
                     "ALS checkpointing is off: no checkpoint directory is set "
                     "(SparkContext.setCheckpointDir or spark.checkpoint.dir), so "
@@ -534,7 +535,7 @@ class _Exchange:
         """
         trainer = self.trainer
         interval = self.job.checkpoint_interval
-        directory = session.checkpoint_dir(trainer.spark)
+        directory = self.checkpoint_dir
         if directory is None or interval == -1 or iteration % interval != 0:
             return
         for name in (ITEMS, USERS):
@@ -565,6 +566,116 @@ class _Exchange:
             trainer.describe("materialize user and item factors")
             frames[0].unionByName(frames[1]).count()
         return frames[0], frames[1]
+
+
+class _DriverBroadcast:
+    """The broadcast dataflow's classic-session shortcut: the driver keeps both factor matrices
+    and each half-iteration broadcasts the source side (a broadcast variable) to one
+    ``mapInArrow`` stage over the cached blocks, whose new factors come back to the driver.
+
+    The same solves and factors as ``_Exchange`` with whole-block routes, measured faster on one
+    machine: one stage and no shuffle or sort per half-iteration (docs/benchmarks.md). Spark
+    Connect has no broadcast variables, so there the exchange runs.
+    """
+
+    def __init__(self, trainer: _Trainer, sides: Dict[str, Side]):
+        self.trainer = trainer
+        self.job = trainer.job
+        self.sides = sides
+        self.config = self.job.solve_config()
+        self.settings = {n: trainer.settings(side.num_partitions) for n, side in sides.items()}
+        trainer.describe("collect block ids")
+        rows = (
+            sides[USERS].blocks.select(F.lit(USERS).alias("side"), "block", "ids")
+            .unionByName(sides[ITEMS].blocks.select(F.lit(ITEMS).alias("side"), "block", "ids"))
+            .collect()
+        )  # fmt: skip
+        self.ids = {
+            name: {int(r.block): np.frombuffer(r.ids, np.int32) for r in rows if r.side == name}
+            for name in sides
+        }
+        self.factors = {
+            name: starting_factors(side.num_rows, self.job.rank, side.seed)
+            for name, side in sides.items()
+        }
+        self.grams: Dict[str, Optional[np.ndarray]] = {
+            name: als_tasks.gram_in_block_order(self.factors[name]) if self.config.implicit
+            else None
+            for name in sides
+        }  # fmt: skip
+        self.stats: Dict[str, dict] = {}
+
+    def _layout(self, name: str, gram: bool):
+        side = self.sides[name]
+        yty = self.grams[name] if gram else None
+        return als_tasks.layout(self.ids[name], self.factors[name], side.num_blocks, yty)
+
+    def solve(self, name: str, iteration: int) -> None:
+        trainer, sc = self.trainer, self.trainer.spark.sparkContext
+        dst, src = self.sides[name], _other(name)
+        source = sc.broadcast(self._layout(src, gram=True))
+        previous = sc.broadcast(self._layout(name, gram=False)) if self.config.warm_start else None
+        trainer.describe(f"iteration {iteration}/{self.job.max_iter}: solve {name}s")
+        try:
+            solved = (
+                dst.blocks.mapInArrow(
+                    bind(
+                        als_tasks.solve_with_broadcast,
+                        source=source,
+                        previous=previous,
+                        settings=self.settings[name],
+                        fit=trainer.fit_id,
+                        side=name,
+                        training_error=self.job.training_rmse and name == USERS,
+                    ),
+                    als_tasks.SOLVED_SCHEMA,
+                )
+                .toArrow()
+                .to_pylist()
+            )
+        finally:
+            source.destroy()
+            if previous is not None:
+                previous.destroy()
+        rank = self.job.rank
+        factors = {r["block"]: np.frombuffer(r["factors"], np.float32).reshape(-1, rank)
+                   for r in solved}  # fmt: skip
+        if sorted(factors) != dst.block_ids:
+            raise RuntimeError(f"ALS lost {name} blocks: got {sorted(factors)}")
+        self.factors[name] = factors
+        if self.config.implicit:
+            self.grams[name] = als_tasks.sum_in_block_order(
+                {r["block"]: np.frombuffer(r["gram"], np.float64).reshape(rank, rank)
+                 for r in solved}
+            )  # fmt: skip
+        self.stats[name] = als_tasks.read_stats(solved, block="block", payload="stats")
+
+    def finish_iteration(self, iteration: int) -> Dict[str, float]:
+        return _iteration_metrics(self.trainer, self.stats, self.job.training_rmse)
+
+    def factor_frames(self):
+        trainer, spark = self.trainer, self.trainer.spark
+        frames = []
+        for name in (USERS, ITEMS):
+            blocks = self.sides[name].block_ids
+            ids = np.concatenate([self.ids[name][b] for b in blocks])
+            matrix = np.concatenate([self.factors[name][b] for b in blocks])
+            # Made from arrays on the driver: nothing to materialize, nothing of the fit to keep.
+            frames.append(trainer.finalize(factors_dataframe(spark, ids, matrix)))
+        return frames[0], frames[1]
+
+
+def _iteration_metrics(trainer: _Trainer, stats: Dict[str, dict], training_rmse: bool):
+    """Phase seconds into the summary, and the training RMSE from the users' STATS."""
+    metrics = {}
+    phases = trainer.summary.details["phaseSeconds"]
+    for name, by_block in stats.items():
+        for phase in phases:
+            phases[phase] += sum(s[phase] for s in by_block.values())
+    if training_rmse:
+        sse, count = als_tasks.block_squared_errors(stats[USERS])
+        metrics["trainRmse"] = rmse(sse, count)
+    return metrics
 
 
 def _other(side: str) -> str:

@@ -79,7 +79,8 @@ def local_cores(spark: SparkSession) -> Optional[int]:
 def conf_value(spark: SparkSession, key: str, default: Optional[str] = None) -> Optional[str]:
     """A Spark conf value, static (``spark.task.cpus``) or runtime, on both kinds of session."""
     if not is_connect(spark):
-        value = spark.sparkContext.getConf().get(key, None)
+        # The context's own conf: getConf() would copy every entry through py4j first.
+        value = spark.sparkContext._conf.get(key, None)
         if value is not None:
             return value
     try:
