@@ -29,6 +29,7 @@ from spark_gpu_mf.spark import session as spark_session
 from spark_gpu_mf.spark.factors import collect_factors, factors_dataframe
 from tests.conftest import functions_for
 
+
 @pytest.fixture(scope="module")
 def ratings(spark):
     data = datasets.generate_ratings(1500, num_users=60, num_items=40, seed=5)
