@@ -414,10 +414,11 @@ class _Exchange:
     solved side, its inbox (the other side's last outbox) shuffled to it by Spark.
 
     Half-iterations are lazy; ``finish_iteration`` runs the iteration as one query that collects
-    the blocks' STATS rows (seconds, squared errors) and leaves both new outboxes cached: three
-    stages (two shuffles of messages, then the users' solve), whatever the sizes.
-    ``whole_blocks``: every partition receives whole source blocks (the broadcast dataflow);
-    else each block receives just the rows it needs (Spark's OutBlocks, the message dataflow).
+    the blocks' STATS rows (seconds, squared errors) and leaves both new outboxes cached: two
+    shuffles of messages and two solving stages, whatever the sizes, and nothing through the
+    driver. ``whole_blocks``: every partition receives whole source blocks (the broadcast
+    dataflow on Spark Connect); else each block receives just the rows it needs (Spark's
+    OutBlocks, the message dataflow).
     """
 
     def __init__(self, trainer: _Trainer, sides: Dict[str, Side], whole_blocks: bool):
