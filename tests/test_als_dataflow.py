@@ -41,7 +41,7 @@ def test_every_iteration_costs_the_same_tasks(spark, name):
     tracker = spark.sparkContext.statusTracker()
     tasks = {}
     with dataflow_confs(spark, name):
-        for iterations in (1, 3, 5):
+        for iterations in (1, 2, 3):
             before = set(tracker.getJobIdsForGroup())
             ALS(rank=4, maxIter=iterations, numUserBlocks=4, numItemBlocks=4).fit(ratings)
             stages = [
@@ -50,7 +50,7 @@ def test_every_iteration_costs_the_same_tasks(spark, name):
                 for s in tracker.getJobInfo(job).stageIds
             ]
             tasks[iterations] = sum(s.numCompletedTasks for s in stages if s is not None)
-    assert tasks[5] - tasks[3] == tasks[3] - tasks[1] > 0
+    assert tasks[3] - tasks[2] == tasks[2] - tasks[1] > 0
 
 
 def test_small_fits_run_in_one_task_whatever_the_number_of_iterations(spark):
