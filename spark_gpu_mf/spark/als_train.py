@@ -190,11 +190,15 @@ class _Trainer:
         query. Reading the persisted rows through ``queryExecution.toRdd`` keeps the RDD lineage
         (recomputable if an executor is lost) while the plan stays a single scan. Every consumer
         of an outbox streams its rows into a shuffle, Arrow or Parquet, so reused row buffers
-        are safe. A Connect session has no such handle: its plans grow by one half-iteration
-        each, and checkpoints (``checkpointInterval``) cut them.
+        are safe. A Connect session has no such handle; there the rows are local-checkpointed
+        (read from the cache into the block manager): the plan is cut the same way, but a lost
+        executor then fails the fit instead of recomputing its part. Without a cut the plan
+        Connect ships doubles every iteration (measured: 3, 5, 10, 26 s for iterations 1-4).
         """
         if session.is_connect(self.spark):
-            return persisted
+            flat = persisted.localCheckpoint(eager=True, storageLevel=self.job.intermediate_level)
+            self.unpersist(persisted)
+            return flat
         jdf = persisted._jdf
         rows = jdf.queryExecution().toRdd()
         flat = DataFrame(
