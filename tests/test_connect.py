@@ -28,6 +28,7 @@ from spark_gpu_mf.errors import DamagedModelError
 from spark_gpu_mf.spark import session as spark_session
 from spark_gpu_mf.spark.factors import collect_factors, factors_dataframe
 from tests.conftest import functions_for
+from tests.test_als_model import _assert_same_recommendations
 
 
 @pytest.fixture(scope="module")
@@ -79,20 +80,6 @@ def _reference(reference: SparkALSModel, method: str, *args):
     """pyspark's ALSModel (a classic JVM object) answering, whatever mode the test is in."""
     with functions_for("classic"):
         return _recommendations(getattr(reference, method)(*args))
-
-
-def _assert_same_recommendations(mine, theirs, k):
-    assert mine.keys() == theirs.keys()
-    for key, spark_list in theirs.items():
-        ours = mine[key]
-        assert len(ours) == len(spark_list) == min(k, len(spark_list))
-        np.testing.assert_allclose(
-            [s for _, s in ours], [s for _, s in spark_list], rtol=1e-5, atol=1e-6
-        )
-        spark_scores = dict(spark_list)
-        for item, score in ours:  # the same ids, except where scores tie within rounding
-            if item not in spark_scores:
-                assert abs(score - spark_list[-1][1]) <= 1e-5
 
 
 def test_the_session_module_tells_the_kinds_apart(spark, connect_spark):
