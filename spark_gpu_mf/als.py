@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from pyspark import StorageLevel, keyword_only
+from pyspark import keyword_only
 from pyspark.ml import Estimator
 from pyspark.ml.recommendation import _ALSParams
 from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
@@ -29,24 +29,10 @@ from spark_gpu_mf.params import (
 from spark_gpu_mf.spark import session
 from spark_gpu_mf.spark.als_train import AlsJob, train
 from spark_gpu_mf.spark.persistence import ParamsWriter
+from spark_gpu_mf.spark.storage_levels import is_storage_level, storage_level
 from spark_gpu_mf.validation import check_numeric_column, validated_ratings
 
 __all__ = ["ALS"]
-
-
-def _storage_level(name: str) -> Optional[StorageLevel]:
-    """``StorageLevel.fromString`` of Spark's names; ``None`` for NONE."""
-    if name == "NONE":
-        return None
-    return getattr(StorageLevel, name)
-
-
-def _is_storage_level(name: Any) -> bool:
-    return (
-        isinstance(name, str)
-        and name.isupper()
-        and isinstance(getattr(StorageLevel, name, None), StorageLevel)
-    )
 
 
 ALS_PARAM_RULES = {
@@ -57,8 +43,8 @@ ALS_PARAM_RULES = {
     "numItemBlocks": lambda v: v >= 1,
     "alpha": lambda v: v >= 0,
     "checkpointInterval": lambda v: v == -1 or v >= 1,
-    "intermediateStorageLevel": lambda v: _is_storage_level(v) and v != "NONE",
-    "finalStorageLevel": lambda v: _is_storage_level(v) or v == "NONE",
+    "intermediateStorageLevel": lambda v: is_storage_level(v) and v != "NONE",
+    "finalStorageLevel": lambda v: is_storage_level(v) or v == "NONE",
     "coldStartStrategy": lambda v: str(v).lower() in COLD_START_STRATEGIES,
     "blockSize": lambda v: v > 0,
     "solver": lambda v: v in SOLVERS,
@@ -315,8 +301,8 @@ class ALS(
             num_item_blocks=self.getNumItemBlocks(),
             seed=self.getSeed(),
             checkpoint_interval=self.getCheckpointInterval(),
-            intermediate_level=_storage_level(self.getIntermediateStorageLevel()),
-            final_level=_storage_level(self.getFinalStorageLevel()),
+            intermediate_level=storage_level(self.getIntermediateStorageLevel()),
+            final_level=storage_level(self.getFinalStorageLevel()),
             solver=self.getSolver(),
             cg_iterations=self.getCgIterations(),
             precision=self.getPrecision(),

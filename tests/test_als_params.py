@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from pyspark import StorageLevel
 from pyspark.errors import IllegalArgumentException
 from pyspark.ml.recommendation import ALS as SparkALS
 from pyspark.ml.recommendation import ALSModel as SparkALSModel
@@ -123,6 +124,8 @@ INVALID = [
     ("intermediateStorageLevel", "NONE"),
     ("intermediateStorageLevel", "BOGUS"),
     ("finalStorageLevel", "BOGUS"),
+    ("intermediateStorageLevel", "MEMORY_AND_DISK_DESER"),  # pyspark's name, not the JVM's
+    ("finalStorageLevel", "memory_only"),
     ("coldStartStrategy", "foo"),
     ("blockSize", 0),
 ]
@@ -156,3 +159,36 @@ def test_cold_start_strategy_is_case_insensitive_like_spark(spark):
     model = ALS(coldStartStrategy="DROP", maxIter=1, rank=2).fit(df)
     test = spark.createDataFrame([(0, 0), (5, 0)], ["user", "item"])
     assert [r.user for r in model.transform(test).collect()] == [0]
+
+
+SPARK_LEVEL_NAMES = ["MEMORY_ONLY_SER", "MEMORY_AND_DISK_SER_2", "DISK_ONLY_2", "MEMORY_AND_DISK"]
+
+
+def _sparks_cached_level(spark, rdd_name):
+    """Level of Spark's most recently persisted RDD called ``rdd_name``, as pyspark's type."""
+    persistent = spark.sparkContext._jsc.getPersistentRDDs()
+    ids = sorted(int(i) for i in persistent.keySet() if persistent.get(i).name() == rdd_name)
+    level = persistent.get(ids[-1]).getStorageLevel()
+    return StorageLevel(
+        level.useDisk(),
+        level.useMemory(),
+        level.useOffHeap(),
+        level.deserialized(),
+        level.replication(),
+    )
+
+
+@pytest.mark.parametrize("name", SPARK_LEVEL_NAMES)
+def test_factors_are_cached_at_the_level_spark_caches_them(spark, name):
+    """Spark reads the names with the JVM's StorageLevel.fromString (the *_SER names exist,
+    MEMORY_AND_DISK is deserialized), not with pyspark's table."""
+    # Data of its own per level: Spark reuses a cache entry for the same plan, whatever the level.
+    first = float(SPARK_LEVEL_NAMES.index(name))
+    rows = [(0, 0, first), (1, 1, 2.0), (0, 1, 3.0)]
+    df = spark.createDataFrame(rows, ["user", "item", "rating"])
+    levels = {"intermediateStorageLevel": name, "finalStorageLevel": name}
+    theirs = SparkALS(maxIter=1, rank=2, **levels).fit(df)  # held: the JVM keeps RDDs weakly
+    ours = ALS(maxIter=1, rank=2, **levels).fit(df)
+    for side in ("userFactors", "itemFactors"):
+        assert getattr(ours, side).storageLevel == _sparks_cached_level(spark, side), (name, side)
+    assert theirs.rank == ours.rank
