@@ -92,7 +92,7 @@ class ALS(
     >>> df = spark.createDataFrame(
     ...     [(0, 0, 4.0), (0, 1, 2.0), (1, 1, 3.0), (1, 2, 4.0), (2, 1, 1.0), (2, 2, 5.0)],
     ...     ["user", "item", "rating"])
-    >>> als = ALS(rank=10, seed=0, solver="cholesky")
+    >>> als = ALS(rank=10, seed=0)
     >>> als.setMaxIter(5)
     ALS...
     >>> als.getMaxIter()
@@ -141,7 +141,7 @@ class ALS(
         finalStorageLevel: str = "MEMORY_AND_DISK",
         coldStartStrategy: str = "nan",
         blockSize: int = 4096,
-        solver: str = "cg",
+        solver: str = "auto",
         cgIterations: int = 5,
         precision: str = "fp32",
         backend: str = "auto",
@@ -171,7 +171,7 @@ class ALS(
         finalStorageLevel: str = "MEMORY_AND_DISK",
         coldStartStrategy: str = "nan",
         blockSize: int = 4096,
-        solver: str = "cg",
+        solver: str = "auto",
         cgIterations: int = 5,
         precision: str = "fp32",
         backend: str = "auto",

@@ -26,7 +26,7 @@ __all__ = [
     "BACKENDS",
 ]
 
-SOLVERS = ("cholesky", "cg")
+SOLVERS = ("auto", "cholesky", "cg")
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("auto", "cupy", "numpy")
 
@@ -37,14 +37,15 @@ class HasSolver(Params):
     solver: "Param[str]" = Param(
         Params._dummy(),
         "solver",
-        "how each row's normal equations are solved: 'cholesky' (exact) or 'cg' (conjugate "
-        "gradient, warm-started from the previous factors).",
+        "how each row's normal equations are solved: 'cholesky' (exact, Spark's factors), 'cg' "
+        "(conjugate gradient, warm-started from the previous factors) or 'auto' (cholesky up "
+        "to rank 16, where it costs about what CG does, with precision 'fp32'; cg otherwise).",
         typeConverter=TypeConverters.toString,
     )
 
     def __init__(self) -> None:
         super().__init__()
-        self._setDefault(solver="cg")
+        self._setDefault(solver="auto")
 
     def getSolver(self) -> str:
         """Gets the value of solver or its default value."""

@@ -12,7 +12,7 @@ from pyspark.ml.recommendation import ALSModel as SparkALSModel
 
 from spark_gpu_mf import ALS, ALSModel
 
-OUR_PARAMS = {"solver": "cg", "cgIterations": 5, "precision": "fp32", "backend": "auto"}
+OUR_PARAMS = {"solver": "auto", "cgIterations": 5, "precision": "fp32", "backend": "auto"}
 
 
 def _defaults(instance):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -125,7 +126,13 @@ def test_regparam_zero_with_a_singular_system_fails_with_sparks_message(spark):
         text = str(caught.value)
         assert "because A is not positive definite" in text, text[-500:]
         messages.append(text[text.index("LAPACK.dppsv") :].splitlines()[0])
-    assert messages[0] == messages[1]
+    # The pivot where the factorization stops depends on the LAPACK Spark loads (Java: 3,
+    # OpenBLAS: 4, on a system whose exact pivot is 0): compare the message around it.
+    pivots = [int(re.search(r"LAPACK.dppsv returned (\d+)", m).group(1)) for m in messages]
+    assert all(1 <= p <= 4 for p in pivots), messages
+    assert [re.sub(r"returned \d+", "returned N", m) for m in messages] == [
+        re.sub(r"returned \d+", "returned N", messages[0])
+    ] * 2
 
 
 def test_fp16_on_a_huge_rating_scale_never_gives_non_finite_factors(spark, ratings):

@@ -1,8 +1,8 @@
 """Our ALS against pyspark's ALS in the same Spark session: factors, predictions, metrics.
 
-With ``solver="cholesky"`` the same seed gives Spark's starting factors and the same exact
-solves, so factors agree to float32 rounding in every dataflow; the default (CG) solver is held to
-Spark's held-out metrics instead.
+With ``solver="cholesky"`` (and ``"auto"`` up to rank 16) the same seed gives Spark's starting
+factors and the same exact solves, so factors agree to float32 rounding in every dataflow, whichever
+BLAS Spark loads; the CG solver is held to Spark's held-out metrics instead.
 """
 
 from __future__ import annotations
@@ -57,25 +57,35 @@ def _max_factor_difference(ours, theirs):
     return float(np.abs(our_factors - their_factors).max())
 
 
+# Spark's BLAS may be Java or native (netlib loads a system libblas.so.3 / liblapack.so.3 when
+# there is one): their float32 sums differ in order, so each exact solve agrees with ours to a few
+# float32 ulps, not bit for bit. FLOAT32_ULP bounds one rounding; the tolerances below count them.
+FLOAT32_ULP = float(np.finfo(np.float32).eps)
+
+
 def test_doctest_example_gives_sparks_predictions_and_recommendations(spark):
+    """Spark's docstring example with default params: ``solver="auto"`` is exact at rank 10."""
     df = spark.createDataFrame(
         [(0, 0, 4.0), (0, 1, 2.0), (1, 1, 3.0), (1, 2, 4.0), (2, 1, 1.0), (2, 2, 5.0)],
         ["user", "item", "rating"],
     )
     test = spark.createDataFrame([(0, 2), (1, 0), (2, 0)], ["user", "item"])
     theirs = SparkALS(rank=10, seed=0, maxIter=5).fit(df)
-    ours = ALS(rank=10, seed=0, maxIter=5, solver="cholesky").fit(df)
-    assert (
-        ours.transform(test).orderBy("user").collect()
-        == theirs.transform(test).orderBy("user").collect()
-    )
+    ours = ALS(rank=10, seed=0, maxIter=5).fit(df)
+    assert ours.summary.details["solver"] == "cholesky"
+    # 5 iterations x 2 halves of solves, each off by a few ulps, on well-conditioned systems.
+    rtol = 100 * FLOAT32_ULP
+    mine = ours.transform(test).orderBy("user").collect()
+    spark_rows = theirs.transform(test).orderBy("user").collect()
+    assert [r[:2] for r in mine] == [r[:2] for r in spark_rows]
+    np.testing.assert_allclose([r[2] for r in mine], [r[2] for r in spark_rows], rtol=rtol)
     for method in ("recommendForAllUsers", "recommendForAllItems"):
         mine = {r[0]: r[1] for r in getattr(ours, method)(3).collect()}
         spark_recs = {r[0]: r[1] for r in getattr(theirs, method)(3).collect()}
         assert mine.keys() == spark_recs.keys()
         for key, recs in spark_recs.items():
             assert [e[0] for e in mine[key]] == [e[0] for e in recs]
-            np.testing.assert_allclose([e[1] for e in mine[key]], [e[1] for e in recs], rtol=1e-6)
+            np.testing.assert_allclose([e[1] for e in mine[key]], [e[1] for e in recs], rtol=rtol)
 
 
 def test_max_iter_zero_returns_sparks_starting_factors(spark, small_ratings):
@@ -83,8 +93,11 @@ def test_max_iter_zero_returns_sparks_starting_factors(spark, small_ratings):
     theirs = SparkALS(rank=6, maxIter=0, seed=42, numUserBlocks=3, numItemBlocks=4).fit(
         small_ratings
     )
-    assert _max_factor_difference(ours.userFactors, theirs.userFactors) <= 1.2e-7
-    assert _max_factor_difference(ours.itemFactors, theirs.itemFactors) <= 1.2e-7
+    # Spark scales Gaussian draws by 1 / snrm2: a BLAS's snrm2 may differ by 2 ulps (scaled vs
+    # plain sum of squares), then the reciprocal and the product round once each. |x| <= 1.
+    atol = 4 * FLOAT32_ULP
+    assert _max_factor_difference(ours.userFactors, theirs.userFactors) <= atol
+    assert _max_factor_difference(ours.itemFactors, theirs.itemFactors) <= atol
 
 
 @pytest.mark.parametrize("dataflow", ["single task", "broadcast", "messages"], indirect=True)

@@ -18,3 +18,19 @@ def test_docstring_examples(spark, tmp_path, module):
     failures, attempted = doctest.testmod(module, globs=globs, optionflags=flags, verbose=False)
     assert attempted > 5
     assert failures == 0
+
+
+def test_sparks_own_docstring_examples_run_on_our_classes(spark, tmp_path):
+    """pyspark's ALS Examples, unchanged, with our classes and default params: Spark's printed
+    predictions and recommendations (to the digits it prints) and its save/load round trip."""
+    import pyspark.ml.recommendation as spark_recommendation
+
+    from spark_gpu_mf import ALS, ALSModel
+
+    globs = {"spark": spark, "temp_path": str(tmp_path), "ALS": ALS, "ALSModel": ALSModel}
+    docstring = spark_recommendation.ALS.__doc__
+    test = doctest.DocTestParser().get_doctest(docstring, globs, "pyspark ALS", None, 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    runner.run(test)
+    assert runner.tries > 30
+    assert runner.failures == 0

@@ -6,6 +6,20 @@ from dataclasses import dataclass
 
 _MIB = 1 << 20
 
+# solver="auto" solves exactly up to this rank: there the float64 normal equations and their
+# Cholesky cost about what matrix-free CG does (jobs/solver_crossover.py, docs/benchmarks.md).
+AUTO_EXACT_MAX_RANK = 16
+
+
+def resolve_solver(solver: str, rank: int, precision: str = "fp32") -> str:
+    """The solver a fit runs: ``"auto"`` settled by ``rank``, the others as given.
+
+    FP16 storage is a CG feature, so ``precision="fp16"`` keeps ``"auto"`` on CG at any rank.
+    """
+    if solver != "auto":
+        return solver
+    return "cholesky" if rank <= AUTO_EXACT_MAX_RANK and precision == "fp32" else "cg"
+
 
 @dataclass(frozen=True)
 class SolveConfig:
@@ -21,6 +35,7 @@ class SolveConfig:
     nonnegative : bool
         Solve each row with Spark's NNLS instead of an unconstrained solve.
     solver : {"cholesky", "cg"}
+        Never ``"auto"``: :func:`resolve_solver` settles it on the driver.
     cg_iterations : int
         Conjugate-gradient steps per half-iteration, warm-started from the previous factors.
     precision : {"fp32", "fp16"}

@@ -25,7 +25,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from spark_gpu_mf import conf
-from spark_gpu_mf.backends.solve_config import SolveConfig
+from spark_gpu_mf.backends.solve_config import SolveConfig, resolve_solver
 from spark_gpu_mf.backends.spark_random import factor_seeds
 from spark_gpu_mf.errors import illegal_argument
 from spark_gpu_mf.executor import als_tasks, single_task
@@ -94,7 +94,7 @@ class AlsJob:
             implicit=self.implicit,
             alpha=self.alpha,
             nonnegative=self.nonnegative,
-            solver=self.solver,
+            solver=resolve_solver(self.solver, self.rank, self.precision),
             cg_iterations=self.cg_iterations,
             precision=self.precision,
             memory_budget_bytes=self.memory_budget,
@@ -159,7 +159,9 @@ class _Trainer:
         self.job = job
         self.fit_id = uuid.uuid4().hex
         self.cached: List[DataFrame] = []
-        self.summary = TrainingSummary(algorithm="als")
+        self.summary = TrainingSummary(
+            algorithm="als", details={"solver": job.solve_config().solver}
+        )
         self.checkpoint_paths: Dict[str, str] = {}
         self.truncated_from: Dict[int, DataFrame] = {}
 
