@@ -26,6 +26,25 @@ def _free_port() -> int:
 
 CONNECT_PORT = _free_port()
 
+# Which BLAS/LAPACK the session's Spark (dev.ludovic.netlib) calls: unset, whatever it finds here,
+# as for a user; "java" forces its Java code; a directory with libblas.so.3 and liblapack.so.3
+# (scripts/native_blas.sh) loads those natively. The parity tests must pass with each.
+TEST_BLAS = os.environ.get("SPARK_GPU_MF_TEST_BLAS", "")
+
+
+def _blas_java_options() -> str:
+    if not TEST_BLAS:
+        return ""
+    directory = "/nonexistent" if TEST_BLAS == "java" else os.path.abspath(TEST_BLAS)
+    if directory != "/nonexistent":
+        # The JVM starts after this: its dynamic loader finds libgfortran beside the BLAS.
+        paths = [directory, *filter(None, os.environ.get("LD_LIBRARY_PATH", "").split(":"))]
+        os.environ["LD_LIBRARY_PATH"] = ":".join(paths)
+    return (
+        f"-Ddev.ludovic.netlib.blas.nativeLibPath={directory}/libblas.so.3 "
+        f"-Ddev.ludovic.netlib.lapack.nativeLibPath={directory}/liblapack.so.3"
+    )
+
 
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
@@ -41,6 +60,7 @@ def spark(tmp_path_factory):
         .config("spark.sql.shuffle.partitions", "4")
         .config("spark.default.parallelism", "2")
         .config("spark.driver.memory", "2g")
+        .config("spark.driver.extraJavaOptions", _blas_java_options())
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.python.worker.reuse", "true")
         .config("spark.sql.warehouse.dir", str(tmp_path_factory.mktemp("warehouse")))

@@ -7,6 +7,8 @@ BLAS Spark loads; the CG solver is held to Spark's held-out metrics instead.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from pyspark.ml.evaluation import RankingEvaluator, RegressionEvaluator
@@ -61,6 +63,21 @@ def _max_factor_difference(ours, theirs):
 # there is one): their float32 sums differ in order, so each exact solve agrees with ours to a few
 # float32 ulps, not bit for bit. FLOAT32_ULP bounds one rounding; the tolerances below count them.
 FLOAT32_ULP = float(np.finfo(np.float32).eps)
+
+
+def test_spark_calls_the_blas_this_run_asked_for(spark):
+    """SPARK_GPU_MF_TEST_BLAS (tests/conftest.py) decides Spark's BLAS; a native library that
+    fails to load would silently give the Java one, and the run would not show what it claims."""
+    choice = os.environ.get("SPARK_GPU_MF_TEST_BLAS", "")
+    jvm = spark.sparkContext._jvm
+    loaded = (
+        jvm.dev.ludovic.netlib.blas.BLAS.getInstance().getClass().getSimpleName(),
+        jvm.dev.ludovic.netlib.lapack.LAPACK.getInstance().getClass().getSimpleName(),
+    )
+    if not choice:
+        pytest.skip(f"SPARK_GPU_MF_TEST_BLAS unset: Spark uses {loaded} here")
+    native = loaded == ("JNIBLAS", "JNILAPACK")
+    assert native == (choice != "java"), loaded
 
 
 def test_doctest_example_gives_sparks_predictions_and_recommendations(spark):
