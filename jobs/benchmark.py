@@ -15,7 +15,8 @@ library's CPU ALS (if installed) on the same confidences ``1 + alpha * r``.
 Spark "at its best": Spark's ALS calls BLAS/LAPACK through dev.ludovic.netlib, which uses a native
 ``libblas.so.3`` / ``liblapack.so.3`` when it finds one and Java code otherwise. ``--spark-blas
 native`` (the default ``auto`` does this when the file exists) points the JVM at Debian's
-OpenBLAS (``apt-get install libopenblas0-pthread``) explicitly, so the benchmark gets native BLAS
+OpenBLAS (``apt-get install libopenblas0-pthread``, or the copy ``scripts/native_blas.sh`` fetches
+into ``.venv/native-blas``) explicitly, so the benchmark gets native BLAS
 even where the system default ``libblas.so.3`` link is absent. The BLAS Spark used is reported.
 
 Dataflows: ``--dataflow all`` fits ours once per dataflow (single task, broadcast, messages),
@@ -146,18 +147,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------ session
 
 
+def native_blas_dir() -> str | None:
+    """Debian's OpenBLAS: installed system-wide, or fetched by scripts/native_blas.sh."""
+    fetched = os.path.join(os.path.dirname(__file__), "..", ".venv", "native-blas")
+    for directory in (OPENBLAS_DIR, os.path.abspath(fetched)):
+        if os.path.exists(os.path.join(directory, "libblas.so.3")):
+            return directory
+    return None
+
+
 def native_blas_options(mode: str) -> str:
     """JVM options that make dev.ludovic.netlib load Debian's OpenBLAS (or none)."""
-    lib = os.path.join(OPENBLAS_DIR, "libblas.so.3")
-    if mode == "java" or (mode == "auto" and not os.path.exists(lib)):
+    directory = native_blas_dir()
+    if mode == "java" or (mode == "auto" and directory is None):
         # A path that does not exist: netlib falls back to its Java implementations.
         return ("-Ddev.ludovic.netlib.blas.nativeLibPath=/nonexistent/libblas.so.3 "
                 "-Ddev.ludovic.netlib.lapack.nativeLibPath=/nonexistent/liblapack.so.3")
-    if not os.path.exists(lib):
-        raise SystemExit(f"benchmark.py: error: --spark-blas native needs {lib} "
-                         "(apt-get install libopenblas0-pthread)")
-    return (f"-Ddev.ludovic.netlib.blas.nativeLibPath={lib} "
-            f"-Ddev.ludovic.netlib.lapack.nativeLibPath={OPENBLAS_DIR}/liblapack.so.3")
+    if directory is None:
+        raise SystemExit(f"benchmark.py: error: --spark-blas native needs {OPENBLAS_DIR} "
+                         "(apt-get install libopenblas0-pthread) or scripts/native_blas.sh")
+    if directory != OPENBLAS_DIR:  # the fetched copy keeps its libgfortran beside it
+        os.environ["LD_LIBRARY_PATH"] = ":".join(
+            filter(None, [directory, os.environ.get("LD_LIBRARY_PATH")]))
+    return (f"-Ddev.ludovic.netlib.blas.nativeLibPath={directory}/libblas.so.3 "
+            f"-Ddev.ludovic.netlib.lapack.nativeLibPath={directory}/liblapack.so.3")
 
 
 @dataclass
