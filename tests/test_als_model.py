@@ -217,6 +217,22 @@ def test_save_refuses_to_overwrite_unless_asked_like_spark(fitted, tmp_path):
     assert ALSModel.load(path).rank == ours.rank
 
 
+def test_saving_over_a_path_fails_with_sparks_message_for_estimator_and_model(fitted, tmp_path):
+    ours, theirs = fitted
+    for mine, spark_instance in ((ALS(), SparkALS()), (ours, theirs)):
+        messages = []
+        for instance, name in ((spark_instance, "spark"), (mine, "ours")):
+            path = str(tmp_path / type(instance).__name__ / name)
+            instance.save(path)
+            with pytest.raises(Exception) as caught:
+                instance.save(path)
+            text = str(caught.value)
+            message = text[text.index("Path ") :].splitlines()[0]
+            messages.append(message.replace(path, "<path>"))
+        assert messages[1] == messages[0]
+        assert isinstance(caught.value, IOError)  # Spark's is a java.io.IOException
+
+
 def test_damaged_models_name_what_is_wrong(spark, fitted, tmp_path):
     import shutil
 

@@ -7,6 +7,8 @@ one 64x64 Cholesky is ~90 kFLOP and of one CG step ~8 kFLOP: call overhead domin
 row is one pass of plain loops over a matrix that stays in the L1/L2 cache, and every inner loop
 is a contiguous ``axpy`` or dot product that LLVM vectorizes.
 
+* ``exact_rows``: Spark's per-row exact solve from the ratings themselves (normal equations
+  built row by row in float64, then the same Cholesky): the CPU path of small ranks.
 * ``cholesky_solve``: float64 Cholesky ``A = U^T U`` (right-looking, row-major upper factor, so
   the trailing update is a contiguous ``axpy`` per row) and the two triangular solves. Returns
   LAPACK's ``info`` per row (0, or the order of the first leading minor that is not positive
@@ -35,7 +37,46 @@ from numba.extending import overload
 
 from spark_gpu_mf.backends.numba_intrinsics import float_to_half, half_to_float
 
-__all__ = ["cg", "cholesky_solve", "energy", "to_fp16"]
+__all__ = ["cg", "cholesky_solve", "energy", "exact_rows", "to_fp16"]
+
+
+@njit(cache=True, nogil=True)
+def _factor_and_solve(U, rhs, z, x):
+    """Factor ``U`` (its upper triangle holds A) in place as ``A = U^T U`` and solve ``A x = rhs``.
+
+    Returns LAPACK's ``info``: 0, or the order of the first leading minor that is not positive
+    definite (then ``x = 0``).
+    """
+    k = rhs.shape[0]
+    for j in range(k):
+        pivot = U[j, j]
+        if not pivot > 0.0:
+            x[:] = 0.0
+            return j + 1
+        d = math.sqrt(pivot)
+        inv = 1.0 / d
+        U[j, j] = d
+        for c in range(j + 1, k):
+            U[j, c] *= inv
+        for i in range(j + 1, k):
+            f = U[j, i]
+            for c in range(i, k):
+                U[i, c] -= f * U[j, c]
+    # U^T z = rhs, column by column of U^T (rows of U).
+    for i in range(k):
+        z[i] = rhs[i]
+    for p in range(k):
+        z[p] /= U[p, p]
+        zp = z[p]
+        for i in range(p + 1, k):
+            z[i] -= zp * U[p, i]
+    # U x = z, from the last row up.
+    for i in range(k - 1, -1, -1):
+        s = z[i]
+        for c in range(i + 1, k):
+            s -= U[i, c] * x[c]
+        x[i] = s / U[i, i]
+    return 0
 
 
 @njit(cache=True, nogil=True)
@@ -50,39 +91,60 @@ def cholesky_solve(A, b, x, info):
     z = np.empty(k)
     for row in range(n):
         U[:, :] = A[row]
-        failed = 0
-        for j in range(k):
-            pivot = U[j, j]
-            if not pivot > 0.0:
-                failed = j + 1
-                break
-            d = math.sqrt(pivot)
-            inv = 1.0 / d
-            U[j, j] = d
-            for c in range(j + 1, k):
-                U[j, c] *= inv
-            for i in range(j + 1, k):
-                f = U[j, i]
-                for c in range(i, k):
-                    U[i, c] -= f * U[j, c]
-        info[row] = failed
-        if failed:
-            x[row, :] = 0.0
-            continue
-        # U^T z = b, column by column of U^T (rows of U).
-        for i in range(k):
-            z[i] = b[row, i]
+        info[row] = _factor_and_solve(U, b[row], z, x[row])
+
+
+@njit(cache=True, nogil=True)
+def exact_rows(indptr, indices, ratings, src, reg_param, implicit, alpha, yty, x, info):
+    """Spark's exact solve of every CSR row, normal equations built and factored row by row.
+
+    Per row, as Spark's ``NormalEquation.add`` and ``CholeskySolver``: float64 sums, rating by
+    rating, of ``c q q^T`` into the upper triangle and of ``b q`` (explicit: ``c = 1``,
+    ``b = r``; implicit: ``c = alpha |r|``, ``b = 1 + c`` for ``r > 0`` else 0, plus ``yty``),
+    ``reg_param`` times the row's (positive) rating count on the diagonal, then a Cholesky
+    solve. No padding, batching or gathered copies: at small ranks those cost more than the
+    ``k^2 / 2`` multiply-adds per rating. ``x`` (float32) and ``info`` as ``cholesky_solve``.
+    """
+    n = indptr.shape[0] - 1
+    k = src.shape[1]
+    U = np.empty((k, k))
+    q = np.empty(k)
+    rhs = np.empty(k)
+    z = np.empty(k)
+    solution = np.empty(k)
+    for row in range(n):
+        if implicit:
+            U[:, :] = yty
+        else:
+            U[:, :] = 0.0
+        rhs[:] = 0.0
+        count = 0.0
+        for j in range(indptr[row], indptr[row + 1]):
+            r = np.float64(ratings[j])
+            if implicit:
+                a_weight = alpha * abs(r)
+                b_weight = 1.0 + a_weight if r > 0.0 else 0.0
+                if r > 0.0:
+                    count += 1.0
+            else:
+                a_weight = 1.0
+                b_weight = r
+                count += 1.0
+            source = indices[j]
+            for c in range(k):
+                q[c] = np.float64(src[source, c])
+            # The whole square, not the triangle: fixed-length rows vectorize, twice as fast.
+            for p in range(k):
+                f = a_weight * q[p]
+                for c in range(k):
+                    U[p, c] += f * q[c]
+                rhs[p] += b_weight * q[p]
+        reg = reg_param * count
         for p in range(k):
-            z[p] /= U[p, p]
-            zp = z[p]
-            for i in range(p + 1, k):
-                z[i] -= zp * U[p, i]
-        # U x = z, from the last row up.
-        for i in range(k - 1, -1, -1):
-            s = z[i]
-            for c in range(i + 1, k):
-                s -= U[i, c] * x[row, c]
-            x[row, i] = s / U[i, i]
+            U[p, p] += reg
+        info[row] = _factor_and_solve(U, rhs, z, solution)
+        for c in range(k):
+            x[row, c] = np.float32(solution[c])
 
 
 def _entry(A, row, j, i):
