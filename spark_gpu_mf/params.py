@@ -39,7 +39,7 @@ class HasSolver(Params):
         "solver",
         "how each row's normal equations are solved: 'cholesky' (exact, Spark's factors), 'cg' "
         "(conjugate gradient, warm-started from the previous factors) or 'auto' (cholesky up "
-        "to rank 16, where it costs about what CG does, with precision 'fp32'; cg otherwise).",
+        "to rank 12, where it costs about what CG does, with precision 'fp32'; cg otherwise).",
         typeConverter=TypeConverters.toString,
     )
 

@@ -1,6 +1,6 @@
 """Our ALS against pyspark's ALS in the same Spark session: factors, predictions, metrics.
 
-With ``solver="cholesky"`` (and ``"auto"`` up to rank 16) the same seed gives Spark's starting
+With ``solver="cholesky"`` (and ``"auto"`` up to rank 12) the same seed gives Spark's starting
 factors and the same exact solves, so factors agree to float32 rounding in every dataflow, whichever
 BLAS Spark loads; the CG solver is held to Spark's held-out metrics instead.
 """

@@ -8,7 +8,7 @@ _MIB = 1 << 20
 
 # solver="auto" solves exactly up to this rank: there the float64 normal equations and their
 # Cholesky cost about what matrix-free CG does (jobs/solver_crossover.py, docs/benchmarks.md).
-AUTO_EXACT_MAX_RANK = 16
+AUTO_EXACT_MAX_RANK = 12
 
 
 def resolve_solver(solver: str, rank: int, precision: str = "fp32") -> str:
