@@ -67,7 +67,8 @@ def test_a_tiny_memory_budget_gives_identical_factors(spark, ratings):
 
 def test_the_memory_budget_bounds_what_a_block_solve_allocates():
     """Peak NumPy allocations of one block's solve follow spark.gpumf.memoryBudget where the
-    normal equations are built (Cholesky, FP16 CG); matrix-free FP32 CG never holds them."""
+    normal equations are built (Cholesky above rank 32, FP16 CG); matrix-free FP32 CG and the
+    row-by-row exact solve never hold them."""
     import tracemalloc
 
     rng = np.random.default_rng(0)
@@ -75,14 +76,18 @@ def test_the_memory_budget_bounds_what_a_block_solve_allocates():
     indptr = np.concatenate([[0], np.cumsum(counts)])
     indices = rng.integers(0, 500, indptr[-1]).astype(np.int32)
     values = rng.normal(size=indptr[-1]).astype(np.float32)
-    Y = rng.normal(size=(500, 32)).astype(np.float32)
-    output_bytes = 2000 * 32 * 4
-    all_matrices = 2000 * 32 * 32 * 4
-    for solver, precision in (("cholesky", "fp32"), ("cg", "fp16"), ("cg", "fp32")):
+    # (solver, precision, rank, whether it builds matrices): the exact solve at ranks up to
+    # numpy_backend._ROW_BY_ROW_MAX_RANK builds one row's matrix at a time.
+    cases = [("cholesky", "fp32", 40, True), ("cg", "fp16", 32, True),
+             ("cg", "fp32", 32, False), ("cholesky", "fp32", 16, False)]  # fmt: skip
+    for solver, precision, rank, builds in cases:
+        Y = rng.normal(size=(500, rank)).astype(np.float32)
+        output_bytes = 2000 * rank * 4
+        all_matrices = 2000 * rank * rank * 4
         peaks = {}
         for budget in (1 << 20, 1 << 30):
             config = numpy_backend.SolveConfig(
-                rank=32, reg_param=0.1, solver=solver, precision=precision,
+                rank=rank, reg_param=0.1, solver=solver, precision=precision,
                 memory_budget_bytes=budget,
             )  # fmt: skip
             numpy_backend.update_block(indptr, indices, values, Y, None, config)  # compiles
@@ -91,12 +96,12 @@ def test_the_memory_budget_bounds_what_a_block_solve_allocates():
             peaks[budget] = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
         assert peaks[1 << 20] <= 4 * (1 << 20) + output_bytes, (solver, peaks)
-        if (solver, precision) == ("cg", "fp32"):
-            # the per-rating weights (3 x 8 bytes) and the output, never the matrices
-            assert max(peaks.values()) < 32 * indptr[-1] + 2 * output_bytes, peaks
-            assert max(peaks.values()) < all_matrices / 4, peaks
+        if builds:
+            assert peaks[1 << 20] < peaks[1 << 30] / 2, (solver, rank, peaks)
         else:
-            assert peaks[1 << 20] < peaks[1 << 30] / 2, (solver, peaks)
+            # the per-rating weights (3 x 8 bytes) and the output, never the matrices
+            assert max(peaks.values()) < 32 * indptr[-1] + 2 * output_bytes, (solver, peaks)
+            assert max(peaks.values()) < all_matrices / 4, (solver, rank, peaks)
 
 
 def test_long_runs_checkpoint_and_finish(spark, ratings, checkpoint_dir):
