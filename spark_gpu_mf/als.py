@@ -1,7 +1,8 @@
 """``ALS``: a drop-in for ``pyspark.ml.recommendation.ALS`` whose work runs in Python executors.
 
 Same params, defaults, setters and getters, errors, fitted model and saved format as Spark's ALS,
-plus four params of ours: ``solver``, ``cgIterations``, ``precision`` and ``backend``.
+plus params of ours: ``solver``, ``cgIterations``, ``precision``, ``backend`` and
+``initialModel`` (warm start).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 from pyspark.sql import DataFrame
 
 from spark_gpu_mf import conf
+from spark_gpu_mf.errors import illegal_argument
 from spark_gpu_mf.model import COLD_START_STRATEGIES, ALSModel
 from spark_gpu_mf.params import (
     BACKENDS,
@@ -22,6 +24,7 @@ from spark_gpu_mf.params import (
     SOLVERS,
     HasBackend,
     HasCgIterations,
+    HasInitialModel,
     HasPrecision,
     HasSolver,
     validate_params,
@@ -68,6 +71,7 @@ class ALS(
     HasCgIterations,
     HasPrecision,
     HasBackend,
+    HasInitialModel,
     DefaultParamsWritable,
     DefaultParamsReadable["ALS"],
 ):
@@ -145,6 +149,7 @@ class ALS(
         cgIterations: int = 5,
         precision: str = "fp32",
         backend: str = "auto",
+        initialModel: Optional[Any] = None,
     ):
         super().__init__()
         kwargs = self._input_kwargs
@@ -175,6 +180,7 @@ class ALS(
         cgIterations: int = 5,
         precision: str = "fp32",
         backend: str = "auto",
+        initialModel: Optional[Any] = None,
     ) -> "ALS":
         """Sets params for ALS; keyword-only, with the same defaults as ``__init__``."""
         kwargs = self._input_kwargs
@@ -275,6 +281,10 @@ class ALS(
         """Sets the value of :py:attr:`backend`."""
         return self._set(backend=value)
 
+    def setInitialModel(self, value: Any) -> "ALS":
+        """Sets the value of :py:attr:`initialModel` (a fitted model or a saved model's path)."""
+        return self._set(initialModel=value)
+
     # persistence ------------------------------------------------------------
     def write(self) -> ParamsWriter:
         """Returns an MLWriter instance for this ML instance (``DefaultParamsWriter``'s layout,
@@ -316,6 +326,34 @@ class ALS(
             input_cached=input_cached,
         )
 
+    def _training_settings(self) -> Dict[str, Any]:
+        """What the model keeps of this fit for ``foldInUsers`` / ``foldInItems``."""
+        return {
+            "regParam": self.getRegParam(),
+            "implicitPrefs": self.getImplicitPrefs(),
+            "alpha": self.getAlpha(),
+            "nonnegative": self.getNonnegative(),
+            "ratingCol": self.getRatingCol(),
+            "backend": self.getBackend(),
+        }
+
+    def _initial_factors(self, spark) -> Optional[Dict[str, DataFrame]]:
+        """The warm start's ``{side: (id int, features)}`` factor DataFrames, or None.
+
+        Checked before any job: the model's rank must be this fit's (its factors would not
+        fit the normal equations otherwise).
+        """
+        if not self.isDefined(self.initialModel) or self.getInitialModel() is None:
+            return None
+        value = self.getInitialModel()
+        model = ALSModel.read().session(spark).load(value) if isinstance(value, str) else value
+        if model.rank != self.getRank():
+            raise illegal_argument(
+                f"initialModel has rank {model.rank} but this ALS has rank {self.getRank()}: a "
+                "warm start needs the same rank."
+            )
+        return {"user": model.userFactors, "item": model.itemFactors}
+
     def _fit(self, dataset: DataFrame) -> ALSModel:
         validate_params(self, ALS_PARAM_RULES)
         self.transformSchema(dataset.schema)
@@ -329,15 +367,17 @@ class ALS(
         ratings = validated_ratings(
             dataset, self.getUserCol(), self.getItemCol(), self.getRatingCol()
         )
+        initial = self._initial_factors(spark)
         level = dataset.storageLevel
         cached = level.useMemory or level.useDisk or level.useOffHeap
-        result = train(spark, ratings, self._job(spark, input_cached=cached))
+        result = train(spark, ratings, self._job(spark, input_cached=cached), initial)
         model = ALSModel._create(
             self.getRank(),
             result.user_factors,
             result.item_factors,
             uid=self.uid,
             summary=result.summary,
+            training=self._training_settings(),
         )
         model.setBlockSize(self.getBlockSize())
         return self._copyValues(model)

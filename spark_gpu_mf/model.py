@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
+from pyspark import StorageLevel
 from pyspark.ml import Model
 from pyspark.ml.recommendation import ALSModel as SparkALSModel
 from pyspark.ml.recommendation import _ALSModelParams
@@ -33,12 +34,14 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from spark_gpu_mf import conf
+from spark_gpu_mf.backends.solve_config import SolveConfig
 from spark_gpu_mf.errors import illegal_argument
 from spark_gpu_mf.params import validate_params
 from spark_gpu_mf.spark import persistence
+from spark_gpu_mf.spark.fold_in import fold_in
 from spark_gpu_mf.spark.recommend import recommend_for_all
 from spark_gpu_mf.summary import TrainingSummary
-from spark_gpu_mf.validation import check_numeric_column, checked_id
+from spark_gpu_mf.validation import check_numeric_column, checked_id, validated_ratings
 
 if TYPE_CHECKING:
     from pyspark.ml._typing import ParamMap
@@ -46,6 +49,8 @@ if TYPE_CHECKING:
 __all__ = ["ALSModel"]
 
 COLD_START_STRATEGIES = ("nan", "drop")
+# What a fitted model keeps of its fit for fold-in (saved in the metadata as TRAINING_KEY).
+TRAINING_SETTINGS = ("regParam", "implicitPrefs", "alpha", "nonnegative")
 
 MODEL_PARAM_RULES = {
     "coldStartStrategy": lambda v: str(v).lower() in COLD_START_STRATEGIES,
@@ -85,6 +90,9 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
         self._item_factors: Optional[DataFrame] = None
         self._summary: Optional[TrainingSummary] = None
         self._recommend_candidates: dict = {}  # see spark.recommend._broadcast_candidates
+        # The fit's regParam, implicitPrefs, alpha, nonnegative and ratingCol, for fold-in;
+        # empty for a model saved by Spark (fold-in then asks for them).
+        self._training: Dict[str, Any] = {}
 
     @classmethod
     def _create(
@@ -94,8 +102,10 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
         item_factors: DataFrame,
         uid: Optional[str] = None,
         summary: Optional[TrainingSummary] = None,
+        training: Optional[Dict[str, Any]] = None,
     ) -> "ALSModel":
-        """A model over existing factor DataFrames ``(id int, features array<float>)``."""
+        """A model over existing factor DataFrames ``(id int, features array<float>)``;
+        ``training``: the fit's settings fold-in reuses (``TRAINING_SETTINGS``)."""
         model = cls()
         if uid is not None:
             model._resetUid(uid)
@@ -103,6 +113,7 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
         model._user_factors = user_factors
         model._item_factors = item_factors
         model._summary = summary
+        model._training = dict(training or {})
         return model
 
     # ------------------------------------------------------------------ attributes
@@ -304,6 +315,123 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
             subset, self._user_factors, self.getItemCol(), self.getUserCol(), numUsers
         )
 
+    # ------------------------------------------------------------------ fold-in
+    def foldInUsers(
+        self,
+        dataset: DataFrame,
+        *,
+        regParam: Optional[float] = None,
+        implicitPrefs: Optional[bool] = None,
+        alpha: Optional[float] = None,
+        nonnegative: Optional[bool] = None,
+        ratingCol: Optional[str] = None,
+    ) -> "ALSModel":
+        """
+        Returns a model whose user factors include the users of `dataset`, solved from their
+        ratings against this model's item factors, which stay fixed.
+
+        Each user gets one exact least-squares solve, the one an ALS half-iteration would give
+        them: the fit's regularization (`regParam` times the user's number of ratings),
+        implicit confidences and nonnegativity. New users are added and users the model knows
+        are replaced (refreshed from the ratings given, which should be all of theirs); every
+        other factor is this model's. Ratings of items the model does not know are left out,
+        since they have no factor to solve against; a user left with none gets no factors.
+
+        Parameters
+        ----------
+        dataset : :py:class:`pyspark.sql.DataFrame`
+            ratings with columns `userCol`, `itemCol` and the fit's `ratingCol`, checked as
+            `ALS.fit` checks them.
+        regParam, implicitPrefs, alpha, nonnegative, ratingCol : optional
+            the fit's values by default; a model loaded from Spark's own save does not know
+            them, and then they must be given.
+
+        Returns
+        -------
+        :py:class:`ALSModel`
+            a new model, same params and uid, usable for `transform` and `recommendFor*`
+            right away.
+        """
+        return self._fold_in(dataset, "user", regParam, implicitPrefs, alpha, nonnegative,
+                             ratingCol)  # fmt: skip
+
+    def foldInItems(
+        self,
+        dataset: DataFrame,
+        *,
+        regParam: Optional[float] = None,
+        implicitPrefs: Optional[bool] = None,
+        alpha: Optional[float] = None,
+        nonnegative: Optional[bool] = None,
+        ratingCol: Optional[str] = None,
+    ) -> "ALSModel":
+        """
+        Returns a model whose item factors include the items of `dataset`, solved from their
+        ratings against this model's user factors, which stay fixed: `foldInUsers` with the
+        roles swapped.
+
+        Parameters
+        ----------
+        dataset : :py:class:`pyspark.sql.DataFrame`
+            ratings with columns `userCol`, `itemCol` and the fit's `ratingCol`.
+        regParam, implicitPrefs, alpha, nonnegative, ratingCol : optional
+            the fit's values by default (see `foldInUsers`).
+
+        Returns
+        -------
+        :py:class:`ALSModel`
+        """
+        return self._fold_in(dataset, "item", regParam, implicitPrefs, alpha, nonnegative,
+                             ratingCol)  # fmt: skip
+
+    def _fold_in_settings(self, **given: Any) -> Dict[str, Any]:
+        settings = {**self._training, **{k: v for k, v in given.items() if v is not None}}
+        settings.setdefault("ratingCol", "rating")
+        missing = [k for k in TRAINING_SETTINGS if k not in settings]
+        if missing:
+            raise illegal_argument(
+                f"Fold-in needs the fit's {', '.join(missing)}, which this model does not record "
+                "(it was not fitted by spark_gpu_mf's ALS, or loaded from such a save): pass "
+                "them, e.g. foldInUsers(ratings, regParam=0.1, implicitPrefs=False, alpha=1.0, "
+                "nonnegative=False)."
+            )
+        return settings
+
+    def _fold_in(self, dataset, side, regParam, implicitPrefs, alpha, nonnegative, ratingCol):
+        settings = self._fold_in_settings(
+            regParam=regParam, implicitPrefs=implicitPrefs, alpha=alpha, nonnegative=nonnegative,
+            ratingCol=ratingCol,
+        )  # fmt: skip
+        if settings["regParam"] < 0 or settings["alpha"] < 0:
+            raise illegal_argument("Fold-in needs regParam >= 0 and alpha >= 0.")
+        spark = dataset.sparkSession
+        ratings = validated_ratings(
+            dataset, self.getUserCol(), self.getItemCol(), settings["ratingCol"]
+        )
+        key, other = ("user", "item") if side == "user" else ("item", "user")
+        fixed = self._item_factors if side == "user" else self._user_factors
+        config = SolveConfig(
+            rank=self.rank,
+            reg_param=float(settings["regParam"]),
+            implicit=bool(settings["implicitPrefs"]),
+            alpha=float(settings["alpha"]),
+            nonnegative=bool(settings["nonnegative"]),
+            memory_budget_bytes=conf.MEMORY_BUDGET.get(spark),
+        )
+        folded = fold_in(
+            spark,
+            ratings.select(F.col(key).alias("key"), F.col(other).alias("other"), "rating"),
+            fixed,
+            config,
+            self._training.get("backend", "auto"),
+        ).persist(StorageLevel.MEMORY_AND_DISK)
+        old = self._user_factors if side == "user" else self._item_factors
+        merged = old.join(folded.select("id"), "id", "left_anti").unionByName(folded)
+        users, items = (merged, self._item_factors) if side == "user" else (self._user_factors,
+                                                                            merged)  # fmt: skip
+        model = type(self)._create(self.rank, users, items, uid=self.uid, training=self._training)
+        return self._copyValues(model)
+
     # ------------------------------------------------------------------ persistence & misc
     def copy(self, extra: Optional["ParamMap"] = None) -> "ALSModel":
         """Creates a copy of this model with the same uid, factors and some extra params."""
@@ -348,6 +476,7 @@ class ALSModelWriter(MLWriter):
             path,
             overwrite=self.shouldOverwrite,
             python_class=f"{type(model).__module__}.{type(model).__name__}",
+            training=model._training,
         )
 
 
@@ -360,7 +489,11 @@ class ALSModelReader(MLReader[ALSModel]):
 
     def load(self, path: str) -> ALSModel:
         metadata, rank, users, items = persistence.load_model_parts(self.sparkSession, path)
-        model = self.model_class._create(rank, users, items, uid=metadata["uid"])
+        training = metadata.get(persistence.TRAINING_KEY)
+        model = self.model_class._create(
+            rank, users, items, uid=metadata["uid"],
+            training=training if isinstance(training, dict) else None,
+        )  # fmt: skip
         _set_params_from_metadata(model, metadata)
         return model
 

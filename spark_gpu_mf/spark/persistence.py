@@ -3,14 +3,15 @@
 Layout (Spark's ``ALSModel.ALSModelWriter``)::
 
     <path>/metadata/part-00000...   one JSON line: class, timestamp, sparkVersion, uid, paramMap,
-                                    defaultParamMap, rank, pythonClass
+                                    defaultParamMap, rank, pythonClass, trainingParams
     <path>/userFactors/             Parquet (id int, features array<float>)
     <path>/itemFactors/             Parquet
 
 The class recorded is Spark's (``org.apache.spark.ml.recommendation.ALSModel``), so
 ``pyspark.ml.recommendation.ALSModel.load`` and Spark's JVM loader read our models, and we read
-Spark's. ``pythonClass`` is ours: Spark's loaders ignore keys they do not know, and
-``spark_gpu_mf.model`` reads it to give saved pipelines back our model class.
+Spark's. ``pythonClass`` and ``trainingParams`` are ours: Spark's loaders ignore keys they do not
+know; ``spark_gpu_mf.model`` reads the first to give saved pipelines back our model class, the
+second for fold-in (the fit's regParam, implicitPrefs, alpha, nonnegative, ratingCol, backend).
 
 Every save writes the metadata last, and every load starts from it: a directory whose save was
 interrupted has no metadata and does not load. On a classic session the save goes to a hidden
@@ -28,7 +29,7 @@ import uuid
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from pyspark.ml.param import Params
-from pyspark.ml.util import MLWriter
+from pyspark.ml.util import MLWritable, MLWriter
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
@@ -37,6 +38,9 @@ from spark_gpu_mf.spark import session
 
 SPARK_ALS_MODEL_CLASS = "org.apache.spark.ml.recommendation.ALSModel"
 PYTHON_CLASS_KEY = "pythonClass"
+# Ours too, ignored by Spark: the fit's regParam, implicitPrefs, alpha, nonnegative, ratingCol
+# and backend, which fold-in reuses.
+TRAINING_KEY = "trainingParams"
 
 
 def path_exists(spark: SparkSession, path: str) -> bool:
@@ -52,15 +56,22 @@ def already_exists(path: str) -> IOError:
 
 
 def metadata_json(
-    instance: Params, spark: SparkSession, class_name: str, extra: Dict[str, Any]
+    instance: Params,
+    spark: SparkSession,
+    class_name: str,
+    extra: Dict[str, Any],
+    param_values: Optional[Dict[str, Any]] = None,
 ) -> str:
-    """Spark's ``DefaultParamsWriter`` metadata line for ``instance`` under ``class_name``."""
+    """Spark's ``DefaultParamsWriter`` metadata line for ``instance`` under ``class_name``;
+    ``param_values`` replace the values of some set params (see ``save_params``)."""
+    param_map = {p.name: v for p, v in instance._paramMap.items()}
+    param_map.update(param_values or {})
     metadata = {
         "class": class_name,
         "timestamp": int(round(time.time() * 1000)),
         "sparkVersion": spark.version,
         "uid": instance.uid,
-        "paramMap": {p.name: v for p, v in instance._paramMap.items()},
+        "paramMap": param_map,
         "defaultParamMap": {p.name: v for p, v in instance._defaultParamMap.items()},
     }
     metadata.update(extra)
@@ -76,6 +87,7 @@ def save_model(
     path: str,
     overwrite: bool,
     python_class: Optional[str] = None,
+    training: Optional[Dict[str, Any]] = None,
 ) -> None:
     """Write a model in Spark's ALSModel layout; nothing that loads until it is complete."""
 
@@ -86,6 +98,8 @@ def save_model(
     extra: Dict[str, Any] = {"rank": rank}
     if python_class is not None:
         extra[PYTHON_CLASS_KEY] = python_class
+    if training:
+        extra[TRAINING_KEY] = training
     _save(
         spark,
         path,
@@ -97,14 +111,26 @@ def save_model(
 
 def save_params(spark: SparkSession, instance: Params, path: str, overwrite: bool) -> None:
     """``DefaultParamsWriter``'s layout (metadata only, the Python class recorded), with Spark's
-    overwrite check, on classic and Connect sessions alike."""
+    overwrite check, on classic and Connect sessions alike.
+
+    A param whose value is a saveable ML object (``ALS.initialModel`` set to a model) cannot
+    be JSON: the object is saved under ``<path>/<param name>/`` and the metadata records that
+    path, so the loaded instance reads it from there.
+    """
     class_name = f"{type(instance).__module__}.{type(instance).__name__}"
+    nested = {p.name: v for p, v in instance._paramMap.items() if isinstance(v, MLWritable)}
+
+    def write_nested(root: str) -> None:
+        for name, value in nested.items():
+            value.write().save(f"{root}/{name}")
+
+    saved_at = {name: f"{path.rstrip('/')}/{name}" for name in nested}
     _save(
         spark,
         path,
         overwrite,
-        lambda root: None,
-        lambda: metadata_json(instance, spark, class_name, {}),
+        write_nested,
+        lambda: metadata_json(instance, spark, class_name, {}, saved_at),
     )
 
 
