@@ -12,7 +12,13 @@ from pyspark.ml.recommendation import ALSModel as SparkALSModel
 
 from spark_gpu_mf import ALS, ALSModel
 
-OUR_PARAMS = {"solver": "auto", "cgIterations": 5, "precision": "fp32", "backend": "auto"}
+OUR_PARAMS = {
+    "solver": "auto",
+    "cgIterations": 5,
+    "precision": "fp32",
+    "backend": "auto",
+    "indexIds": False,
+}
 # Ours without a default (like pyspark's optional params): unset means "not used".
 OUR_UNSET_PARAMS = {"initialModel"}
 

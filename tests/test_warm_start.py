@@ -118,7 +118,9 @@ def test_warm_start_on_spark_connect(connect_spark, yesterday_model, days):
     today = datasets.to_dataframe(connect_spark, data)
     (uids, ufac), (iids, ifac) = _arrays(yesterday_model)
     initial = ALSModel._create(
-        4, factors_dataframe(connect_spark, uids, ufac), factors_dataframe(connect_spark, iids, ifac)
+        4,
+        factors_dataframe(connect_spark, uids, ufac),
+        factors_dataframe(connect_spark, iids, ifac),
     )
     warm = _arrays(ALS(maxIter=0, initialModel=initial, **PARAMS).fit(today))
     (ids, factors), _ = warm

@@ -9,7 +9,15 @@ Layout (Spark's ``ALSModel.ALSModelWriter``)::
 
 The class recorded is Spark's (``org.apache.spark.ml.recommendation.ALSModel``), so
 ``pyspark.ml.recommendation.ALSModel.load`` and Spark's JVM loader read our models, and we read
-Spark's. ``pythonClass`` and ``trainingParams`` are ours: Spark's loaders ignore keys they do not
+Spark's.
+
+A model with long or string ids (``ALS(indexIds=True)``) extends the layout: its class is
+``spark_gpu_mf.model.ALSModel``, which Spark's loaders refuse with their "Expected class name"
+error (so they never misread its ids), and a side with such ids is written as
+``(id <long or string>, features array<float>, index int)``, ``index`` being the int the
+factors were trained under. A side with int ids keeps Spark's two columns.
+
+``pythonClass`` and ``trainingParams`` are ours: Spark's loaders ignore keys they do not
 know; ``spark_gpu_mf.model`` reads the first to give saved pipelines back our model class, the
 second for fold-in (the fit's regParam, implicitPrefs, alpha, nonnegative, ratingCol, backend).
 
@@ -31,12 +39,17 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from pyspark.ml.param import Params
 from pyspark.ml.util import MLWritable, MLWriter
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from spark_gpu_mf.errors import DamagedModelError
 from spark_gpu_mf.spark import session
 
 SPARK_ALS_MODEL_CLASS = "org.apache.spark.ml.recommendation.ALSModel"
+# The class a model with long or string ids (ALS(indexIds=True)) is saved under: Spark's
+# loaders refuse it ("Expected class name ... but found class name ..."), so they never read
+# its factors' ids as Spark's; pyspark's stage loader imports it for pipelines.
+INDEXED_ALS_MODEL_CLASS = "spark_gpu_mf.model.ALSModel"
 PYTHON_CLASS_KEY = "pythonClass"
 # Ours too, ignored by Spark: the fit's regParam, implicitPrefs, alpha, nonnegative, ratingCol
 # and backend, which fold-in reuses.
@@ -88,13 +101,21 @@ def save_model(
     overwrite: bool,
     python_class: Optional[str] = None,
     training: Optional[Dict[str, Any]] = None,
+    user_index: Optional[DataFrame] = None,
+    item_index: Optional[DataFrame] = None,
 ) -> None:
-    """Write a model in Spark's ALSModel layout; nothing that loads until it is complete."""
+    """Write a model in Spark's ALSModel layout; nothing that loads until it is complete.
+
+    A side with an index (long or string ids) is written as ``(id <original type>, features,
+    index int)`` and the model under ``INDEXED_ALS_MODEL_CLASS`` (see the module docstring).
+    """
 
     def write_factors(root: str) -> None:
-        user_factors.select("id", "features").write.parquet(f"{root}/userFactors")
-        item_factors.select("id", "features").write.parquet(f"{root}/itemFactors")
+        _with_original_ids(user_factors, user_index).write.parquet(f"{root}/userFactors")
+        _with_original_ids(item_factors, item_index).write.parquet(f"{root}/itemFactors")
 
+    indexed = user_index is not None or item_index is not None
+    class_name = INDEXED_ALS_MODEL_CLASS if indexed else SPARK_ALS_MODEL_CLASS
     extra: Dict[str, Any] = {"rank": rank}
     if python_class is not None:
         extra[PYTHON_CLASS_KEY] = python_class
@@ -105,7 +126,16 @@ def save_model(
         path,
         overwrite,
         write_factors,
-        lambda: metadata_json(instance, spark, SPARK_ALS_MODEL_CLASS, extra),
+        lambda: metadata_json(instance, spark, class_name, extra),
+    )
+
+
+def _with_original_ids(factors: DataFrame, index: Optional[DataFrame]) -> DataFrame:
+    if index is None:
+        return factors.select("id", "features")
+    keys = index.select(F.col("index").alias("id"), F.col("key").alias("__original_id"))
+    return factors.join(keys, "id").select(
+        F.col("__original_id").alias("id"), "features", F.col("id").alias("index")
     )
 
 
@@ -199,8 +229,11 @@ def _save_in_place(spark: SparkSession, path: str, exists: bool, write_data, met
         raise
 
 
-def load_metadata(spark: SparkSession, path: str, expected_class: str) -> Dict[str, Any]:
-    """The metadata JSON of a saved ML instance, checked like Spark's ``DefaultParamsReader``."""
+def load_metadata(
+    spark: SparkSession, path: str, expected_class: str, also_accepted: Tuple[str, ...] = ()
+) -> Dict[str, Any]:
+    """The metadata JSON of a saved ML instance, checked like Spark's ``DefaultParamsReader``
+    (``also_accepted``: other classes this loader reads)."""
     metadata_path = f"{path.rstrip('/')}/metadata"
     try:
         lines = spark.read.text(metadata_path).collect()
@@ -227,7 +260,7 @@ def load_metadata(spark: SparkSession, path: str, expected_class: str) -> Dict[s
         raise DamagedModelError(
             f"Cannot load the model at {path}: metadata lacks {', '.join(missing)}."
         )
-    if metadata["class"] != expected_class:
+    if metadata["class"] != expected_class and metadata["class"] not in also_accepted:
         raise DamagedModelError(
             f"Error loading metadata: Expected class name {expected_class} but found class name "
             f"{metadata['class']}"
@@ -235,18 +268,25 @@ def load_metadata(spark: SparkSession, path: str, expected_class: str) -> Dict[s
     return metadata
 
 
-def _has_factor_schema(schema: T.StructType) -> bool:
+_INDEXED_ID_TYPES = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.StringType)
+
+
+def _has_factor_schema(schema: T.StructType, indexed: bool) -> bool:
     if "id" not in schema.names or "features" not in schema.names:
         return False
     features = schema["features"].dataType
-    return (
-        isinstance(schema["id"].dataType, T.IntegerType)
-        and isinstance(features, T.ArrayType)
-        and isinstance(features.elementType, T.FloatType)
-    )
+    if not (isinstance(features, T.ArrayType) and isinstance(features.elementType, T.FloatType)):
+        return False
+    if "index" in schema.names:
+        return (
+            indexed
+            and isinstance(schema["index"].dataType, T.IntegerType)
+            and isinstance(schema["id"].dataType, _INDEXED_ID_TYPES)
+        )
+    return isinstance(schema["id"].dataType, T.IntegerType)
 
 
-def _read_factors(spark: SparkSession, path: str, name: str) -> DataFrame:
+def _read_factors(spark: SparkSession, path: str, name: str, indexed: bool = False):
     factor_path = f"{path.rstrip('/')}/{name}"
     try:
         df = spark.read.parquet(factor_path)
@@ -259,22 +299,28 @@ def _read_factors(spark: SparkSession, path: str, name: str) -> DataFrame:
         raise DamagedModelError(
             f"Cannot load the model at {path}: {name}/ is not readable Parquet ({e})."
         ) from None
-    if not _has_factor_schema(schema):
+    if not _has_factor_schema(schema, indexed):
+        wanted = "id (int, or long/string with index int)" if indexed else "id int"
         raise DamagedModelError(
-            f"Cannot load the model at {path}: {name}/ must have columns id int and "
+            f"Cannot load the model at {path}: {name}/ must have columns {wanted} and "
             f"features array<float>, found {schema.simpleString()}."
         )
-    return df
+    if "index" not in schema.names:
+        return df, None
+    factors = df.select(F.col("index").alias("id"), "features")
+    return factors, df.select(F.col("id").alias("key"), "index")
 
 
-def load_model_parts(
-    spark: SparkSession, path: str
-) -> Tuple[Dict[str, Any], int, DataFrame, DataFrame]:
-    """Metadata, rank and factor DataFrames of a saved ALSModel (ours or Spark's)."""
-    metadata = load_metadata(spark, path, SPARK_ALS_MODEL_CLASS)
+def load_model_parts(spark: SparkSession, path: str):
+    """Metadata, rank, factor DataFrames ``(id int, features)`` and indexes ``(key, index)``
+    (None for a side with int ids) of a saved ALSModel (ours or Spark's)."""
+    metadata = load_metadata(
+        spark, path, SPARK_ALS_MODEL_CLASS, also_accepted=(INDEXED_ALS_MODEL_CLASS,)
+    )
     rank = metadata.get("rank")
     if not isinstance(rank, int) or rank < 1:
         raise DamagedModelError(f"Cannot load the model at {path}: metadata has no valid rank.")
-    user_factors = _read_factors(spark, path, "userFactors")
-    item_factors = _read_factors(spark, path, "itemFactors")
-    return metadata, rank, user_factors, item_factors
+    indexed = metadata["class"] == INDEXED_ALS_MODEL_CLASS
+    user_factors, user_index = _read_factors(spark, path, "userFactors", indexed)
+    item_factors, item_index = _read_factors(spark, path, "itemFactors", indexed)
+    return metadata, rank, user_factors, item_factors, user_index, item_index
