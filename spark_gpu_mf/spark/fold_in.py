@@ -57,9 +57,12 @@ def fold_in(
     parts = num_parts or session.default_parallelism(spark)
     fixed = fixed.select("id", "features")
     yty = gram(fixed, config.rank) if config.implicit else None
+    # Both sides of the cogroup are placed by ``part`` on ``parts`` partitions, so the cogroup
+    # itself shuffles nothing (and no stage runs spark.sql.shuffle.partitions mostly empty
+    # tasks for a few parts).
     keyed = ratings.select(
         F.pmod(F.col("key"), F.lit(parts)).cast("int").alias("part"), "key", "other", "rating"
-    )
+    ).repartition(parts, "part")
     # Aliased: both sides of the cogroup come from ``keyed``, and Spark refuses a grouping
     # column it cannot tell apart.
     needed = (
@@ -67,6 +70,7 @@ def fold_in(
         .distinct()
         .join(fixed, "id")
         .select("fixed_part", "id", "features")
+        .repartition(parts, "fixed_part")
     )
     settings = TaskSettings(
         config=exact(config),
