@@ -1,7 +1,8 @@
 """``ALS``: a drop-in for ``pyspark.ml.recommendation.ALS`` whose work runs in Python executors.
 
 Same params, defaults, setters and getters, errors, fitted model and saved format as Spark's ALS,
-plus four params of ours: ``solver``, ``cgIterations``, ``precision`` and ``backend``.
+plus params of ours: ``solver``, ``cgIterations``, ``precision``, ``backend``,
+``initialModel`` (warm start) and ``indexIds`` (long and string ids).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from pyspark.ml import Estimator
 from pyspark.ml.recommendation import _ALSParams
 from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 from pyspark.sql import DataFrame
+from pyspark.sql import types as T
 
 from spark_gpu_mf import conf
+from spark_gpu_mf.errors import illegal_argument
 from spark_gpu_mf.model import COLD_START_STRATEGIES, ALSModel
 from spark_gpu_mf.params import (
     BACKENDS,
@@ -22,15 +25,25 @@ from spark_gpu_mf.params import (
     SOLVERS,
     HasBackend,
     HasCgIterations,
+    HasIndexIds,
+    HasInitialModel,
     HasPrecision,
     HasSolver,
     validate_params,
 )
 from spark_gpu_mf.spark import session
 from spark_gpu_mf.spark.als_train import AlsJob, train
+from spark_gpu_mf.spark.id_index import build_index, needs_index, to_internal
 from spark_gpu_mf.spark.persistence import ParamsWriter
 from spark_gpu_mf.spark.storage_levels import is_storage_level, storage_level
-from spark_gpu_mf.validation import check_numeric_column, validated_ratings
+from spark_gpu_mf.validation import (
+    check_indexable,
+    check_numeric_column,
+    checked_id,
+    checked_rating,
+    non_null_id,
+    validated_ratings,
+)
 
 __all__ = ["ALS"]
 
@@ -68,6 +81,8 @@ class ALS(
     HasCgIterations,
     HasPrecision,
     HasBackend,
+    HasInitialModel,
+    HasIndexIds,
     DefaultParamsWritable,
     DefaultParamsReadable["ALS"],
 ):
@@ -145,6 +160,8 @@ class ALS(
         cgIterations: int = 5,
         precision: str = "fp32",
         backend: str = "auto",
+        initialModel: Optional[Any] = None,
+        indexIds: bool = False,
     ):
         super().__init__()
         kwargs = self._input_kwargs
@@ -175,6 +192,8 @@ class ALS(
         cgIterations: int = 5,
         precision: str = "fp32",
         backend: str = "auto",
+        initialModel: Optional[Any] = None,
+        indexIds: bool = False,
     ) -> "ALS":
         """Sets params for ALS; keyword-only, with the same defaults as ``__init__``."""
         kwargs = self._input_kwargs
@@ -275,6 +294,14 @@ class ALS(
         """Sets the value of :py:attr:`backend`."""
         return self._set(backend=value)
 
+    def setInitialModel(self, value: Any) -> "ALS":
+        """Sets the value of :py:attr:`initialModel` (a fitted model or a saved model's path)."""
+        return self._set(initialModel=value)
+
+    def setIndexIds(self, value: bool) -> "ALS":
+        """Sets the value of :py:attr:`indexIds`."""
+        return self._set(indexIds=value)
+
     # persistence ------------------------------------------------------------
     def write(self) -> ParamsWriter:
         """Returns an MLWriter instance for this ML instance (``DefaultParamsWriter``'s layout,
@@ -283,11 +310,38 @@ class ALS(
 
     # fit --------------------------------------------------------------------
     def transformSchema(self, schema):
-        """Spark's schema check: numeric user, item and rating columns."""
-        check_numeric_column(schema, self.getUserCol())
-        check_numeric_column(schema, self.getItemCol())
+        """Spark's schema check: numeric user, item and rating columns (with ``indexIds``:
+        integral or string ids)."""
+        check_id = check_indexable if self.getIndexIds() else check_numeric_column
+        check_id(schema, self.getUserCol())
+        check_id(schema, self.getItemCol())
         check_numeric_column(schema, self.getRatingCol())
         return schema
+
+    def _indexed_ratings(self, dataset: DataFrame):
+        """``(ratings, user index, item index)``: validated ``(user int, item int, rating)``
+        with the long and string id sides replaced by their index (None for int sides)."""
+        schema = dataset.schema
+        user_col, item_col = self.getUserCol(), self.getItemCol()
+        indexed = {c: needs_index(schema[c].dataType) for c in (user_col, item_col)}
+        checked = dataset.select(
+            *[
+                (non_null_id(dataset, c) if indexed[c] else checked_id(dataset, c)).alias(alias)
+                for c, alias in ((user_col, "user"), (item_col, "item"))
+            ],
+            checked_rating(dataset, self.getRatingCol()).alias("rating"),
+        )
+        level = storage_level(self.getIntermediateStorageLevel())
+        indexes = {}
+        for column, side in ((user_col, "user"), (item_col, "item")):
+            indexes[side] = (
+                build_index(checked.select(side), level, what=f"{side} ids")
+                if indexed[column]
+                else None
+            )
+        ratings = to_internal(checked, "user", indexes["user"])
+        ratings = to_internal(ratings, "item", indexes["item"]).select("user", "item", "rating")
+        return ratings, indexes["user"], indexes["item"]
 
     def _job(self, spark, input_cached: bool = False) -> AlsJob:
         return AlsJob(
@@ -316,6 +370,47 @@ class ALS(
             input_cached=input_cached,
         )
 
+    def _training_settings(self) -> Dict[str, Any]:
+        """What the model keeps of this fit for ``foldInUsers`` / ``foldInItems``."""
+        return {
+            "regParam": self.getRegParam(),
+            "implicitPrefs": self.getImplicitPrefs(),
+            "alpha": self.getAlpha(),
+            "nonnegative": self.getNonnegative(),
+            "ratingCol": self.getRatingCol(),
+            "backend": self.getBackend(),
+        }
+
+    def _initial_factors(self, spark, indexes) -> Optional[Dict[str, DataFrame]]:
+        """The warm start's ``{side: (id int, features)}`` factor DataFrames in this fit's int
+        ids, or None.
+
+        Checked before any job: the model's rank must be this fit's (its factors would not
+        fit the normal equations otherwise), and a side this fit does not index must have int
+        ids in the model too.
+        """
+        if not self.isDefined(self.initialModel) or self.getInitialModel() is None:
+            return None
+        value = self.getInitialModel()
+        model = ALSModel.read().session(spark).load(value) if isinstance(value, str) else value
+        if model.rank != self.getRank():
+            raise illegal_argument(
+                f"initialModel has rank {model.rank} but this ALS has rank {self.getRank()}: a "
+                "warm start needs the same rank."
+            )
+        initial = {}
+        for side, factors in (("user", model.userFactors), ("item", model.itemFactors)):
+            if indexes[side] is not None:
+                factors = to_internal(factors, "id", indexes[side])
+            elif not isinstance(factors.schema["id"].dataType, T.IntegerType):
+                raise illegal_argument(
+                    f"initialModel has {side} ids of type "
+                    f"{factors.schema['id'].dataType.simpleString()} but this fit's {side} ids "
+                    "are ints: set indexIds=True and give the ids in their original type."
+                )
+            initial[side] = factors
+        return initial
+
     def _fit(self, dataset: DataFrame) -> ALSModel:
         validate_params(self, ALS_PARAM_RULES)
         self.transformSchema(dataset.schema)
@@ -326,18 +421,26 @@ class ALS(
             check = getattr(backends, "check_gpu_backend_available", None)
             if check is not None:
                 check(spark)
-        ratings = validated_ratings(
-            dataset, self.getUserCol(), self.getItemCol(), self.getRatingCol()
-        )
+        indexes = {"user": None, "item": None}
+        if self.getIndexIds():
+            ratings, indexes["user"], indexes["item"] = self._indexed_ratings(dataset)
+        else:
+            ratings = validated_ratings(
+                dataset, self.getUserCol(), self.getItemCol(), self.getRatingCol()
+            )
+        initial = self._initial_factors(spark, indexes)
         level = dataset.storageLevel
         cached = level.useMemory or level.useDisk or level.useOffHeap
-        result = train(spark, ratings, self._job(spark, input_cached=cached))
+        result = train(spark, ratings, self._job(spark, input_cached=cached), initial)
         model = ALSModel._create(
             self.getRank(),
             result.user_factors,
             result.item_factors,
             uid=self.uid,
             summary=result.summary,
+            training=self._training_settings(),
+            user_index=indexes["user"],
+            item_index=indexes["item"],
         )
         model.setBlockSize(self.getBlockSize())
         return self._copyValues(model)

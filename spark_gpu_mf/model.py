@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
+from pyspark import StorageLevel
 from pyspark.ml import Model
 from pyspark.ml.recommendation import ALSModel as SparkALSModel
 from pyspark.ml.recommendation import _ALSModelParams
@@ -33,12 +34,27 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from spark_gpu_mf import conf
+from spark_gpu_mf.backends.solve_config import SolveConfig
 from spark_gpu_mf.errors import illegal_argument
 from spark_gpu_mf.params import validate_params
 from spark_gpu_mf.spark import persistence
+from spark_gpu_mf.spark.fold_in import fold_in
+from spark_gpu_mf.spark.id_index import (
+    build_index,
+    to_internal,
+    to_original,
+    to_original_recommendations,
+)
 from spark_gpu_mf.spark.recommend import recommend_for_all
 from spark_gpu_mf.summary import TrainingSummary
-from spark_gpu_mf.validation import check_numeric_column, checked_id
+from spark_gpu_mf.validation import (
+    check_indexable,
+    check_numeric_column,
+    checked_id,
+    checked_rating,
+    non_null_id,
+    validated_ratings,
+)
 
 if TYPE_CHECKING:
     from pyspark.ml._typing import ParamMap
@@ -46,6 +62,8 @@ if TYPE_CHECKING:
 __all__ = ["ALSModel"]
 
 COLD_START_STRATEGIES = ("nan", "drop")
+# What a fitted model keeps of its fit for fold-in (saved in the metadata as TRAINING_KEY).
+TRAINING_SETTINGS = ("regParam", "implicitPrefs", "alpha", "nonnegative")
 
 MODEL_PARAM_RULES = {
     "coldStartStrategy": lambda v: str(v).lower() in COLD_START_STRATEGIES,
@@ -85,6 +103,13 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
         self._item_factors: Optional[DataFrame] = None
         self._summary: Optional[TrainingSummary] = None
         self._recommend_candidates: dict = {}  # see spark.recommend._broadcast_candidates
+        # The fit's regParam, implicitPrefs, alpha, nonnegative and ratingCol, for fold-in;
+        # empty for a model saved by Spark (fold-in then asks for them).
+        self._training: Dict[str, Any] = {}
+        # ALS(indexIds=True): per side, (key <original id type>, index int) when that side's
+        # ids were long or string; the factor DataFrames above then hold the int index.
+        self._user_index: Optional[DataFrame] = None
+        self._item_index: Optional[DataFrame] = None
 
     @classmethod
     def _create(
@@ -94,8 +119,14 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
         item_factors: DataFrame,
         uid: Optional[str] = None,
         summary: Optional[TrainingSummary] = None,
+        training: Optional[Dict[str, Any]] = None,
+        user_index: Optional[DataFrame] = None,
+        item_index: Optional[DataFrame] = None,
     ) -> "ALSModel":
-        """A model over existing factor DataFrames ``(id int, features array<float>)``."""
+        """A model over existing factor DataFrames ``(id int, features array<float>)``;
+        ``training``: the fit's settings fold-in reuses (``TRAINING_SETTINGS``);
+        ``user_index``/``item_index``: ``(key, index int)`` of a side whose ids the factors
+        hold as an int index (``ALS(indexIds=True)``)."""
         model = cls()
         if uid is not None:
             model._resetUid(uid)
@@ -103,7 +134,14 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
         model._user_factors = user_factors
         model._item_factors = item_factors
         model._summary = summary
+        model._training = dict(training or {})
+        model._user_index = user_index
+        model._item_index = item_index
         return model
+
+    @property
+    def _indexed(self) -> bool:
+        return self._user_index is not None or self._item_index is not None
 
     # ------------------------------------------------------------------ attributes
     @property
@@ -114,12 +152,12 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
     @property
     def userFactors(self) -> DataFrame:
         """a DataFrame that stores user factors in two columns: `id` and `features`"""
-        return self._user_factors
+        return to_original(self._user_factors, self._user_index)
 
     @property
     def itemFactors(self) -> DataFrame:
         """a DataFrame that stores item factors in two columns: `id` and `features`"""
-        return self._item_factors
+        return to_original(self._item_factors, self._item_index)
 
     @property
     def hasSummary(self) -> bool:
@@ -162,9 +200,11 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
         return self._user_factors.sparkSession
 
     def transformSchema(self, schema: T.StructType) -> T.StructType:
-        """Spark's ``ALSModel.transformSchema``: numeric id columns, a new float prediction."""
-        check_numeric_column(schema, self.getUserCol())
-        check_numeric_column(schema, self.getItemCol())
+        """Spark's ``ALSModel.transformSchema``: numeric id columns (integral or string for an
+        indexed side), a new float prediction."""
+        for column, index in ((self.getUserCol(), self._user_index),
+                              (self.getItemCol(), self._item_index)):  # fmt: skip
+            (check_numeric_column if index is None else check_indexable)(schema, column)
         prediction = self.getPredictionCol()
         if prediction in schema.names:
             raise illegal_argument(f"requirement failed: Column {prediction} already exists.")
@@ -175,15 +215,18 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
         self.transformSchema(dataset.schema)
         user_col, item_col = self.getUserCol(), self.getItemCol()
         validated = dataset.withColumns(
-            {user_col: checked_id(dataset, user_col), item_col: checked_id(dataset, item_col)}
+            {
+                column: (checked_id if index is None else non_null_id)(dataset, column)
+                for column, index in ((user_col, self._user_index), (item_col, self._item_index))
+            }
         )
         tag = self.uid.replace("-", "_")
         user_id, user_features = f"__als_user_id_{tag}", f"__als_user_features_{tag}"
         item_id, item_features = f"__als_item_id_{tag}", f"__als_item_features_{tag}"
-        users = self._user_factors.select(
+        users = self.userFactors.select(
             F.col("id").alias(user_id), F.col("features").alias(user_features)
         )
-        items = self._item_factors.select(
+        items = self.itemFactors.select(
             F.col("id").alias(item_id), F.col("features").alias(item_features)
         )
         joined = validated.join(users, validated[user_col] == users[user_id], "left").join(
@@ -201,7 +244,12 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
     def _recommend(self, src: DataFrame, dst: DataFrame, src_col: str, dst_col: str, num: int):
         validate_params(self, MODEL_PARAM_RULES)
         spark = self._spark()
-        return recommend_for_all(
+        users_first = src_col == self.getUserCol()
+        src_index, dst_index = (
+            (self._user_index, self._item_index) if users_first
+            else (self._item_index, self._user_index)
+        )  # fmt: skip
+        recommendations = recommend_for_all(
             spark,
             src,
             dst,
@@ -213,6 +261,8 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
             self.rank,
             candidates_cache=self._recommend_candidates,
         )
+        return to_original_recommendations(recommendations, src_col, dst_col, src_index,
+                                           dst_index)  # fmt: skip
 
     def recommendForAllUsers(self, numItems: int) -> DataFrame:
         """
@@ -252,8 +302,10 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
             self._item_factors, self._user_factors, self.getItemCol(), self.getUserCol(), numUsers
         )
 
-    def _subset(self, dataset: DataFrame, factors: DataFrame, column: str) -> DataFrame:
+    def _subset(self, dataset: DataFrame, factors: DataFrame, column: str, index) -> DataFrame:
         # Spark: left_semi join, so duplicate ids collapse and unknown ids are left out.
+        if index is not None:
+            dataset = to_internal(dataset.select(column), column, index)
         return factors.join(dataset.select(column), factors["id"] == dataset[column], "left_semi")
 
     def recommendForUserSubset(self, dataset: DataFrame, numItems: int) -> DataFrame:
@@ -275,7 +327,7 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
             a DataFrame of (userCol, recommendations), where recommendations are
             stored as an array of (itemCol, rating) Rows.
         """
-        subset = self._subset(dataset, self._user_factors, self.getUserCol())
+        subset = self._subset(dataset, self._user_factors, self.getUserCol(), self._user_index)
         return self._recommend(
             subset, self._item_factors, self.getUserCol(), self.getItemCol(), numItems
         )
@@ -299,10 +351,161 @@ class ALSModel(Model, _ALSModelParams, MLWritable, MLReadable["ALSModel"]):
             a DataFrame of (itemCol, recommendations), where recommendations are
             stored as an array of (userCol, rating) Rows.
         """
-        subset = self._subset(dataset, self._item_factors, self.getItemCol())
+        subset = self._subset(dataset, self._item_factors, self.getItemCol(), self._item_index)
         return self._recommend(
             subset, self._user_factors, self.getItemCol(), self.getUserCol(), numUsers
         )
+
+    # ------------------------------------------------------------------ fold-in
+    def foldInUsers(
+        self,
+        dataset: DataFrame,
+        *,
+        regParam: Optional[float] = None,
+        implicitPrefs: Optional[bool] = None,
+        alpha: Optional[float] = None,
+        nonnegative: Optional[bool] = None,
+        ratingCol: Optional[str] = None,
+    ) -> "ALSModel":
+        """
+        Returns a model whose user factors include the users of `dataset`, solved from their
+        ratings against this model's item factors, which stay fixed.
+
+        Each user gets one exact least-squares solve, the one an ALS half-iteration would give
+        them: the fit's regularization (`regParam` times the user's number of ratings),
+        implicit confidences and nonnegativity. New users are added and users the model knows
+        are replaced (refreshed from the ratings given, which should be all of theirs); every
+        other factor is this model's. Ratings of items the model does not know are left out,
+        since they have no factor to solve against; a user left with none gets no factors.
+
+        Parameters
+        ----------
+        dataset : :py:class:`pyspark.sql.DataFrame`
+            ratings with columns `userCol`, `itemCol` and the fit's `ratingCol`, checked as
+            `ALS.fit` checks them.
+        regParam, implicitPrefs, alpha, nonnegative, ratingCol : optional
+            the fit's values by default; a model loaded from Spark's own save does not know
+            them, and then they must be given.
+
+        Returns
+        -------
+        :py:class:`ALSModel`
+            a new model, same params and uid, usable for `transform` and `recommendFor*`
+            right away.
+        """
+        return self._fold_in(dataset, "user", regParam, implicitPrefs, alpha, nonnegative,
+                             ratingCol)  # fmt: skip
+
+    def foldInItems(
+        self,
+        dataset: DataFrame,
+        *,
+        regParam: Optional[float] = None,
+        implicitPrefs: Optional[bool] = None,
+        alpha: Optional[float] = None,
+        nonnegative: Optional[bool] = None,
+        ratingCol: Optional[str] = None,
+    ) -> "ALSModel":
+        """
+        Returns a model whose item factors include the items of `dataset`, solved from their
+        ratings against this model's user factors, which stay fixed: `foldInUsers` with the
+        roles swapped.
+
+        Parameters
+        ----------
+        dataset : :py:class:`pyspark.sql.DataFrame`
+            ratings with columns `userCol`, `itemCol` and the fit's `ratingCol`.
+        regParam, implicitPrefs, alpha, nonnegative, ratingCol : optional
+            the fit's values by default (see `foldInUsers`).
+
+        Returns
+        -------
+        :py:class:`ALSModel`
+        """
+        return self._fold_in(dataset, "item", regParam, implicitPrefs, alpha, nonnegative,
+                             ratingCol)  # fmt: skip
+
+    def _fold_in_settings(self, **given: Any) -> Dict[str, Any]:
+        settings = {**self._training, **{k: v for k, v in given.items() if v is not None}}
+        settings.setdefault("ratingCol", "rating")
+        missing = [k for k in TRAINING_SETTINGS if k not in settings]
+        if missing:
+            raise illegal_argument(
+                f"Fold-in needs the fit's {', '.join(missing)}, which this model does not record "
+                "(it was not fitted by spark_gpu_mf's ALS, or loaded from such a save): pass "
+                "them, e.g. foldInUsers(ratings, regParam=0.1, implicitPrefs=False, alpha=1.0, "
+                "nonnegative=False)."
+            )
+        return settings
+
+    def _fold_in(self, dataset, side, regParam, implicitPrefs, alpha, nonnegative, ratingCol):
+        settings = self._fold_in_settings(
+            regParam=regParam, implicitPrefs=implicitPrefs, alpha=alpha, nonnegative=nonnegative,
+            ratingCol=ratingCol,
+        )  # fmt: skip
+        if settings["regParam"] < 0 or settings["alpha"] < 0:
+            raise illegal_argument("Fold-in needs regParam >= 0 and alpha >= 0.")
+        spark = dataset.sparkSession
+        ratings, key, other = self._fold_in_ratings(dataset, side, settings["ratingCol"])
+        indexes = {"user": self._user_index, "item": self._item_index}
+        # Ratings of others the model lacks drop out in the join (they have no factor).
+        ratings = to_internal(ratings, other, indexes[other])
+        if indexes[key] is not None:
+            # New ids continue the dense index: the next ones after the model's.
+            new = ratings.select(key).join(indexes[key].select(F.col("key").alias(key)), key,
+                                           "left_anti")  # fmt: skip
+            added = build_index(new, offset=indexes[key].count(), what=f"{key} ids")
+            indexes[key] = indexes[key].unionByName(added)
+            ratings = to_internal(ratings, key, indexes[key])
+        fixed = self._item_factors if side == "user" else self._user_factors
+        config = SolveConfig(
+            rank=self.rank,
+            reg_param=float(settings["regParam"]),
+            implicit=bool(settings["implicitPrefs"]),
+            alpha=float(settings["alpha"]),
+            nonnegative=bool(settings["nonnegative"]),
+            memory_budget_bytes=conf.MEMORY_BUDGET.get(spark),
+        )
+        folded = fold_in(
+            spark,
+            ratings.select(F.col(key).alias("key"), F.col(other).alias("other"), "rating"),
+            fixed,
+            config,
+            self._training.get("backend", "auto"),
+        ).persist(StorageLevel.MEMORY_AND_DISK)
+        old = self._user_factors if side == "user" else self._item_factors
+        merged = old.join(folded.select("id"), "id", "left_anti").unionByName(folded)
+        users, items = (merged, self._item_factors) if side == "user" else (self._user_factors,
+                                                                            merged)  # fmt: skip
+        model = type(self)._create(
+            self.rank, users, items, uid=self.uid, training=self._training,
+            user_index=indexes["user"], item_index=indexes["item"],
+        )  # fmt: skip
+        return self._copyValues(model)
+
+    def _fold_in_ratings(self, dataset: DataFrame, side: str, rating_col: str):
+        """``(ratings, key, other)``: ``(user, item, rating)`` checked as ``ALS.fit`` checks
+        them (an indexed side's ids in their original type, non-null)."""
+        if not self._indexed:
+            ratings = validated_ratings(dataset, self.getUserCol(), self.getItemCol(), rating_col)
+        else:
+            for column, index in ((self.getUserCol(), self._user_index),
+                                  (self.getItemCol(), self._item_index)):  # fmt: skip
+                (check_numeric_column if index is None else check_indexable)(
+                    dataset.schema, column
+                )
+            check_numeric_column(dataset.schema, rating_col)
+            ratings = dataset.select(
+                *[
+                    (checked_id if index is None else non_null_id)(dataset, column).alias(alias)
+                    for column, index, alias in (
+                        (self.getUserCol(), self._user_index, "user"),
+                        (self.getItemCol(), self._item_index, "item"),
+                    )
+                ],
+                checked_rating(dataset, rating_col).alias("rating"),
+            )
+        return (ratings, "user", "item") if side == "user" else (ratings, "item", "user")
 
     # ------------------------------------------------------------------ persistence & misc
     def copy(self, extra: Optional["ParamMap"] = None) -> "ALSModel":
@@ -343,11 +546,14 @@ class ALSModelWriter(MLWriter):
             self._sparkSession or model._spark(),
             model,
             model.rank,
-            model.userFactors,
-            model.itemFactors,
+            model._user_factors,
+            model._item_factors,
             path,
             overwrite=self.shouldOverwrite,
             python_class=f"{type(model).__module__}.{type(model).__name__}",
+            training=model._training,
+            user_index=model._user_index,
+            item_index=model._item_index,
         )
 
 
@@ -359,8 +565,15 @@ class ALSModelReader(MLReader[ALSModel]):
         self.model_class = cls
 
     def load(self, path: str) -> ALSModel:
-        metadata, rank, users, items = persistence.load_model_parts(self.sparkSession, path)
-        model = self.model_class._create(rank, users, items, uid=metadata["uid"])
+        metadata, rank, users, items, user_index, item_index = persistence.load_model_parts(
+            self.sparkSession, path
+        )
+        training = metadata.get(persistence.TRAINING_KEY)
+        model = self.model_class._create(
+            rank, users, items, uid=metadata["uid"],
+            training=training if isinstance(training, dict) else None,
+            user_index=user_index, item_index=item_index,
+        )  # fmt: skip
         _set_params_from_metadata(model, metadata)
         return model
 

@@ -19,6 +19,8 @@ __all__ = [
     "HasCgIterations",
     "HasPrecision",
     "HasBackend",
+    "HasInitialModel",
+    "HasIndexIds",
     "validate_params",
     "spark_invalid_value",
     "SOLVERS",
@@ -109,6 +111,60 @@ class HasBackend(Params):
     def getBackend(self) -> str:
         """Gets the value of backend or its default value."""
         return self.getOrDefault(self.backend)
+
+
+def _to_initial_model(value: Any) -> Any:
+    """``initialModel`` holds a path (str) or a fitted model (anything with ``rank``,
+    ``userFactors`` and ``itemFactors``, e.g. our ``ALSModel`` or pyspark's)."""
+    if isinstance(value, str):
+        return value
+    if all(hasattr(value, name) for name in ("rank", "userFactors", "itemFactors")):
+        return value
+    raise TypeError(
+        f"initialModel must be a path (str) or a fitted ALSModel, got {type(value).__name__}"
+    )
+
+
+class HasInitialModel(Params):
+    """Mixin for param initialModel: a fitted model (or its saved path) to warm-start from.
+
+    No default: unset, a fit starts from Spark's random factors.
+    """
+
+    initialModel: "Param[Any]" = Param(
+        Params._dummy(),
+        "initialModel",
+        "a fitted ALSModel, or the path of a saved one, whose factors start the fit: known "
+        "user and item ids start from its factors, new ids from the usual random ones; its "
+        "rank must equal rank. A few iterations then retrain incrementally.",
+        typeConverter=_to_initial_model,
+    )
+
+    def getInitialModel(self) -> Any:
+        """Gets the value of initialModel (raises when it is not set, like pyspark's getters
+        of params without a default)."""
+        return self.getOrDefault(self.initialModel)
+
+
+class HasIndexIds(Params):
+    """Mixin for param indexIds: whether ALS maps long and string ids to ints itself."""
+
+    indexIds: "Param[bool]" = Param(
+        Params._dummy(),
+        "indexIds",
+        "whether userCol and itemCol may hold ids of any integral or string type, which ALS "
+        "indexes itself (the model speaks the original ids). False: Spark's rule, ids must be "
+        "numeric values in Integer range.",
+        typeConverter=TypeConverters.toBoolean,
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._setDefault(indexIds=False)
+
+    def getIndexIds(self) -> bool:
+        """Gets the value of indexIds or its default value."""
+        return self.getOrDefault(self.indexIds)
 
 
 def spark_invalid_value(instance: Params, name: str, value: Any) -> Exception:

@@ -20,8 +20,13 @@ __all__ = [
     "checked_id",
     "checked_rating",
     "validated_ratings",
+    "check_indexable",
+    "non_null_id",
     "FLOAT32_MAX",
 ]
+
+# Id types ``indexIds=True`` takes: the int types are used as they are, long and string indexed.
+INDEXABLE_TYPES = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.StringType)
 
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -109,4 +114,23 @@ def validated_ratings(
         checked_id(dataset, user_col).alias("user"),
         checked_id(dataset, item_col).alias("item"),
         checked_rating(dataset, rating_col).alias("rating"),
+    )
+
+
+def check_indexable(schema: T.StructType, name: str) -> T.DataType:
+    """The id column's type under ``indexIds=True``: integral or string, else a clear error."""
+    dtype = require_column(schema, name)
+    if not isinstance(dtype, INDEXABLE_TYPES):
+        raise illegal_argument(
+            f"With indexIds=True, column {name} must hold integral or string ids, but was of "
+            f"type {dtype.simpleString()}."
+        )
+    return dtype
+
+
+def non_null_id(dataset: DataFrame, name: str) -> Column:
+    """An id column that ALS indexes (long or string), failing on a null with Spark's message."""
+    column = dataset[name]
+    return F.when(column.isNull(), F.raise_error(F.lit(f"{name} Ids MUST NOT be Null"))).otherwise(
+        column
     )

@@ -12,7 +12,15 @@ from pyspark.ml.recommendation import ALSModel as SparkALSModel
 
 from spark_gpu_mf import ALS, ALSModel
 
-OUR_PARAMS = {"solver": "auto", "cgIterations": 5, "precision": "fp32", "backend": "auto"}
+OUR_PARAMS = {
+    "solver": "auto",
+    "cgIterations": 5,
+    "precision": "fp32",
+    "backend": "auto",
+    "indexIds": False,
+}
+# Ours without a default (like pyspark's optional params): unset means "not used".
+OUR_UNSET_PARAMS = {"initialModel"}
 
 
 def _defaults(instance):
@@ -26,7 +34,10 @@ def test_every_spark_param_exists_with_the_same_default_and_doc(spark):
     for name, value in spark_defaults.items():
         assert our_defaults[name] == value, name
         assert ours.getParam(name).doc == spark.getParam(name).doc, name
-    assert {p.name for p in spark.params} | set(OUR_PARAMS) == {p.name for p in ours.params}
+    assert {p.name for p in spark.params} | set(OUR_PARAMS) | OUR_UNSET_PARAMS == {
+        p.name for p in ours.params
+    }
+    assert not any(ours.isDefined(name) for name in OUR_UNSET_PARAMS)
     assert {k: our_defaults[k] for k in OUR_PARAMS} == OUR_PARAMS
 
 
@@ -39,7 +50,7 @@ def test_constructor_and_setParams_signatures_match_the_defaults(spark):
             if name == "self":
                 continue
             assert parameter.kind is inspect.Parameter.KEYWORD_ONLY, name
-            if name == "seed":
+            if name == "seed" or name in OUR_UNSET_PARAMS:
                 assert parameter.default is None
                 continue
             assert parameter.default == ours.getOrDefault(name), (method.__name__, name)

@@ -300,3 +300,33 @@ def test_local_auto_is_settled_on_the_driver_so_workers_need_not_import_cupy(spa
         monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: object())
         monkeypatch.setattr(backends, "_nvidia_device_visible", lambda: True)
         assert BackendChoice.for_session(spark, "auto").requested == "auto"
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("implicit", [False, True])
+def test_fold_in_on_gpu_equals_a_float64_numpy_solve(implicit):
+    import pyarrow as pa
+
+    from spark_gpu_mf.executor.als_tasks import TaskSettings
+    from spark_gpu_mf.executor.fold_in import exact, fold_in_part
+    from spark_gpu_mf.executor.runtime import BackendChoice
+    from tests.test_fold_in import _problem, reference_fold_in
+
+    keys, others, ratings, fixed_ids, fixed = _problem(6, rank=64, n_keys=80, n_ratings=3000)
+    config = exact(SolveConfig(rank=64, reg_param=0.1, implicit=implicit, alpha=2.0))
+    yty = numpy_backend.gram(fixed) if implicit else None
+    table = pa.table({"key": keys, "other": others, "rating": ratings})
+    factor_rows = pa.table(
+        {"id": fixed_ids, "features": pa.array(list(fixed), pa.list_(pa.float32()))}
+    )
+    settings = TaskSettings(config=config, backend=BackendChoice("cupy"), blas_threads=0)
+    out = fold_in_part(table, factor_rows, settings, yty)
+    systems = reference_fold_in(
+        keys, others, ratings, fixed_ids, fixed, reg=0.1, implicit=implicit, alpha=2.0
+    )
+    x = np.asarray(out.column("features").to_pylist(), np.float64)
+    for row, key in enumerate(out.column("id").to_numpy()):
+        np.testing.assert_allclose(
+            x[row], np.linalg.solve(*systems[int(key)]), rtol=1e-4, atol=1e-5
+        )

@@ -304,6 +304,40 @@ def test_update_block_without_previous_and_nonnegative(device):
             assert np.all(x >= 0)
 
 
+@pytest.mark.parametrize("implicit", [False, True])
+def test_fold_in_on_the_cupy_backend_equals_a_float64_numpy_solve(device, implicit):
+    """Fold-in's GPU road: the rows laid out by ``fold_in_inputs`` (unknown others left out)
+    and solved by the CuPy backend's exact solver, through the host shim."""
+    from functools import partial
+
+    import pyarrow as pa
+
+    from spark_gpu_mf.executor.als_tasks import TaskSettings
+    from spark_gpu_mf.executor.fold_in import exact, fold_in_part
+    from tests.test_fold_in import _problem, reference_fold_in
+
+    keys, others, ratings, fixed_ids, fixed = _problem(5, rank=13)
+    config = exact(SolveConfig(rank=13, reg_param=0.2, implicit=implicit, alpha=1.5))
+    yty = numpy_backend.gram(fixed) if implicit else None
+    table = pa.table({"key": keys, "other": others, "rating": ratings})
+    factor_rows = pa.table(
+        {"id": fixed_ids, "features": pa.array(list(fixed), pa.list_(pa.float32()))}
+    )
+    settings = TaskSettings(config=config, backend=None, blas_threads=0)
+    out = fold_in_part(
+        table, factor_rows, settings, yty, update=partial(cupy_backend._update_block, device)
+    )
+    systems = reference_fold_in(
+        keys, others, ratings, fixed_ids, fixed, reg=0.2, implicit=implicit, alpha=1.5
+    )
+    ids = out.column("id").to_numpy()
+    x = np.asarray(out.column("features").to_pylist(), np.float64)
+    assert sorted(systems) == ids.tolist()
+    for row, key in enumerate(ids):
+        expected = np.linalg.solve(*systems[int(key)])
+        np.testing.assert_allclose(x[row], expected, rtol=1e-4, atol=1e-5)
+
+
 class _FailingModule:
     """Raises MemoryError (the host Device's out-of-memory) for launches of more than ``limit``
     blocks, like a GPU that cannot hold large batches."""

@@ -35,7 +35,7 @@ from spark_gpu_mf.backends.numpy_backend import take_phase_seconds
 from spark_gpu_mf.backends.residuals import squared_error
 from spark_gpu_mf.backends.solve_config import SolveConfig
 from spark_gpu_mf.errors import InconsistentBlocksError
-from spark_gpu_mf.executor.alternation import starting_factors
+from spark_gpu_mf.executor.alternation import starting_factors, warm_started
 from spark_gpu_mf.executor.blocks import Block, factor_table, from_bytes, to_bytes
 from spark_gpu_mf.executor.runtime import BackendChoice, executor_backend, limit_blas_threads
 
@@ -237,6 +237,16 @@ def _send(
     out.add(own_key, block.block, block.block, OWN, to_bytes(block.ids), to_bytes(factors))
 
 
+def _starting_outbox(rows, rank, side_seed, route, implicit, initial=None) -> _Outbox:
+    out = _Outbox()
+    for row in rows:
+        block = Block.from_row(row)
+        factors = starting_factors({block.block: len(block.ids)}, rank, side_seed)[block.block]
+        factors = warm_started(block.ids, factors, initial)
+        _send(out, block, factors, int(row["pkey"]), route, implicit)
+    return out
+
+
 def initial_outbox(
     batches: Iterator[pa.RecordBatch],
     rank: int,
@@ -246,12 +256,34 @@ def initial_outbox(
 ) -> Iterator[pa.RecordBatch]:
     """mapInArrow body: Spark's starting factors of every block, sent like a solve's."""
     for batch in batches:
-        out = _Outbox()
-        for row in batch.to_pylist():
-            block = Block.from_row(row)
-            factors = starting_factors({block.block: len(block.ids)}, rank, side_seed)
-            _send(out, block, factors[block.block], int(row["pkey"]), route, implicit)
-        yield from out.table().to_batches()
+        yield from _starting_outbox(
+            batch.to_pylist(), rank, side_seed, route, implicit
+        ).table().to_batches()
+
+
+def warm_outbox(
+    blocks: pa.Table,
+    initial: pa.Table,
+    rank: int,
+    side_seed: int,
+    route: Route,
+    implicit: bool,
+) -> pa.Table:
+    """Arrow cogroup body (one partition key): ``initial_outbox`` of a warm start.
+
+    ``initial`` holds the initial model's ``(id, features)`` rows whose ids map to this
+    partition's blocks; those rows start from them, the others from Spark's starting factors.
+    """
+    known = None
+    if initial.num_rows:
+        ids = initial.column("id").to_numpy().astype(np.int32)
+        flat = initial.column("features").combine_chunks().flatten()
+        factors = flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), rank)
+        order = np.argsort(ids, kind="stable")
+        known = (ids[order], factors[order])
+    return _starting_outbox(
+        blocks.to_pylist(), rank, side_seed, route, implicit, known
+    ).table()
 
 
 class _Inbox:

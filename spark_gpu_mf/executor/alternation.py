@@ -11,7 +11,7 @@ progress lines, the summary) happens in ``alternate`` through the same three cal
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Mapping, Optional, Protocol
+from typing import Callable, Dict, Mapping, Optional, Protocol, Tuple
 
 import numpy as np
 
@@ -50,6 +50,38 @@ def alternate(
 def starting_factors(num_rows: Mapping[int, int], rank: int, seed: int) -> Dict[int, np.ndarray]:
     """Spark's starting factors of each block of one side: ``{block: (rows, rank) float32}``."""
     return {b: initial_factors(n, rank, seed, b) for b, n in num_rows.items()}
+
+
+# A warm start's factors of one side: ``(ids, factors)``, ids sorted int32, factors (n, rank).
+Initial = Tuple[np.ndarray, np.ndarray]
+
+
+def warm_started(ids: np.ndarray, factors: np.ndarray, initial: Optional[Initial]) -> np.ndarray:
+    """One block's starting factors with the rows ``initial`` knows taken from it.
+
+    ``ids`` are the block's sorted ids and ``factors`` Spark's starting factors for them: rows
+    the initial model has no id for keep those, so a warm start differs from a cold one only
+    in the known rows.
+    """
+    if initial is None or len(initial[0]) == 0 or len(ids) == 0:
+        return factors
+    known_ids, known_factors = initial
+    position = np.minimum(np.searchsorted(known_ids, ids), len(known_ids) - 1)
+    known = known_ids[position] == ids
+    if not known.any():
+        return factors
+    out = np.array(factors, np.float32, copy=True)
+    out[known] = known_factors[position[known]]
+    return out
+
+
+def sorted_initial(ids: np.ndarray, factors: np.ndarray) -> Initial:
+    """``(ids, factors)`` as ``warm_started`` reads them: int32 ids sorted, float32 rows."""
+    order = np.argsort(ids, kind="stable")
+    return (
+        np.ascontiguousarray(np.asarray(ids)[order], np.int32),
+        np.ascontiguousarray(np.asarray(factors)[order], np.float32),
+    )
 
 
 def rmse(sse: float, count: int) -> Optional[float]:

@@ -25,7 +25,14 @@ from spark_gpu_mf.executor.als_tasks import (
     layout,
     solve_block,
 )
-from spark_gpu_mf.executor.alternation import ITEMS, USERS, alternate, rmse, starting_factors
+from spark_gpu_mf.executor.alternation import (
+    ITEMS,
+    USERS,
+    alternate,
+    rmse,
+    starting_factors,
+    warm_started,
+)
 from spark_gpu_mf.executor.blocks import Block, build_blocks
 from spark_gpu_mf.executor.runtime import limit_blas_threads
 
@@ -80,15 +87,23 @@ class _InTask:
     """The single task's dataflow: both sides in this process, each block reading the other
     side's factor matrix in place, blocks solved by the pool's threads."""
 
-    def __init__(self, pool, settings: TaskSettings, blocks, num_blocks, seeds, training_rmse):
+    def __init__(
+        self, pool, settings: TaskSettings, blocks, num_blocks, seeds, training_rmse, initial=None
+    ):
         self.pool = pool
         self.settings = settings
         self.blocks = blocks
         self.num_blocks = num_blocks
         self.training_rmse = training_rmse
         rank = settings.config.rank
+        initial = initial or {}
         self.factors = {
-            side: starting_factors({b: len(k.ids) for b, k in blocks[side].items()}, rank, seed)
+            side: {
+                b: warm_started(blocks[side][b].ids, f, initial.get(side))
+                for b, f in starting_factors(
+                    {b: len(k.ids) for b, k in blocks[side].items()}, rank, seed
+                ).items()
+            }
             for side, seed in seeds.items()
         }
         # The layouts' row order is fixed by the blocks' ids, so each block's reads are mapped
@@ -160,23 +175,25 @@ def train_in_one_task(
     threads: int,
     max_factor_rows: int,
     training_rmse: bool = False,
+    initial=None,
 ) -> Iterator[pa.RecordBatch]:
     """mapInArrow body: every rating of the fit in, every factor block and timing out.
 
     ``threads`` threads solve the blocks, each with ``settings.blas_threads`` BLAS threads, set
     once for the task: threadpoolctl's limits are process-wide (per-block limits from parallel
-    threads would race, and cost ~1 ms a call).
+    threads would race, and cost ~1 ms a call). ``initial``: ``{side: (ids, factors)}`` of a
+    warm start (``alternation.warm_started``), or None.
     """
     with limit_blas_threads(settings.blas_threads):
         yield from _train(
             batches, replace(settings, blas_threads=0), num_user_blocks, num_item_blocks,
-            user_seed, item_seed, max_iter, threads, max_factor_rows, training_rmse,
+            user_seed, item_seed, max_iter, threads, max_factor_rows, training_rmse, initial,
         )  # fmt: skip
 
 
 def _train(
     batches, settings, num_user_blocks, num_item_blocks, user_seed, item_seed, max_iter, threads,
-    max_factor_rows, training_rmse,
+    max_factor_rows, training_rmse, initial=None,
 ):  # fmt: skip
     parts = list(batches)
     if not parts or sum(len(p) for p in parts) == 0:
@@ -206,6 +223,7 @@ def _train(
             num_blocks={USERS: num_user_blocks, ITEMS: num_item_blocks},
             seeds={USERS: user_seed, ITEMS: item_seed},
             training_rmse=training_rmse,
+            initial=initial,
         )
         iterations = []
         take_phase_seconds()

@@ -38,7 +38,15 @@ from spark_gpu_mf.executor.als_tasks import (
     Route,
     TaskSettings,
 )
-from spark_gpu_mf.executor.alternation import ITEMS, USERS, alternate, rmse, starting_factors
+from spark_gpu_mf.executor.alternation import (
+    ITEMS,
+    USERS,
+    alternate,
+    rmse,
+    sorted_initial,
+    starting_factors,
+    warm_started,
+)
 from spark_gpu_mf.executor.binding import bind, bind_pair
 from spark_gpu_mf.executor.blocks import (
     BLOCK_SCHEMA,
@@ -49,8 +57,8 @@ from spark_gpu_mf.executor.blocks import (
 from spark_gpu_mf.executor.runtime import BackendChoice
 from spark_gpu_mf.spark import session
 from spark_gpu_mf.spark.arrow_input import map_in_arrow_rows
-from spark_gpu_mf.spark.factors import FACTORS_SCHEMA, factors_dataframe
-from spark_gpu_mf.spark.partitioning import partition_keys
+from spark_gpu_mf.spark.factors import FACTORS_SCHEMA, collect_factors, factors_dataframe
+from spark_gpu_mf.spark.partitioning import key_of_block, partition_keys
 from spark_gpu_mf.summary import TrainingSummary
 
 logger = logging.getLogger("spark_gpu_mf")
@@ -153,10 +161,18 @@ def _task_threads(spark: SparkSession) -> int:
 class _Trainer:
     """One fit: the cached state, the dataflow choice, the summary."""
 
-    def __init__(self, spark: SparkSession, ratings: DataFrame, job: AlsJob):
+    def __init__(
+        self,
+        spark: SparkSession,
+        ratings: DataFrame,
+        job: AlsJob,
+        initial: Optional[Dict[str, DataFrame]] = None,
+    ):
         self.spark = spark
         self.ratings = ratings
         self.job = job
+        self.initial = initial
+        self._initial_arrays: Optional[dict] = None
         self.fit_id = uuid.uuid4().hex
         self.cached: List[DataFrame] = []
         self.summary = TrainingSummary(
@@ -237,6 +253,19 @@ class _Trainer:
         """Persist factors at ``finalStorageLevel`` (lazily; ``materialize`` runs them)."""
         return df if self.job.final_level is None else df.persist(self.job.final_level)
 
+    def initial_arrays(self) -> Optional[dict]:
+        """The warm start's factors on the driver, ``{side: (ids, factors)}`` sorted by id, for
+        the dataflows that hold whole factor matrices in one process anyway (single task,
+        driver broadcast); the message dataflow never collects them."""
+        if self.initial is None:
+            return None
+        if self._initial_arrays is None:
+            self.describe("collect the initial model's factors")
+            self._initial_arrays = {
+                name: sorted_initial(*collect_factors(df)) for name, df in self.initial.items()
+            }
+        return self._initial_arrays
+
     # ---------------------------------------------------------------- the fit
     def run(self) -> TrainResult:
         job = self.job
@@ -279,6 +308,7 @@ class _Trainer:
                 threads=_task_threads(self.spark),
                 max_factor_rows=job.broadcast_threshold // (job.rank * 4),
                 training_rmse=job.training_rmse,
+                initial=self.initial_arrays(),
             ),
             single_task.SINGLE_TASK_SCHEMA,
         )
@@ -299,6 +329,7 @@ class _Trainer:
                 "numUsers": len(user_ids),
                 "numItems": len(item_ids),
                 "numRatings": num_ratings,
+                "warmStart": self.initial is not None,
                 "phaseSeconds": {
                     "hermitian": status.get(single_task.HERMITIAN, 0.0),
                     "solve": status.get(single_task.SOLVE, 0.0),
@@ -398,6 +429,7 @@ class _Trainer:
                 "numRatings": users.nnz,
                 "userPartitions": users.num_partitions,
                 "itemPartitions": items.num_partitions,
+                "warmStart": self.initial is not None,
                 "phaseSeconds": {"hermitian": 0.0, "solve": 0.0},
             }
         )
@@ -447,18 +479,33 @@ class _Exchange:
         self._warn_if_never_checkpointed()
 
     def _initial_outbox(self, name: str, send: bool) -> DataFrame:
-        """Spark's starting factors of a side: sent on (users), or kept for the warm start."""
+        """Spark's starting factors of a side: sent on (users), or kept for the CG warm start.
+
+        With an initial model, its factors go to the blocks that hold their ids by a cogroup
+        on the blocks' partition key, never through the driver.
+        """
         side = self.sides[name]
-        outbox = side.blocks.mapInArrow(
-            bind(
-                als_tasks.initial_outbox,
-                rank=self.job.rank,
-                side_seed=side.seed,
-                route=self.routes[name],
-                implicit=self.job.implicit,
-            ),
-            OUTBOX_SCHEMA,
-        )
+        settings = {
+            "rank": self.job.rank,
+            "side_seed": side.seed,
+            "route": self.routes[name],
+            "implicit": self.job.implicit,
+        }
+        initial = None if self.trainer.initial is None else self.trainer.initial[name]
+        if initial is None:
+            outbox = side.blocks.mapInArrow(
+                bind(als_tasks.initial_outbox, **settings), OUTBOX_SCHEMA
+            )
+        else:
+            block = F.pmod(F.col("id"), F.lit(side.num_blocks))
+            keyed = initial.select(
+                key_of_block(block, side.num_partitions).alias("pkey"), "id", "features"
+            )
+            outbox = (
+                side.blocks.groupBy("pkey")
+                .cogroup(keyed.groupBy("pkey"))
+                .applyInArrow(bind_pair(als_tasks.warm_outbox, **settings), OUTBOX_SCHEMA)
+            )
         if not send:
             outbox = outbox.filter(F.col("kind") == OWN)
         return self.trainer.persist(outbox)
@@ -601,8 +648,12 @@ class _DriverBroadcast:
             name: {int(r.block): np.frombuffer(r.ids, np.int32) for r in rows if r.side == name}
             for name in sides
         }
+        initial = trainer.initial_arrays() or {}
         self.factors = {
-            name: starting_factors(side.num_rows, self.job.rank, side.seed)
+            name: {
+                b: warm_started(self.ids[name][b], f, initial.get(name))
+                for b, f in starting_factors(side.num_rows, self.job.rank, side.seed).items()
+            }
             for name, side in sides.items()
         }
         self.grams: Dict[str, Optional[np.ndarray]] = {
@@ -704,9 +755,19 @@ def _delete_checkpoint(spark: SparkSession, path: str) -> None:
         logger.warning("could not delete checkpoint %s", path)
 
 
-def train(spark: SparkSession, ratings: DataFrame, job: AlsJob) -> TrainResult:
-    """Fit ALS factors for validated ``(user int, item int, rating float)`` ratings."""
-    trainer = _Trainer(spark, ratings, job)
+def train(
+    spark: SparkSession,
+    ratings: DataFrame,
+    job: AlsJob,
+    initial: Optional[Dict[str, DataFrame]] = None,
+) -> TrainResult:
+    """Fit ALS factors for validated ``(user int, item int, rating float)`` ratings.
+
+    ``initial``: a warm start, ``{"user": factors, "item": factors}`` as ``(id int, features
+    array<float>)`` DataFrames of ``job.rank`` features: rows whose id the fit has start from
+    them instead of Spark's random factors (the others are ignored).
+    """
+    trainer = _Trainer(spark, ratings, job, initial)
     try:
         result = trainer.run()
     except BaseException:

@@ -3,14 +3,23 @@
 Layout (Spark's ``ALSModel.ALSModelWriter``)::
 
     <path>/metadata/part-00000...   one JSON line: class, timestamp, sparkVersion, uid, paramMap,
-                                    defaultParamMap, rank, pythonClass
+                                    defaultParamMap, rank, pythonClass, trainingParams
     <path>/userFactors/             Parquet (id int, features array<float>)
     <path>/itemFactors/             Parquet
 
 The class recorded is Spark's (``org.apache.spark.ml.recommendation.ALSModel``), so
 ``pyspark.ml.recommendation.ALSModel.load`` and Spark's JVM loader read our models, and we read
-Spark's. ``pythonClass`` is ours: Spark's loaders ignore keys they do not know, and
-``spark_gpu_mf.model`` reads it to give saved pipelines back our model class.
+Spark's.
+
+A model with long or string ids (``ALS(indexIds=True)``) extends the layout: its class is
+``spark_gpu_mf.model.ALSModel``, which Spark's loaders refuse with their "Expected class name"
+error (so they never misread its ids), and a side with such ids is written as
+``(id <long or string>, features array<float>, index int)``, ``index`` being the int the
+factors were trained under. A side with int ids keeps Spark's two columns.
+
+``pythonClass`` and ``trainingParams`` are ours: Spark's loaders ignore keys they do not
+know; ``spark_gpu_mf.model`` reads the first to give saved pipelines back our model class, the
+second for fold-in (the fit's regParam, implicitPrefs, alpha, nonnegative, ratingCol, backend).
 
 Every save writes the metadata last, and every load starts from it: a directory whose save was
 interrupted has no metadata and does not load. On a classic session the save goes to a hidden
@@ -28,15 +37,23 @@ import uuid
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from pyspark.ml.param import Params
-from pyspark.ml.util import MLWriter
+from pyspark.ml.util import MLWritable, MLWriter
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from spark_gpu_mf.errors import DamagedModelError
 from spark_gpu_mf.spark import session
 
 SPARK_ALS_MODEL_CLASS = "org.apache.spark.ml.recommendation.ALSModel"
+# The class a model with long or string ids (ALS(indexIds=True)) is saved under: Spark's
+# loaders refuse it ("Expected class name ... but found class name ..."), so they never read
+# its factors' ids as Spark's; pyspark's stage loader imports it for pipelines.
+INDEXED_ALS_MODEL_CLASS = "spark_gpu_mf.model.ALSModel"
 PYTHON_CLASS_KEY = "pythonClass"
+# Ours too, ignored by Spark: the fit's regParam, implicitPrefs, alpha, nonnegative, ratingCol
+# and backend, which fold-in reuses.
+TRAINING_KEY = "trainingParams"
 
 
 def path_exists(spark: SparkSession, path: str) -> bool:
@@ -52,15 +69,22 @@ def already_exists(path: str) -> IOError:
 
 
 def metadata_json(
-    instance: Params, spark: SparkSession, class_name: str, extra: Dict[str, Any]
+    instance: Params,
+    spark: SparkSession,
+    class_name: str,
+    extra: Dict[str, Any],
+    param_values: Optional[Dict[str, Any]] = None,
 ) -> str:
-    """Spark's ``DefaultParamsWriter`` metadata line for ``instance`` under ``class_name``."""
+    """Spark's ``DefaultParamsWriter`` metadata line for ``instance`` under ``class_name``;
+    ``param_values`` replace the values of some set params (see ``save_params``)."""
+    param_map = {p.name: v for p, v in instance._paramMap.items()}
+    param_map.update(param_values or {})
     metadata = {
         "class": class_name,
         "timestamp": int(round(time.time() * 1000)),
         "sparkVersion": spark.version,
         "uid": instance.uid,
-        "paramMap": {p.name: v for p, v in instance._paramMap.items()},
+        "paramMap": param_map,
         "defaultParamMap": {p.name: v for p, v in instance._defaultParamMap.items()},
     }
     metadata.update(extra)
@@ -76,35 +100,67 @@ def save_model(
     path: str,
     overwrite: bool,
     python_class: Optional[str] = None,
+    training: Optional[Dict[str, Any]] = None,
+    user_index: Optional[DataFrame] = None,
+    item_index: Optional[DataFrame] = None,
 ) -> None:
-    """Write a model in Spark's ALSModel layout; nothing that loads until it is complete."""
+    """Write a model in Spark's ALSModel layout; nothing that loads until it is complete.
+
+    A side with an index (long or string ids) is written as ``(id <original type>, features,
+    index int)`` and the model under ``INDEXED_ALS_MODEL_CLASS`` (see the module docstring).
+    """
 
     def write_factors(root: str) -> None:
-        user_factors.select("id", "features").write.parquet(f"{root}/userFactors")
-        item_factors.select("id", "features").write.parquet(f"{root}/itemFactors")
+        _with_original_ids(user_factors, user_index).write.parquet(f"{root}/userFactors")
+        _with_original_ids(item_factors, item_index).write.parquet(f"{root}/itemFactors")
 
+    indexed = user_index is not None or item_index is not None
+    class_name = INDEXED_ALS_MODEL_CLASS if indexed else SPARK_ALS_MODEL_CLASS
     extra: Dict[str, Any] = {"rank": rank}
     if python_class is not None:
         extra[PYTHON_CLASS_KEY] = python_class
+    if training:
+        extra[TRAINING_KEY] = training
     _save(
         spark,
         path,
         overwrite,
         write_factors,
-        lambda: metadata_json(instance, spark, SPARK_ALS_MODEL_CLASS, extra),
+        lambda: metadata_json(instance, spark, class_name, extra),
+    )
+
+
+def _with_original_ids(factors: DataFrame, index: Optional[DataFrame]) -> DataFrame:
+    if index is None:
+        return factors.select("id", "features")
+    keys = index.select(F.col("index").alias("id"), F.col("key").alias("__original_id"))
+    return factors.join(keys, "id").select(
+        F.col("__original_id").alias("id"), "features", F.col("id").alias("index")
     )
 
 
 def save_params(spark: SparkSession, instance: Params, path: str, overwrite: bool) -> None:
     """``DefaultParamsWriter``'s layout (metadata only, the Python class recorded), with Spark's
-    overwrite check, on classic and Connect sessions alike."""
+    overwrite check, on classic and Connect sessions alike.
+
+    A param whose value is a saveable ML object (``ALS.initialModel`` set to a model) cannot
+    be JSON: the object is saved under ``<path>/<param name>/`` and the metadata records that
+    path, so the loaded instance reads it from there.
+    """
     class_name = f"{type(instance).__module__}.{type(instance).__name__}"
+    nested = {p.name: v for p, v in instance._paramMap.items() if isinstance(v, MLWritable)}
+
+    def write_nested(root: str) -> None:
+        for name, value in nested.items():
+            value.write().save(f"{root}/{name}")
+
+    saved_at = {name: f"{path.rstrip('/')}/{name}" for name in nested}
     _save(
         spark,
         path,
         overwrite,
-        lambda root: None,
-        lambda: metadata_json(instance, spark, class_name, {}),
+        write_nested,
+        lambda: metadata_json(instance, spark, class_name, {}, saved_at),
     )
 
 
@@ -173,8 +229,11 @@ def _save_in_place(spark: SparkSession, path: str, exists: bool, write_data, met
         raise
 
 
-def load_metadata(spark: SparkSession, path: str, expected_class: str) -> Dict[str, Any]:
-    """The metadata JSON of a saved ML instance, checked like Spark's ``DefaultParamsReader``."""
+def load_metadata(
+    spark: SparkSession, path: str, expected_class: str, also_accepted: Tuple[str, ...] = ()
+) -> Dict[str, Any]:
+    """The metadata JSON of a saved ML instance, checked like Spark's ``DefaultParamsReader``
+    (``also_accepted``: other classes this loader reads)."""
     metadata_path = f"{path.rstrip('/')}/metadata"
     try:
         lines = spark.read.text(metadata_path).collect()
@@ -201,7 +260,7 @@ def load_metadata(spark: SparkSession, path: str, expected_class: str) -> Dict[s
         raise DamagedModelError(
             f"Cannot load the model at {path}: metadata lacks {', '.join(missing)}."
         )
-    if metadata["class"] != expected_class:
+    if metadata["class"] != expected_class and metadata["class"] not in also_accepted:
         raise DamagedModelError(
             f"Error loading metadata: Expected class name {expected_class} but found class name "
             f"{metadata['class']}"
@@ -209,18 +268,25 @@ def load_metadata(spark: SparkSession, path: str, expected_class: str) -> Dict[s
     return metadata
 
 
-def _has_factor_schema(schema: T.StructType) -> bool:
+_INDEXED_ID_TYPES = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.StringType)
+
+
+def _has_factor_schema(schema: T.StructType, indexed: bool) -> bool:
     if "id" not in schema.names or "features" not in schema.names:
         return False
     features = schema["features"].dataType
-    return (
-        isinstance(schema["id"].dataType, T.IntegerType)
-        and isinstance(features, T.ArrayType)
-        and isinstance(features.elementType, T.FloatType)
-    )
+    if not (isinstance(features, T.ArrayType) and isinstance(features.elementType, T.FloatType)):
+        return False
+    if "index" in schema.names:
+        return (
+            indexed
+            and isinstance(schema["index"].dataType, T.IntegerType)
+            and isinstance(schema["id"].dataType, _INDEXED_ID_TYPES)
+        )
+    return isinstance(schema["id"].dataType, T.IntegerType)
 
 
-def _read_factors(spark: SparkSession, path: str, name: str) -> DataFrame:
+def _read_factors(spark: SparkSession, path: str, name: str, indexed: bool = False):
     factor_path = f"{path.rstrip('/')}/{name}"
     try:
         df = spark.read.parquet(factor_path)
@@ -233,22 +299,28 @@ def _read_factors(spark: SparkSession, path: str, name: str) -> DataFrame:
         raise DamagedModelError(
             f"Cannot load the model at {path}: {name}/ is not readable Parquet ({e})."
         ) from None
-    if not _has_factor_schema(schema):
+    if not _has_factor_schema(schema, indexed):
+        wanted = "id (int, or long/string with index int)" if indexed else "id int"
         raise DamagedModelError(
-            f"Cannot load the model at {path}: {name}/ must have columns id int and "
+            f"Cannot load the model at {path}: {name}/ must have columns {wanted} and "
             f"features array<float>, found {schema.simpleString()}."
         )
-    return df
+    if "index" not in schema.names:
+        return df, None
+    factors = df.select(F.col("index").alias("id"), "features")
+    return factors, df.select(F.col("id").alias("key"), "index")
 
 
-def load_model_parts(
-    spark: SparkSession, path: str
-) -> Tuple[Dict[str, Any], int, DataFrame, DataFrame]:
-    """Metadata, rank and factor DataFrames of a saved ALSModel (ours or Spark's)."""
-    metadata = load_metadata(spark, path, SPARK_ALS_MODEL_CLASS)
+def load_model_parts(spark: SparkSession, path: str):
+    """Metadata, rank, factor DataFrames ``(id int, features)`` and indexes ``(key, index)``
+    (None for a side with int ids) of a saved ALSModel (ours or Spark's)."""
+    metadata = load_metadata(
+        spark, path, SPARK_ALS_MODEL_CLASS, also_accepted=(INDEXED_ALS_MODEL_CLASS,)
+    )
     rank = metadata.get("rank")
     if not isinstance(rank, int) or rank < 1:
         raise DamagedModelError(f"Cannot load the model at {path}: metadata has no valid rank.")
-    user_factors = _read_factors(spark, path, "userFactors")
-    item_factors = _read_factors(spark, path, "itemFactors")
-    return metadata, rank, user_factors, item_factors
+    indexed = metadata["class"] == INDEXED_ALS_MODEL_CLASS
+    user_factors, user_index = _read_factors(spark, path, "userFactors", indexed)
+    item_factors, item_index = _read_factors(spark, path, "itemFactors", indexed)
+    return metadata, rank, user_factors, item_factors, user_index, item_index
