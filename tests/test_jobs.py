@@ -341,6 +341,48 @@ def test_options_and_generic_params_reach_the_estimator():
     assert (als.getUserCol(), als.getItemCol(), als.getRatingCol()) == ("u", "i", "r")
 
 
+def test_the_demo_run_compares_with_sparks_als_and_other_runs_when_asked():
+    def resolved(*argv):
+        args = _train_args(*argv)
+        train.check_arguments(args, common.Paths())
+        return args.compare_spark
+
+    assert resolved() is True  # `spark-gpu-mf train` with no input: the demo
+    assert resolved("--generate", "5000") is False
+    assert resolved("--sample", "--compare-spark") is True
+    assert resolved("--estimator", "mascot") is False
+    with pytest.raises(JobError, match="--compare-spark compares ALS"):
+        resolved("--estimator", "mascot", "--compare-spark")
+
+
+def test_sparks_als_gets_every_param_it_shares_with_ours(spark):
+    ours = estimators.build_estimator(
+        _train_args("--rank", "6", "--max-iter", "3", "--implicit-prefs", "--param",
+                    "solver=cholesky", "--param", "seed=5"),
+        {"user": "u", "item": "i", "rating": "r"},
+    )  # fmt: skip
+    theirs = estimators.spark_als_like(ours)
+    assert type(theirs).__module__ == "pyspark.ml.recommendation"
+    assert (theirs.getRank(), theirs.getMaxIter(), theirs.getSeed()) == (6, 3, 5)
+    assert theirs.getImplicitPrefs() is True and theirs.getUserCol() == "u"
+    assert not theirs.hasParam("solver")
+
+
+def test_train_job_reports_sparks_fit_beside_ours(spark, monkeypatch, capsys, tmp_path):
+    argv = ["--generate", "3000", "--max-iter", "2", "--compare-spark",
+            "--metrics-out", tmp_path / "m.json"]  # fmt: skip
+    status, out, err = _job(train, argv, monkeypatch, capsys)
+    assert status == 0, err
+    document = json.loads((tmp_path / "m.json").read_text())
+    theirs = document["sparkAls"]
+    assert theirs["fitSeconds"] > 0
+    # Same params and data: Spark's held-out RMSE is close to ours (default CG vs exact).
+    assert theirs["heldOut"]["rmse"] == pytest.approx(document["heldOut"]["rmse"], rel=0.05)
+    assert "Spark ALS fit time" in out and "same params and data, same session, after ours" in out
+    assert "Spark ALS held-out RMSE" in out
+    assert out.index("  fit time") < out.index("Spark ALS fit time")
+
+
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
