@@ -53,3 +53,20 @@ def test_a_read_only_install_without_a_writable_home_still_imports_and_caches(tm
     assert done.stdout.strip() == "[1, 2, 0]"
     cached = [f for _, _, files in os.walk(temp) for f in files if f.endswith(".nbi")]
     assert any(f.startswith("sorting.") for f in cached), cached
+
+
+def test_compile_kernels_runs_every_als_configuration_once(monkeypatch):
+    """``scripts/setup.sh``'s step: one tiny fit per solver path, training RMSE included."""
+    from spark_gpu_mf.executor import single_task
+
+    seen = []
+    monkeypatch.setattr(single_task, "warm_up", lambda s, training_rmse: seen.append(
+        (s.config.solver, s.config.precision, s.config.implicit, s.config.nonnegative,
+         training_rmse, s.blas_threads)))  # fmt: skip
+    single_task.compile_kernels()
+    assert len(set(seen)) == len(seen) == 6
+    assert {s[:4] for s in seen} >= {
+        ("cg", "fp32", False, False), ("cholesky", "fp32", True, False),
+        ("cg", "fp16", False, False), ("cg", "fp32", False, True),
+    }  # fmt: skip
+    assert all(s[4] is True and s[5] == 0 for s in seen)

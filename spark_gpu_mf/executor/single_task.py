@@ -248,6 +248,29 @@ def warm_up(settings: TaskSettings, training_rmse: bool = False) -> None:
         pass
 
 
+def compile_kernels() -> None:
+    """Load, or compile and cache on disk, every compiled loop an ALS fit can call.
+
+    Numba compiles a loop the first time any process calls it after an install or a change
+    of its source, and caches it for every later process (``backends.numba_cache``);
+    ``scripts/setup.sh`` calls this so that no fit, the demo's included, pays for that.
+    """
+    from spark_gpu_mf.backends.solve_config import SolveConfig
+    from spark_gpu_mf.executor.runtime import BackendChoice
+
+    cg = SolveConfig(rank=2, reg_param=0.1, solver="cg", cg_iterations=2)
+    for config in (
+        cg,
+        replace(cg, precision="fp16"),
+        replace(cg, implicit=True),
+        replace(cg, solver="cholesky"),
+        replace(cg, solver="cholesky", implicit=True),
+        replace(cg, nonnegative=True),
+    ):
+        settings = TaskSettings(config=config, backend=BackendChoice("numpy"), blas_threads=0)
+        warm_up(settings, training_rmse=True)
+
+
 def run_on_ipc_messages(messages: Iterator[bytes], body, schema: pa.Schema) -> Iterator[dict]:
     """RDD ``mapPartitions`` body: ``body`` (a mapInArrow body) over record batches that
     arrive as Arrow IPC messages (``Dataset.toArrowBatchRdd``), its output as dict rows."""
