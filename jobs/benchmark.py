@@ -1040,13 +1040,14 @@ def first_fit_child(args) -> dict:
     result["ratings"] = df.count()
     result["dataSeconds"] = time.perf_counter() - started - result["sessionSeconds"]
     ALS, result["importSeconds"] = _timed(lambda: _estimator_class(who))
-    model, result["fitSeconds"] = _timed(lambda: ALS(seed=args.seed).fit(df))
+    estimator = ALS(seed=args.seed)
+    model, result["fitSeconds"] = _timed(lambda: estimator.fit(df))
     result["untilFirstFitSeconds"] = time.time() - launched
     _, result["secondFitSeconds"] = _timed(lambda: ALS(seed=args.seed).fit(df))
     if who != "spark":
         result["dataflow"] = model.summary.details.get("dataflow")
         result["singleTaskIn"] = model.summary.details.get("singleTaskIn")
-    result["params"] = {p.name: v for p, v in model.extractParamMap().items()
+    result["params"] = {p.name: v for p, v in estimator.extractParamMap().items()
                         if p.name in ("rank", "maxIter", "regParam", "numUserBlocks")}
     spark.stop()
     print(FIRST_FIT_MARK + json.dumps(result), flush=True)
