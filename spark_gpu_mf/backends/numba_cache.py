@@ -1,8 +1,8 @@
 """Where Numba keeps this package's compiled functions: somewhere writable, in every process.
 
 The compiled loops are ``@njit(cache=True)``: the first process that calls one compiles it
-and writes it to disk, and every later process, driver or Python
-worker, loads it instead (docs/performance.md). Numba writes next to the source
+and writes it to disk, and every later process, driver or Python worker, loads it instead
+(docs/benchmarks.md, "First fits"). Numba writes next to the source
 (``__pycache__``), or, when the installation is read-only, under the user's cache directory
 (``~/.cache/numba``). Where neither is writable, as in a container with a read-only image and
 no writable home, Numba refuses ``cache=True`` at import time ("no locator available") and the

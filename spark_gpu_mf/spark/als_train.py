@@ -400,7 +400,7 @@ class _Trainer:
 
         In local mode a Spark task's Python worker is a process of this machine that would
         first have to start (a daemon, a fork, the imports) and load the compiled code, most
-        of a small first fit (docs/performance.md); the driver has both already (see
+        of a small first fit (docs/benchmarks.md, "First fits"); the driver has both already (see
         ``warm_up_driver``), and ``toArrow`` hands it the ratings as the JVM's Arrow batches.
         """
         self.describe("collect ratings for a fit in the driver")
