@@ -27,6 +27,14 @@ interleaved with Spark's fits on the same cached data, one table row each;
 estimators through a Spark Connect session served by the benchmark's own Spark application; a fit
 of ours that fails there is reported as its one-line error in the table.
 
+First fits: ``--first-fit`` starts a fresh Python process (a new Spark application) for every fit,
+alternating Spark's ALS and ours (and with ``--first-fit-in-task`` ours with the single task in a
+Spark task instead of the driver), ``--repeats`` rounds, on generated data of MovieLens 100K's
+size by default (``100k``: 100,000 ratings of 943 users on 1,682 items), both estimators with
+Spark's default params and ``--seed``. Each process creates its session and caches the data
+first; then it times the estimator's import, its first fit and a second fit. The report gives
+the median and range of each.
+
 Outputs: ``benchmark.json`` (everything), ``benchmark.md`` (the tables) and ``benchmark.png``
 (fit time and speedups) under ``--out-dir``. Timings are wall-clock seconds on a machine that may
 be shared; compare ratios within one run.
@@ -48,7 +56,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spark_gpu_mf.conf import BROADCAST_THRESHOLD, SINGLE_TASK_MAX_RATINGS, TRAINING_RMSE
+from spark_gpu_mf.conf import (
+    BROADCAST_THRESHOLD,
+    SINGLE_TASK_IN_DRIVER_MAX_RATINGS,
+    SINGLE_TASK_MAX_RATINGS,
+    TRAINING_RMSE,
+)
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -56,6 +69,16 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
 OPENBLAS_DIR = "/usr/lib/x86_64-linux-gnu/openblas-pthread"
 SIZES = {"1m": 1_000_000, "10m": 10_000_000}
+# Named sizes with a fixed shape: (ratings, users, items). "100k" is MovieLens 100K's.
+SHAPES = {"100k": (100_000, 943, 1_682)}
+# --first-fit: who fits in each fresh process, and the confs of that process's session.
+FIRST_FIT_RUNS = {
+    "spark": {},
+    "ours": {},
+    "ours (in a task)": {SINGLE_TASK_IN_DRIVER_MAX_RATINGS.key: "0"},
+}
+FIRST_FIT_MARK = "first-fit result: "
+FIRST_FIT_LAUNCHED = "GPUMF_FIRST_FIT_LAUNCHED"
 
 # The confs that make our ALS take each dataflow. The dataflow rewrite may rename or replace
 # these keys: this mapping is the one place to change. "auto" sets nothing (the size thresholds
@@ -86,9 +109,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Spark's ALS vs spark_gpu_mf's ALS on the same data in one Spark session.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--datasets", default="sample,1m,10m",
-                        help="comma-separated: 'sample' (Spark's bundled file), '1m', '10m' or a "
-                             "number of generated ratings")
+    parser.add_argument("--datasets", default=None,
+                        help="comma-separated: 'sample' (Spark's bundled file), '100k' (MovieLens "
+                             "100K's size and shape), '1m', '10m' or a number of generated "
+                             "ratings (default: sample,1m,10m; with --first-fit: 100k)")
     parser.add_argument("--modes", default="explicit,implicit", help="explicit and/or implicit")
     parser.add_argument("--rank", type=int, default=64, help="rank of both estimators")
     parser.add_argument("--max-iter", type=int, default=10, help="ALS iterations (maxIter)")
@@ -138,8 +162,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seed of the data, the split and both estimators")
     parser.add_argument("--out-dir", default="docs/benchmark",
                         help="where benchmark.json, benchmark.md and benchmark.png go")
+    parser.add_argument("--first-fit", action="store_true",
+                        help="time first fits: a fresh process per fit, Spark's ALS and ours "
+                             "alternating, --repeats rounds, Spark's default params")
+    parser.add_argument("--first-fit-in-task", action="store_true",
+                        help="with --first-fit: also fit ours with the single task in a Spark "
+                             "task (spark.gpumf.singleTaskInDriverMaxRatings=0), as before the "
+                             "driver road")
+    parser.add_argument("--first-fit-child", choices=tuple(FIRST_FIT_RUNS),
+                        help=argparse.SUPPRESS)  # one fresh process of --first-fit
     parser.add_argument("--quiet", action="store_true", help="print only the final tables")
     args = parser.parse_args(argv)
+    if args.datasets is None:
+        args.datasets = "100k" if args.first_fit or args.first_fit_child else "sample,1m,10m"
     args.dataflows = list(ALL_DATAFLOWS) if args.dataflow == "all" else [args.dataflow]
     return args
 
@@ -269,11 +304,20 @@ def load_dataset(spark, name: str, implicit: bool, seed: int) -> Dataset:
                   arrays[2].astype(np.float32))
         train, test = datasets.train_test_split(arrays, 0.2, seed=seed)
         return Dataset(name, implicit, train, test)
-    size = SIZES.get(name.lower()) or int(float(name))
-    generate = datasets.generate_interactions if implicit else datasets.generate_ratings
-    data = generate(size, seed=seed)
+    data = generated(name, implicit, seed)
     train, test = datasets.train_test_split(data, 0.2, seed=seed)
     return Dataset(name, implicit, train.as_tuple(), test.as_tuple())
+
+
+def generated(name: str, implicit: bool, seed: int):
+    """The generated ratings a data set name stands for ('100k', '1m', '10m' or a number)."""
+    from spark_gpu_mf import datasets
+
+    generate = datasets.generate_interactions if implicit else datasets.generate_ratings
+    if name.lower() in SHAPES:
+        size, users, items = SHAPES[name.lower()]
+        return generate(size, num_users=users, num_items=items, seed=seed)
+    return generate(SIZES.get(name.lower()) or int(float(name)), seed=seed)
 
 
 def training_frame(spark, data: Dataset):
@@ -886,7 +930,11 @@ def main(argv=None) -> dict:
         if not args.quiet:
             print(message, flush=True)
 
+    if args.first_fit_child:
+        return first_fit_child(args)
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.first_fit:
+        return run_first_fits(args, argv, log)
     with ExitStack() as cleanup:
         bench = start_bench(args, cleanup, log)
         return run(bench, args, argv, log)
@@ -981,6 +1029,146 @@ def run(bench: Bench, args, argv, log) -> dict:
         _write(report, args)
     log(markdown(report))
     return report
+
+
+# ------------------------------------------------------------------------------------ first fits
+
+
+def first_fit_child(args) -> dict:
+    """One fresh process of ``--first-fit``: session, cached data, then the timed import, first
+    and second fit of one estimator; prints its result as one JSON line."""
+    launched = float(os.environ.get(FIRST_FIT_LAUNCHED) or time.time())
+    who = args.first_fit_child
+    result = {"who": who}
+    started = time.perf_counter()
+    spark, _ = make_session(args, args.master)
+    for key, value in FIRST_FIT_RUNS[who].items():
+        spark.conf.set(key, value)
+    result["sessionSeconds"] = time.perf_counter() - started
+    from spark_gpu_mf import datasets
+
+    name = args.datasets.split(",")[0]
+    data = generated(name, False, args.seed)
+    df = datasets.to_dataframe(spark, data, via="arrow").cache()
+    result["ratings"] = df.count()
+    result["dataSeconds"] = time.perf_counter() - started - result["sessionSeconds"]
+    ALS, result["importSeconds"] = _timed(lambda: _estimator_class(who))
+    estimator = ALS(seed=args.seed)
+    model, result["fitSeconds"] = _timed(lambda: estimator.fit(df))
+    result["untilFirstFitSeconds"] = time.time() - launched
+    _, result["secondFitSeconds"] = _timed(lambda: ALS(seed=args.seed).fit(df))
+    if who != "spark":
+        result["dataflow"] = model.summary.details.get("dataflow")
+        result["singleTaskIn"] = model.summary.details.get("singleTaskIn")
+    result["params"] = {p.name: v for p, v in estimator.extractParamMap().items()
+                        if p.name in ("rank", "maxIter", "regParam", "numUserBlocks")}
+    spark.stop()
+    print(FIRST_FIT_MARK + json.dumps(result), flush=True)
+    return result
+
+
+def _estimator_class(who: str):
+    if who == "spark":
+        from pyspark.ml.recommendation import ALS
+    else:
+        from spark_gpu_mf import ALS
+    return ALS
+
+
+def _fresh_process_fit(args, who: str) -> dict:
+    import subprocess
+
+    command = [sys.executable, os.path.abspath(__file__), "--first-fit-child", who,
+               "--datasets", args.datasets, "--seed", str(args.seed), "--master", args.master,
+               "--driver-memory", args.driver_memory, "--spark-blas", args.spark_blas]
+    env = {**os.environ, FIRST_FIT_LAUNCHED: repr(time.time())}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(FIRST_FIT_MARK)]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise SystemExit(f"benchmark.py: error: the {who} first-fit process failed "
+                         f"(exit {done.returncode}): {tail[0]}")
+    return json.loads(lines[-1][len(FIRST_FIT_MARK):])
+
+
+FIRST_FIT_TIMES = ("fitSeconds", "importSeconds", "secondFitSeconds", "untilFirstFitSeconds",
+                   "sessionSeconds")
+
+
+def run_first_fits(args, argv, log) -> dict:
+    """``--repeats`` rounds of one fresh process per estimator, alternating (the order flips
+    every round, so that a load change on a shared machine hits both alike)."""
+    import pyspark
+
+    who = ["spark", "ours"] + (["ours (in a task)"] if args.first_fit_in_task else [])
+    runs = {w: [] for w in who}
+    report = {
+        "command": " ".join(["python jobs/benchmark.py", *(argv or sys.argv[1:])]),
+        "mode": "first fit",
+        "params": {"dataset": args.datasets.split(",")[0], "seed": args.seed,
+                   "repeats": args.repeats, "estimatorParams": "Spark's defaults",
+                   "confs": {w: FIRST_FIT_RUNS[w] for w in who}},
+        "environment": {"spark": pyspark.__version__, "master": args.master,
+                        "cores": os.cpu_count(),
+                        "machine": platform.processor() or platform.machine(),
+                        "loadAverage": os.getloadavg()},
+        "runs": runs,
+    }
+    for round_ in range(args.repeats):
+        for name in (who if round_ % 2 == 0 else who[::-1]):
+            result = _fresh_process_fit(args, name)
+            runs[name].append(result)
+            log(f"round {round_ + 1}: {name}: first fit {result['fitSeconds']:.2f}s, second "
+                f"{result['secondFitSeconds']:.2f}s, import {result['importSeconds']:.2f}s")
+    report["environment"]["loadAverageAfter"] = os.getloadavg()
+    report["firstFit"] = summary = {
+        name: {key: _spread([r[key] for r in results]) for key in FIRST_FIT_TIMES}
+        for name, results in runs.items()
+    }
+    spark_median = summary["spark"]["fitSeconds"]["median"]
+    for name in who[1:]:
+        summary[name]["speedup"] = spark_median / summary[name]["fitSeconds"]["median"]
+        summary[name]["speedupWithImport"] = (
+            (spark_median + summary["spark"]["importSeconds"]["median"])
+            / (summary[name]["fitSeconds"]["median"] + summary[name]["importSeconds"]["median"]))
+    with open(os.path.join(args.out_dir, "benchmark.json"), "w") as f:
+        json.dump(report, f, indent=2, default=float)
+    with open(os.path.join(args.out_dir, "benchmark.md"), "w") as f:
+        f.write(first_fit_markdown(report))
+    log(first_fit_markdown(report))
+    return report
+
+
+def first_fit_markdown(report: dict) -> str:
+    env, params = report["environment"], report["params"]
+    runs = report["runs"]
+    ratings = next(iter(runs.values()))[0]["ratings"]
+    lines = [
+        (f"First fits in fresh processes: {ratings:,} generated ratings ({params['dataset']}), "
+         f"Spark's default ALS params, seed {params['seed']}, {env['master']}, {env['cores']} "
+         f"cores, Spark {env['spark']}; {params['repeats']} rounds, one process per fit, the "
+         f"estimators alternating. Seconds: median [range]. 1-minute load average "
+         f"{env['loadAverage'][0]:.1f} at the start, {env['loadAverageAfter'][0]:.1f} at the end."),
+        "",
+        "| estimator | single task in | first fit s | speedup | import s | first fit + import: "
+        "speedup | second fit s | process start to end of first fit s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(entry):
+        if len(entry["all"]) > 1:
+            return f"{entry['median']:.2f} [{entry['min']:.2f}-{entry['max']:.2f}]"
+        return f"{entry['median']:.2f}"
+
+    for name, entry in report["firstFit"].items():
+        label = "Spark ALS" if name == "spark" else name
+        where = runs[name][0].get("singleTaskIn") or ""
+        speed = f"{entry['speedup']:.1f}" if "speedup" in entry else "1.0"
+        both = f"{entry['speedupWithImport']:.1f}" if "speedupWithImport" in entry else "1.0"
+        lines.append(f"| {label} | {where} | {cell(entry['fitSeconds'])} | {speed} | "
+                     f"{cell(entry['importSeconds'])} | {both} | "
+                     f"{cell(entry['secondFitSeconds'])} | {cell(entry['untilFirstFitSeconds'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def rescale_floors(report: dict, gflops: float) -> None:

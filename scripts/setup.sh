@@ -35,3 +35,6 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# Load the compiled loops an ALS fit calls, compiling into Numba's on-disk cache whatever an
+# install or a source change left uncompiled, so that no fit (make demo's first included) does.
+.venv/bin/python -c 'from spark_gpu_mf.executor.single_task import compile_kernels; compile_kernels()'

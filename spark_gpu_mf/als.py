@@ -32,7 +32,7 @@ from spark_gpu_mf.params import (
     validate_params,
 )
 from spark_gpu_mf.spark import session
-from spark_gpu_mf.spark.als_train import AlsJob, train
+from spark_gpu_mf.spark.als_train import AlsJob, train, warm_up_driver
 from spark_gpu_mf.spark.id_index import build_index, needs_index, to_internal
 from spark_gpu_mf.spark.persistence import ParamsWriter
 from spark_gpu_mf.spark.storage_levels import is_storage_level, storage_level
@@ -72,6 +72,13 @@ def _single_task_max_ratings(spark) -> int:
     if configured is not None:
         return configured
     return 20_000_000 if session.is_local(spark) else 2_000_000
+
+
+def _single_task_in_driver_max_ratings(spark) -> int:
+    configured = conf.SINGLE_TASK_IN_DRIVER_MAX_RATINGS.get(spark)
+    if configured is not None:
+        return configured
+    return 1_000_000 if session.is_local(spark) else 0
 
 
 class ALS(
@@ -367,6 +374,7 @@ class ALS(
             training_rmse=conf.TRAINING_RMSE.get(spark),
             fail_first_attempt=conf.FAIL_FIRST_ATTEMPT.get(spark),
             single_task_max_ratings=_single_task_max_ratings(spark),
+            in_driver_max_ratings=_single_task_in_driver_max_ratings(spark),
             input_cached=input_cached,
         )
 
@@ -421,6 +429,11 @@ class ALS(
             check = getattr(backends, "check_gpu_backend_available", None)
             if check is not None:
                 check(spark)
+        level = dataset.storageLevel
+        cached = level.useMemory or level.useDisk or level.useOffHeap
+        job = self._job(spark, input_cached=cached)
+        # First: loading the compiled code overlaps the Spark jobs from here on.
+        warm_up_driver(spark, job)
         indexes = {"user": None, "item": None}
         if self.getIndexIds():
             ratings, indexes["user"], indexes["item"] = self._indexed_ratings(dataset)
@@ -429,9 +442,7 @@ class ALS(
                 dataset, self.getUserCol(), self.getItemCol(), self.getRatingCol()
             )
         initial = self._initial_factors(spark, indexes)
-        level = dataset.storageLevel
-        cached = level.useMemory or level.useDisk or level.useOffHeap
-        result = train(spark, ratings, self._job(spark, input_cached=cached), initial)
+        result = train(spark, ratings, job, initial)
         model = ALSModel._create(
             self.getRank(),
             result.user_factors,

@@ -132,6 +132,15 @@ SINGLE_TASK_MAX_RATINGS = ConfKey(
     "per half-iteration, the blocks solved by parallel threads). 'auto': 20,000,000 with a local "
     "master (every task shares the one machine anyway), 2,000,000 on a cluster; 0 turns it off.",
 )
+SINGLE_TASK_IN_DRIVER_MAX_RATINGS = ConfKey(
+    "spark.gpumf.singleTaskInDriverMaxRatings",
+    "auto",
+    _parse_optional_count,
+    "Largest single-task ALS fit that runs in the driver's own Python process instead of a "
+    "Spark task: local master, classic session, NumPy backend only (in local mode the task's "
+    "Python worker is another process on the same machine; the driver skips starting it and "
+    "shipping the ratings to it). 'auto': 1,000,000 with a local master, else 0; 0 turns it off.",
+)
 SGD_JVM_SHORTCUT = ConfKey(
     "spark.gpumf.sgd.jvmShortcut",
     "true",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 
 from spark_gpu_mf import ALS, datasets
@@ -212,13 +214,48 @@ def test_a_single_task_fit_is_the_same_whichever_road_its_input_takes(spark, mon
     from spark_gpu_mf.spark import arrow_input
 
     ratings = datasets.generate_dataframe(spark, 3000, seed=6).repartition(3).cache()
-    with dataflow_confs(spark, "single task"):
+    with dataflow_confs(spark, "single task"), in_a_task(spark):
         fast = ALS(rank=4, maxIter=3, seed=1).fit(ratings)
         monkeypatch.setattr(arrow_input, "arrow_batch_rdd", lambda df: None)
         slow = ALS(rank=4, maxIter=3, seed=1).fit(ratings)
+    assert fast.summary.details["singleTaskIn"] == slow.summary.details["singleTaskIn"] == "task"
     for side in ("userFactors", "itemFactors"):
         ours, theirs = (
             np.stack(getattr(m, side).orderBy("id").toPandas()["features"]) for m in (fast, slow)
+        )
+        np.testing.assert_array_equal(ours, theirs)
+
+
+@contextmanager
+def in_a_task(spark):
+    """Single-task fits in this block run in a Spark task, not in the driver's process."""
+    spark.conf.set("spark.gpumf.singleTaskInDriverMaxRatings", "0")
+    try:
+        yield
+    finally:
+        spark.conf.unset("spark.gpumf.singleTaskInDriverMaxRatings")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"implicitPrefs": True, "solver": "cholesky"}, {"nonnegative": True}],
+    ids=["cg", "implicit-cholesky", "nonnegative"],
+)
+def test_a_small_local_fit_runs_in_the_driver_with_the_factors_of_a_task(spark, params):
+    """Local mode, NumPy backend: a small single-task fit runs in the driver's own process
+    (no Python worker to start) and gives the Spark task's factors bit for bit."""
+    import numpy as np
+
+    ratings = datasets.generate_dataframe(spark, 3000, seed=6).cache()
+    with dataflow_confs(spark, "single task"):
+        here = ALS(rank=4, maxIter=3, seed=1, **params).fit(ratings)
+        with in_a_task(spark):
+            there = ALS(rank=4, maxIter=3, seed=1, **params).fit(ratings)
+    assert here.summary.details["singleTaskIn"] == "driver"
+    assert there.summary.details["singleTaskIn"] == "task"
+    for side in ("userFactors", "itemFactors"):
+        ours, theirs = (
+            np.stack(getattr(m, side).orderBy("id").toPandas()["features"]) for m in (here, there)
         )
         np.testing.assert_array_equal(ours, theirs)
 

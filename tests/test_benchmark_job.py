@@ -142,3 +142,55 @@ def test_connect_fits_both_estimators_on_a_connect_session(tmp_path):
     assert np.isfinite(entry["rmse"])
     assert abs(entry["rmse"] - case["spark"]["rmse"]) < 0.05 * case["spark"]["rmse"]
     assert "through a Spark Connect session" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_first_fit_report_gives_medians_ranges_and_speedups(tmp_path, monkeypatch):
+    """``--first-fit`` alternates fresh processes (faked here: each returns its timings) and
+    reports every estimator's median and range, and the speedups over Spark's first fit."""
+    calls = []
+    seconds = {"spark": [6.0, 8.0, 7.0], "ours": [1.0, 2.0, 1.5]}
+
+    def fake_process(args, who):
+        calls.append(who)
+        fit = seconds[who][sum(c == who for c in calls) - 1]
+        return {"who": who, "ratings": 100_000, "fitSeconds": fit, "importSeconds": 1.0,
+                "secondFitSeconds": fit / 2, "untilFirstFitSeconds": fit + 9,
+                "sessionSeconds": 4.0, **({"singleTaskIn": "driver"} if who == "ours" else {})}
+
+    monkeypatch.setattr(benchmark, "_fresh_process_fit", fake_process)
+    report = benchmark.main(["--first-fit", "--repeats", "3", "--out-dir", str(tmp_path),
+                             "--quiet"])
+    assert calls == ["spark", "ours", "ours", "spark", "spark", "ours"]
+    assert report["params"]["dataset"] == "100k"
+    ours = report["firstFit"]["ours"]
+    assert ours["fitSeconds"]["median"] == 1.5 and ours["fitSeconds"]["max"] == 2.0
+    assert ours["speedup"] == pytest.approx(7.0 / 1.5)
+    assert ours["speedupWithImport"] == pytest.approx(8.0 / 2.5)
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "| ours | driver | 1.50 [1.00-2.00] | 4.7 |" in table
+    assert json.loads((tmp_path / "benchmark.json").read_text())["mode"] == "first fit"
+
+
+def test_the_100k_data_set_has_movielens_100ks_shape():
+    data = benchmark.generated("100k", False, 0)
+    assert len(data) == 100_000
+    assert len(np.unique(data.user)) == 943 and len(np.unique(data.item)) == 1682
+
+
+@pytest.mark.slow  # three fresh Spark applications
+def test_first_fit_runs_each_estimator_in_a_fresh_process(tmp_path):
+    import subprocess
+
+    subprocess.run(
+        [sys.executable, str(_JOB), "--first-fit", "--first-fit-in-task", "--datasets", "2000",
+         "--repeats", "1", "--out-dir", str(tmp_path), "--quiet"],
+        check=True, timeout=900,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    runs = report["runs"]
+    assert [r["ratings"] for r in runs["spark"]] == [2000]
+    assert runs["ours"][0]["singleTaskIn"] == "driver"
+    assert runs["ours (in a task)"][0]["singleTaskIn"] == "task"
+    for name in ("ours", "ours (in a task)"):
+        assert report["firstFit"][name]["speedup"] > 0
+        assert runs[name][0]["params"]["rank"] == runs["spark"][0]["params"]["rank"] == 10

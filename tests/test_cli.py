@@ -367,3 +367,21 @@ def test_an_unknown_column_found_by_spark_ends_with_one_line(workdir):
         "spark-gpu-mf train: error: the input has no user column 'customer' (its columns: "
         "u, i, r); pass --user-col NAME"
     )
+
+
+def test_string_ids_end_with_one_line_and_no_spark_log_lines(workdir):
+    """Through spark-submit: the check runs before any Spark task can fail, so Spark logs
+    nothing (the task-failure WARN/ERROR lines came before the error line)."""
+    path = workdir / "string-ids.csv"
+    path.write_text("userId,movieId,rating\n196,242,3\nu196,242,3\n")
+    process = run_cli("train", "--input", path, "--max-iter", 1, check=False)
+    assert process.returncode == 1
+    assert_no_stack_traces(process)
+    last = process.stdout.strip().splitlines()[-1]
+    assert last.startswith(
+        "spark-gpu-mf train: error: column 'userId' (string): 1 of 2 values are not integers, "
+        "e.g. the row userId=u196, movieId=242, rating=3; ALS needs integer ids"
+    ), last
+    spark_lines = [line for line in (process.stdout + process.stderr).splitlines()
+                   if " WARN " in line or " ERROR " in line]  # fmt: skip
+    assert spark_lines == [], spark_lines

@@ -19,7 +19,7 @@ import pytest
 
 import spark_gpu_mf
 from spark_gpu_mf import datasets
-from spark_gpu_mf.jobs import common, estimators, evaluate, inputs, metrics, plots, train
+from spark_gpu_mf.jobs import checks, common, estimators, evaluate, inputs, metrics, plots, train
 from spark_gpu_mf.jobs.common import JobError, describe_exception
 from spark_gpu_mf.jobs.progress import (
     ConsoleHandler,
@@ -341,6 +341,48 @@ def test_options_and_generic_params_reach_the_estimator():
     assert (als.getUserCol(), als.getItemCol(), als.getRatingCol()) == ("u", "i", "r")
 
 
+def test_the_demo_run_compares_with_sparks_als_and_other_runs_when_asked():
+    def resolved(*argv):
+        args = _train_args(*argv)
+        train.check_arguments(args, common.Paths())
+        return args.compare_spark
+
+    assert resolved() is True  # `spark-gpu-mf train` with no input: the demo
+    assert resolved("--generate", "5000") is False
+    assert resolved("--sample", "--compare-spark") is True
+    assert resolved("--estimator", "mascot") is False
+    with pytest.raises(JobError, match="--compare-spark compares ALS"):
+        resolved("--estimator", "mascot", "--compare-spark")
+
+
+def test_sparks_als_gets_every_param_it_shares_with_ours(spark):
+    ours = estimators.build_estimator(
+        _train_args("--rank", "6", "--max-iter", "3", "--implicit-prefs", "--param",
+                    "solver=cholesky", "--param", "seed=5"),
+        {"user": "u", "item": "i", "rating": "r"},
+    )  # fmt: skip
+    theirs = estimators.spark_als_like(ours)
+    assert type(theirs).__module__ == "pyspark.ml.recommendation"
+    assert (theirs.getRank(), theirs.getMaxIter(), theirs.getSeed()) == (6, 3, 5)
+    assert theirs.getImplicitPrefs() is True and theirs.getUserCol() == "u"
+    assert not theirs.hasParam("solver")
+
+
+def test_train_job_reports_sparks_fit_beside_ours(spark, monkeypatch, capsys, tmp_path):
+    argv = ["--generate", "3000", "--max-iter", "2", "--compare-spark",
+            "--metrics-out", tmp_path / "m.json"]  # fmt: skip
+    status, out, err = _job(train, argv, monkeypatch, capsys)
+    assert status == 0, err
+    document = json.loads((tmp_path / "m.json").read_text())
+    theirs = document["sparkAls"]
+    assert theirs["fitSeconds"] > 0
+    # Same params and data: Spark's held-out RMSE is close to ours (default CG vs exact).
+    assert theirs["heldOut"]["rmse"] == pytest.approx(document["heldOut"]["rmse"], rel=0.05)
+    assert "Spark ALS fit time" in out and "same params and data, same session, after ours" in out
+    assert "Spark ALS held-out RMSE" in out
+    assert out.index("  fit time") < out.index("Spark ALS fit time")
+
+
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
@@ -549,13 +591,110 @@ def test_unknown_column_and_wrong_format_are_one_line_errors(spark, monkeypatch,
     _assert_one_line_error(status, err, "cannot read", "as parquet")
 
 
-def test_malformed_values_fail_with_sparks_message_only(spark, monkeypatch, capsys, tmp_path):
+def _train_on(spark, monkeypatch, capsys, path, *argv):
+    """Run the train job on ``path``; returns (status, stderr, whether a Spark job failed).
+
+    A data error must stop the job before any Spark task fails: a failed task is what makes
+    Spark log its WARN/ERROR lines before the job's own one."""
+    tracker = spark.sparkContext.statusTracker()
+    before = set(tracker.getJobIdsForGroup())
+    status, _, err = _job(
+        train, ["--input", path, "--test-fraction", "0", "--max-iter", "1", *argv],
+        monkeypatch, capsys,
+    )  # fmt: skip
+    jobs = [tracker.getJobInfo(j) for j in set(tracker.getJobIdsForGroup()) - before]
+    return status, err, any(job is not None and job.status == "FAILED" for job in jobs)
+
+
+def test_string_ids_fail_in_one_line_with_the_column_its_type_and_a_hint(
+    spark, monkeypatch, capsys, tmp_path
+):
     path = tmp_path / "r.csv"
-    path.write_text("user,item,rating\n1,2,3.0\nx,3,4.0\n")
-    argv = ["--input", path, "--test-fraction", "0", "--max-iter", "1"]
-    status, _, err = _job(train, argv, monkeypatch, capsys)
-    _assert_one_line_error(status, err, "CAST_INVALID_INPUT", "'x'")
-    assert "DataFrameQueryContextLogger" not in err
+    path.write_text("userId,movieId,rating\n196,242,3\nu196,242,3\n186,302,3\n")
+    status, err, failed = _train_on(spark, monkeypatch, capsys, path)
+    _assert_one_line_error(
+        status, err,
+        "column 'userId' (string): 1 of 3 values are not integers, e.g. the row userId=u196, "
+        "movieId=242, rating=3; " + checks.ID_HINT,
+    )  # fmt: skip
+    assert "StringIndexer" in checks.ID_HINT
+    assert not failed
+
+
+def test_headerless_ids_outside_the_int_range_name_the_position(
+    spark, monkeypatch, capsys, tmp_path
+):
+    path = tmp_path / "r.tsv"
+    path.write_text("1\t2\t3.0\n1\t3000000000\t4.0\n")
+    status, err, failed = _train_on(
+        spark, monkeypatch, capsys, path, "--no-header", "--delimiter", "tab"
+    )
+    _assert_one_line_error(
+        status, err, "column #1 (string): 1 of 2 values are outside the int range",
+        "#1=3000000000",
+    )  # fmt: skip
+    assert not failed
+
+
+def test_missing_ratings_fail_in_one_line_with_their_count_and_a_row(
+    spark, monkeypatch, capsys, tmp_path
+):
+    path = tmp_path / "r.csv"
+    path.write_text("user,item,rating\n1,2,3.0\n2,3,\n3,4,4.0\n4,5,NaN\n")
+    status, err, failed = _train_on(spark, monkeypatch, capsys, path)
+    _assert_one_line_error(
+        status, err, "column 'rating' (string): 2 of 4 values are null or NaN, e.g. the row user="
+    )
+    line = _last_line(err)
+    assert "user=2, item=3, rating=null" in line or "user=4, item=5, rating=NaN" in line, line
+    assert not failed
+    path.write_text("user,item,rating\n1,2,3.0\n2,3,three\n")
+    status, err, failed = _train_on(spark, monkeypatch, capsys, path)
+    _assert_one_line_error(
+        status, err, "column 'rating' (string): 1 of 2 values are not numbers, e.g. the row "
+        "user=2, item=3, rating=three",
+    )  # fmt: skip
+    assert not failed
+
+
+def test_ratings_beyond_float32_fail_in_one_line(spark, monkeypatch, capsys, tmp_path):
+    """The documented deviation from Spark (which trains on +Inf) in the jobs' one line, from a
+    CSV's text and from a Parquet double."""
+    path = tmp_path / "r.csv"
+    path.write_text("user,item,rating\n1,2,3.0\n2,3,1e39\n")
+    status, err, failed = _train_on(spark, monkeypatch, capsys, path)
+    _assert_one_line_error(
+        status, err, "column 'rating' (string): 1 of 2 values are infinite or beyond float32's "
+        "range", "user=2, item=3, rating=1e39",
+    )  # fmt: skip
+    assert not failed
+    parquet = tmp_path / "r.parquet"
+    spark.createDataFrame([(1, 2, 3.0), (2, 3, 1e39)], "user int, item int, rating double") \
+        .write.parquet(str(parquet))  # fmt: skip
+    status, err, failed = _train_on(spark, monkeypatch, capsys, parquet)
+    _assert_one_line_error(
+        status, err, "column 'rating' (double): 1 of 2 values are infinite or beyond float32's",
+        "rating=1.0E39",
+    )  # fmt: skip
+    assert not failed
+
+
+def test_parquet_ids_of_other_types_fail_in_one_line(spark, monkeypatch, capsys, tmp_path):
+    strings = tmp_path / "s.parquet"
+    spark.createDataFrame([("7", 2, 3.0), ("u1", 2, 3.0)], "user string, item int, rating double") \
+        .write.parquet(str(strings))  # fmt: skip
+    status, err, failed = _train_on(spark, monkeypatch, capsys, strings)
+    _assert_one_line_error(
+        status, err, "column 'user' (string): 1 of 2 values are not integers, e.g. the row "
+        "user=u1, item=2, rating=3.0; " + checks.ID_HINT,
+    )  # fmt: skip
+    assert not failed
+    dates = tmp_path / "d.parquet"
+    spark.createDataFrame([(1, 2, 3.0)], "user int, item int, rating double") \
+        .selectExpr("user", "date'2024-01-01' as item", "rating").write.parquet(str(dates))
+    status, err, failed = _train_on(spark, monkeypatch, capsys, dates)
+    _assert_one_line_error(status, err, "column 'item' (date) holds no item ids; " + checks.ID_HINT)
+    assert not failed
 
 
 def test_invalid_param_values_fail_with_sparks_message(spark, monkeypatch, capsys):

@@ -27,7 +27,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from spark_gpu_mf.backends.numba_cache import ensure_cache_dir
 from spark_gpu_mf.backends.numba_intrinsics import prefetch
+
+ensure_cache_dir()
 
 __all__ = ["CHUNK", "solve_block"]
 

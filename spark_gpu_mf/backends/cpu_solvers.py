@@ -35,7 +35,10 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
+from spark_gpu_mf.backends.numba_cache import ensure_cache_dir
 from spark_gpu_mf.backends.numba_intrinsics import float_to_half, half_to_float
+
+ensure_cache_dir()
 
 __all__ = ["cg", "cholesky_solve", "energy", "exact_rows", "to_fp16"]
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from spark_gpu_mf.backends.numba_cache import ensure_cache_dir
+
+ensure_cache_dir()
+
 
 @njit(cache=True)
 def _steplen(ata, direction, res, scratch):

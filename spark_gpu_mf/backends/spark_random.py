@@ -13,6 +13,10 @@ import math
 import numpy as np
 from numba import int64, njit, uint64
 
+from spark_gpu_mf.backends.numba_cache import ensure_cache_dir
+
+ensure_cache_dir()
+
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3775CD9E3775CD
 _ARRAY_SEED = 0x3C074A61

@@ -243,6 +243,52 @@ def _train(
             yield _batch(SIDE_CODES[side], b, blocks[b].ids.tobytes(), factors.tobytes(), 0.0)
 
 
+def warm_up(settings: TaskSettings, training_rmse: bool = False) -> None:
+    """Run the fit's compiled code once on three ratings, for its one-time costs only.
+
+    The first call of each Numba function in a process loads it from the on-disk cache (or
+    compiles it) and, before the first of them, imports and registers Numba's implementations:
+    most of a fresh process's first small fit. A driver that is about to fit in its own process
+    runs this on a thread while its Spark jobs (validation, count, collect) keep the JVM busy.
+    The same settings take the same compiled paths (solver, precision, nonnegative, implicit).
+    BLAS limits are left alone: they are process-wide, and the fit sets its own.
+    """
+    batch = pa.record_batch(
+        {
+            "user": pa.array([0, 1, 1], pa.int32()),
+            "item": pa.array([0, 0, 1], pa.int32()),
+            "rating": pa.array([1.0, 2.0, 3.0], pa.float32()),
+        }
+    )
+    for _ in _train(
+        iter([batch]), replace(settings, blas_threads=0), 1, 1, 1, 2, 1, 1, 1 << 30, training_rmse
+    ):
+        pass
+
+
+def compile_kernels() -> None:
+    """Load, or compile and cache on disk, every compiled loop an ALS fit can call.
+
+    Numba compiles a loop the first time any process calls it after an install or a change
+    of its source, and caches it for every later process (``backends.numba_cache``);
+    ``scripts/setup.sh`` calls this so that no fit, the demo's included, pays for that.
+    """
+    from spark_gpu_mf.backends.solve_config import SolveConfig
+    from spark_gpu_mf.executor.runtime import BackendChoice
+
+    cg = SolveConfig(rank=2, reg_param=0.1, solver="cg", cg_iterations=2)
+    for config in (
+        cg,
+        replace(cg, precision="fp16"),
+        replace(cg, implicit=True),
+        replace(cg, solver="cholesky"),
+        replace(cg, solver="cholesky", implicit=True),
+        replace(cg, nonnegative=True),
+    ):
+        settings = TaskSettings(config=config, backend=BackendChoice("numpy"), blas_threads=0)
+        warm_up(settings, training_rmse=True)
+
+
 def run_on_ipc_messages(messages: Iterator[bytes], body, schema: pa.Schema) -> Iterator[dict]:
     """RDD ``mapPartitions`` body: ``body`` (a mapInArrow body) over record batches that
     arrive as Arrow IPC messages (``Dataset.toArrowBatchRdd``), its output as dict rows."""

@@ -13,6 +13,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from spark_gpu_mf.backends.numba_cache import ensure_cache_dir
+
+ensure_cache_dir()
+
 __all__ = ["group_by_block", "stable_argsort", "unique_inverse"]
 
 # Digits of at most 16 bits keep the counts (512 KB) in L2. A key range up to 2^18 is still

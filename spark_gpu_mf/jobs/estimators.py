@@ -198,3 +198,15 @@ def describe_params(estimator) -> str:
 def param_values(estimator) -> dict[str, Any]:
     """Every param's value (set or default), for the metrics JSON."""
     return {param.name: value for param, value in estimator.extractParamMap().items()}
+
+
+def spark_als_like(estimator):
+    """pyspark's own ``ALS`` with every param value ``estimator`` shares with it (all of
+    Spark's ALS params; ours such as ``solver`` have no counterpart), for a comparison fit."""
+    from pyspark.ml.recommendation import ALS as SparkALS
+
+    twin = SparkALS()
+    for param, value in estimator.extractParamMap().items():
+        if twin.hasParam(param.name):
+            twin.set(twin.getParam(param.name), value)
+    return twin

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from spark_gpu_mf.jobs.checks import check_ratings
 from spark_gpu_mf.jobs.common import (
     JobError,
     Paths,
@@ -292,6 +293,7 @@ def _read_file(spark, args, default_columns) -> tuple[DataFrame, dict[str, str],
     fmt = detect_format(args.input) if args.format == "auto" else args.format
     if fmt == "movielens":
         df, columns = _read_movielens(spark, args.input, args, default_columns)
+        check_ratings(df, columns)
         return df, columns, fmt
     try:
         if fmt == "parquet":
@@ -306,22 +308,27 @@ def _read_file(spark, args, default_columns) -> tuple[DataFrame, dict[str, str],
         columns = {role: (default_columns or {}).get(role) or role for role in ROLES}
     else:
         columns = dict(sources)
-    return _select(df, sources, columns, cast=fmt == "csv"), columns, fmt
+    # Before the casts below, which would fail a Spark task on the first malformed value.
+    labels = {role: f"#{name[2:]}" for role, name in sources.items()} if positional else None
+    check_ratings(df, sources, labels)
+    return _select(df, sources, columns), columns, fmt
 
 
-def _select(df: DataFrame, sources: dict[str, str], columns: dict[str, str], cast: bool):
-    """The three rating columns, renamed; CSV strings cast to long ids and float ratings.
+def _select(df: DataFrame, sources: dict[str, str], columns: dict[str, str]):
+    """The three rating columns, renamed; strings (all of a CSV's) cast to long ids and float
+    ratings, other types kept.
 
-    Ids become long, not int, so that ALS's own check reports ids outside the int range. With
-    Spark's default ANSI mode a malformed field fails the first job that reads it with Spark's
-    CAST_INVALID_INPUT message instead of silently becoming null.
+    ``check_ratings`` has found every value castable (a malformed one would fail a Spark task
+    under Spark's default ANSI mode, with Spark's CAST_INVALID_INPUT message and its log).
     """
     from pyspark.sql import functions as F
+    from pyspark.sql import types as T
 
     types = {"user": "long", "item": "long", "rating": "float"}
     selected = []
     for role in ROLES:
         column = F.col(f"`{sources[role]}`")
+        cast = isinstance(df.schema[sources[role]].dataType, T.StringType)
         selected.append((column.cast(types[role]) if cast else column).alias(columns[role]))
     return df.select(*selected)
 

@@ -3,7 +3,8 @@
 Run it as ``spark-gpu-mf train [options]`` (the console entry point adds the project's Spark
 configs), or ``spark-submit jobs/train.py [options]`` with your own. With no options it fits
 ``ALS`` on 200,000 generated ratings with 20% held out and prints the held-out RMSE and the
-fit time.
+fit time, then fits Spark's own ALS with the same params in the same session and prints its
+fit time and held-out RMSE beside ours (``--compare-spark``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ JOB = "train"
 
 EPILOG = """\
 examples:
-  spark-gpu-mf train                                  # ALS on generated data, 20% held out
+  spark-gpu-mf train                                  # ALS on generated data, 20% held out,
+                                                      # then Spark's ALS on it to compare
   spark-gpu-mf train --sample --model-out /tmp/m --metrics-out /tmp/m.json
   spark-gpu-mf train --input ratings.csv --user-col userId --item-col movieId \\
       --rank 32 --max-iter 15 --reg-param 0.05 --model-out hdfs:///models/als
@@ -55,6 +57,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "spark.gpumf.trainingRmse) for the log, the metrics JSON and the plot",
     )
     group.add_argument(
+        "--compare-spark",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="then fit pyspark's own ALS with the same params on the same data in the same "
+        "session, and report its fit time and held-out RMSE beside ours (default: on when no "
+        "input option is given, the demo run on generated data; ALS only)",
+    )
+    group.add_argument(
         "--checkpoint-dir",
         metavar="DIR",
         help="Spark checkpoint directory, so that checkpointInterval truncates the lineage of "
@@ -78,8 +88,13 @@ def check_arguments(args: argparse.Namespace, paths: Paths) -> None:
     """Everything that can be checked before any data is read (``spark-gpu-mf`` also runs it
     before spark-submit), so that mistakes cost no cluster time."""
     inputs.check_input_arguments(args, paths)
-    if args.input is None and not args.sample and args.generate is None:
+    demo = args.input is None and not args.sample and args.generate is None
+    if demo:
         args.generate = inputs.DEFAULT_GENERATED_RATINGS
+    if args.compare_spark is None:
+        args.compare_spark = demo and args.estimator == "als"
+    if args.compare_spark and args.estimator != "als":
+        raise JobError("--compare-spark compares ALS with Spark's: use it with --estimator als")
     if args.test_out and args.test_fraction <= 0:
         raise JobError("--test-out needs a held-out split: --test-fraction must be > 0")
     for option in ("model_out", "test_out"):
@@ -147,6 +162,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             document["heldOut"] = metrics.rating_metrics(
                 model, data.test, data.columns["rating"], baseline=mean
             )
+        if args.compare_spark:
+            document["sparkAls"] = _fit_spark_als(job, estimator, data)
         if args.model_out:
             job.phase("save model")
             writer = model.write()
@@ -165,6 +182,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return document
 
 
+def _fit_spark_als(job: SparkJob, estimator, data: inputs.Ratings) -> dict[str, Any]:
+    """pyspark's ALS with our estimator's params, fit after ours on the same training data in
+    the same session (so it meets a warm JVM, as ours did not), and its held-out metrics."""
+    twin = estimators.spark_als_like(estimator)
+    job.phase("fit Spark's ALS for comparison")
+    common.logger.info("fitting pyspark.ml.recommendation.ALS with the same params, to compare")
+    started = time.perf_counter()
+    model = twin.fit(data.train)
+    result = {"fitSeconds": time.perf_counter() - started, "heldOut": None}
+    if data.test is not None:
+        job.phase("Spark's ALS: held-out metrics")
+        result["heldOut"] = metrics.rating_metrics(model, data.test, data.columns["rating"])
+    return result
+
+
 def print_result(document: dict[str, Any], estimator_name: str, args: argparse.Namespace) -> None:
     summary = document.get("trainingSummary") or {}
     iterations = summary.get("iterations") or []
@@ -177,10 +209,23 @@ def print_result(document: dict[str, Any], estimator_name: str, args: argparse.N
             f"of {per_iteration:.2f} s)"
         )
     rows = [("fit time", fit)]
+    spark_als = document.get("sparkAls")
+    if spark_als:
+        theirs = spark_als["fitSeconds"]
+        rows.append(
+            (
+                "Spark ALS fit time",
+                f"{theirs:.1f} s (pyspark.ml.recommendation.ALS, same params and data, same "
+                f"session, after ours: ours {theirs / document['fitSeconds']:.1f}x faster)",
+            )
+        )
     held_out = document.get("heldOut")
     if held_out:
         rmse = held_out["rmse"]
         rows.append(("held-out RMSE", "n/a" if rmse is None else f"{rmse:.4f}"))
+        theirs = ((spark_als or {}).get("heldOut") or {}).get("rmse")
+        if theirs is not None:
+            rows.append(("Spark ALS held-out RMSE", f"{theirs:.4f}"))
         if held_out.get("mae") is not None:
             rows.append(("held-out MAE", f"{held_out['mae']:.4f}"))
         if held_out.get("baselineRmse") is not None:

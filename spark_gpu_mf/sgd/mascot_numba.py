@@ -35,7 +35,10 @@ import math
 import numpy as np
 from numba import njit
 
+from spark_gpu_mf.backends.numba_cache import ensure_cache_dir
 from spark_gpu_mf.backends.numba_intrinsics import float_to_half, half_to_float, prefetch
+
+ensure_cache_dir()
 
 __all__ = ["PREFETCH_AHEAD", "cell_sgd", "cell_squared_error"]
 

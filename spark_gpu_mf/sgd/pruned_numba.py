@@ -32,6 +32,10 @@ import math
 import numpy as np
 from numba import njit
 
+from spark_gpu_mf.backends.numba_cache import ensure_cache_dir
+
+ensure_cache_dir()
+
 __all__ = ["ADAGRAD", "OPTIMIZERS", "SGD", "sgd_cell"]
 
 SGD = 0

@@ -14,6 +14,7 @@ plans cut to one node) give the same factors sooner.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -90,6 +91,8 @@ class AlsJob:
     training_rmse: bool = False
     fail_first_attempt: bool = False
     single_task_max_ratings: int = 0
+    # Single-task fits up to this size run in the driver's Python process (local mode only).
+    in_driver_max_ratings: int = 0
     # The input DataFrame is cached already: reading it twice (the shape, then the blocks)
     # costs less than copying it into a cache of the validated ratings (3.1 s of 6.3 s of
     # setup at 8M ratings).
@@ -156,6 +159,71 @@ def _task_threads(spark: SparkSession) -> int:
     if session.is_local(spark):
         return session.default_parallelism(spark)
     return max(1, int(session.conf_value(spark, "spark.executor.cores", "1") or 1))
+
+
+# One in-driver fit (or warm-up) at a time per process: BLAS thread limits and the backend's phase
+# counters are process-wide. A fit that finds it taken runs as a Spark task instead.
+_IN_DRIVER = threading.Lock()
+_WARM_UPS: Dict[tuple, threading.Thread] = {}
+_WARM_UPS_LOCK = threading.Lock()
+
+
+def _may_fit_in_driver(spark: SparkSession, job: AlsJob) -> bool:
+    """Whether a single-task fit of ``job`` may run in this (the driver's) process: local
+    master, classic session, NumPy backend (the driver never imports CuPy)."""
+    if min(job.in_driver_max_ratings, job.single_task_max_ratings) <= 0:
+        return False
+    if session.is_connect(spark) or not session.is_local(spark):
+        return False
+    return BackendChoice.for_session(spark, job.backend).requested == "numpy"
+
+
+def _in_driver_settings(spark: SparkSession, job: AlsJob) -> TaskSettings:
+    return TaskSettings(
+        config=job.solve_config(),
+        backend=BackendChoice.for_session(spark, job.backend),
+        blas_threads=1,
+        fail_first_attempt=job.fail_first_attempt,
+    )
+
+
+def warm_up_driver(spark: SparkSession, job: AlsJob) -> None:
+    """Start loading the single task's compiled code on a thread of this process, when the fit
+    may run here; ``ALS.fit`` calls it first, so that it overlaps the fit's Spark jobs.
+
+    Once per solver configuration and process; the fit joins the thread before it computes.
+    """
+    if not _may_fit_in_driver(spark, job):
+        return
+    settings = _in_driver_settings(spark, job)
+    key = (settings.config, job.training_rmse)
+    with _WARM_UPS_LOCK:
+        if key in _WARM_UPS:
+            return
+        thread = threading.Thread(
+            target=_warm_up, args=(settings, job.training_rmse), name="spark_gpu_mf warm-up",
+            daemon=True,
+        )  # fmt: skip
+        _WARM_UPS[key] = thread
+    thread.start()
+
+
+def _warm_up(settings: TaskSettings, training_rmse: bool) -> None:
+    if not _IN_DRIVER.acquire(blocking=False):
+        return  # a fit is running in this process: its code is loaded already
+    try:
+        single_task.warm_up(settings, training_rmse)
+    except Exception:  # noqa: BLE001 - a warm-up never fails a fit; the fit reports the error
+        logger.debug("ALS warm-up failed", exc_info=True)
+    finally:
+        _IN_DRIVER.release()
+
+
+def _wait_for_warm_up(settings: TaskSettings, training_rmse: bool) -> None:
+    with _WARM_UPS_LOCK:
+        thread = _WARM_UPS.get((settings.config, training_rmse))
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()
 
 
 class _Trainer:
@@ -292,26 +360,35 @@ class _Trainer:
         building blocks). Small fits run in one task: Spark's ~0.1-0.2 s per stage would
         outweigh the math."""
         job = self.job
-        self.describe(f"{job.max_iter} iterations in one task")
-        # coalesce, not repartition: the ratings (or the input) are cached, and one task
-        # reading the cached partitions costs less than shuffling every rating to it.
-        rows = map_in_arrow_rows(
-            self.ratings.coalesce(1),
-            bind(
-                single_task.train_in_one_task,
-                settings=replace(self.settings(1), blas_threads=1),
-                num_user_blocks=job.num_user_blocks,
-                num_item_blocks=job.num_item_blocks,
-                user_seed=user_seed,
-                item_seed=item_seed,
-                max_iter=job.max_iter,
-                threads=_task_threads(self.spark),
-                max_factor_rows=job.broadcast_threshold // (job.rank * 4),
-                training_rmse=job.training_rmse,
-                initial=self.initial_arrays(),
-            ),
-            single_task.SINGLE_TASK_SCHEMA,
+        arguments = dict(
+            num_user_blocks=job.num_user_blocks,
+            num_item_blocks=job.num_item_blocks,
+            user_seed=user_seed,
+            item_seed=item_seed,
+            max_iter=job.max_iter,
+            threads=_task_threads(self.spark),
+            max_factor_rows=job.broadcast_threshold // (job.rank * 4),
+            training_rmse=job.training_rmse,
+            initial=self.initial_arrays(),
         )
+        rows, where = None, "task"
+        if num_ratings <= job.in_driver_max_ratings and _may_fit_in_driver(self.spark, job):
+            rows = self._in_driver(arguments, _in_driver_settings(self.spark, job))
+            where = "driver"
+        if rows is None:
+            where = "task"
+            self.describe(f"{job.max_iter} iterations in one task")
+            # coalesce, not repartition: the ratings (or the input) are cached, and one task
+            # reading the cached partitions costs less than shuffling every rating to it.
+            rows = map_in_arrow_rows(
+                self.ratings.coalesce(1),
+                bind(
+                    single_task.train_in_one_task,
+                    settings=replace(self.settings(1), blas_threads=1),
+                    **arguments,
+                ),
+                single_task.SINGLE_TASK_SCHEMA,
+            )
         status, iterations, sides = single_task.decode_result(rows, job.rank)
         if single_task.TOO_WIDE in status:
             logger.info(
@@ -326,6 +403,7 @@ class _Trainer:
         self.summary.details.update(
             {
                 "dataflow": "single task",
+                "singleTaskIn": where,
                 "numUsers": len(user_ids),
                 "numItems": len(item_ids),
                 "numRatings": num_ratings,
@@ -348,6 +426,29 @@ class _Trainer:
         # Made from arrays on the driver: nothing to materialize, nothing of the fit to keep.
         users = self.finalize(factors_dataframe(self.spark, user_ids, user_factors))
         return users, self.finalize(factors_dataframe(self.spark, item_ids, item_factors))
+
+    def _in_driver(self, arguments: dict, settings: TaskSettings) -> Optional[List[dict]]:
+        """The single task's rows, computed in this process from the collected ratings; None
+        when another fit holds the driver (the caller then runs the task).
+
+        In local mode a Spark task's Python worker is a process of this machine that would
+        first have to start (a daemon, a fork, the imports) and load the compiled code, most
+        of a small first fit (docs/benchmarks.md, "First fits"); the driver has both already (see
+        ``warm_up_driver``), and ``toArrow`` hands it the ratings as the JVM's Arrow batches.
+        """
+        self.describe("collect ratings for a fit in the driver")
+        table = self.ratings.toArrow()
+        _wait_for_warm_up(settings, self.job.training_rmse)
+        if not _IN_DRIVER.acquire(blocking=False):
+            return None
+        try:
+            self.describe(None)
+            batches = single_task.train_in_one_task(
+                iter(table.to_batches()), settings=settings, **arguments
+            )
+            return [row for batch in batches for row in batch.to_pylist()]
+        finally:
+            _IN_DRIVER.release()
 
     def _build_sides(self, user_seed: int, item_seed: int) -> Dict[str, Side]:
         """Both sides' blocks, cached under the partitioning their cogroups use; one job."""
