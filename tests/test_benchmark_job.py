@@ -74,7 +74,7 @@ def test_outputs_are_written(report):
         json.dumps(result["cases"], default=float)
     )
     table = (out / "benchmark.md").read_text()
-    assert "| Spark ALS |" in table and "| ours (default) |" in table and "FLOP floor" in table
+    assert "| Spark ALS |" in table and "| ours (cg5) |" in table and "FLOP floor" in table
     assert (out / "benchmark.png").stat().st_size > 0
 
 
