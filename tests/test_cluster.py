@@ -1,11 +1,17 @@
-"""Training on a real multi-process standalone cluster gives the same model as local mode."""
+"""Training on a real multi-process standalone cluster gives the same model as local mode.
+
+Every fit runs in one spark-submit application (``tests/cluster/fit_job.py``), one case after the
+other: equality per dataflow, Spark's task retry per dataflow, and last an executor killed mid-fit.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +25,26 @@ from tests.conftest import DATAFLOW_CONFS
 pytestmark = pytest.mark.cluster
 
 JOB = str(Path(__file__).parent / "cluster" / "fit_job.py")
+FAIL_FIRST_ATTEMPT = {"spark.gpumf.test.failFirstAttempt": "true"}
+DATAFLOWS = ["single task", "broadcast", "messages"]
+SAME_MODEL_CASES = {"broadcast": "cholesky", "single task": "cg", "messages": "cg"}
+KILL_ITERATIONS = 12
+
+
+def _cases() -> list[dict]:
+    cases = [
+        {"name": f"same-{d}", "solver": s, "maxIter": 5, "conf": DATAFLOW_CONFS[d]}
+        for d, s in SAME_MODEL_CASES.items()
+    ]
+    cases += [
+        {"name": f"retry-{d}", "solver": "cg", "maxIter": 5,
+         "conf": {**FAIL_FIRST_ATTEMPT, **DATAFLOW_CONFS[d]}}
+        for d in DATAFLOWS
+    ]
+    # Last: one Spark job per half-iteration, logged on the driver, so the kill lands mid-fit.
+    cases.append({"name": "kill", "solver": "cg", "maxIter": KILL_ITERATIONS,
+                  "conf": DATAFLOW_CONFS["messages"]})
+    return [{**case, "name": case["name"].replace(" ", "-")} for case in cases]
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +56,47 @@ def cluster(tmp_path_factory):
         standalone.stop()
 
 
-def _local_fit(spark, solver, max_iter=5):
-    """The same fit as fit_job.py, in this test session's local mode."""
-    return fit_job.fit(spark, solver, 20_000, max_iter)
+@pytest.fixture(scope="module")
+def cluster_run(cluster, tmp_path_factory):
+    """The one application of every case; kills an executor at the kill case's 3rd iteration."""
+    output = tmp_path_factory.mktemp("cluster_fits")
+    process = cluster.start_submit(JOB, str(output), json.dumps(_cases()))
+    log, killed, in_kill_case = [], None, False
+    deadline = time.time() + 900
+    for line in process.stdout:
+        log.append(line)
+        in_kill_case = in_kill_case or "fit_job: case kill" in line
+        if in_kill_case and killed is None and f"ALS iteration 3/{KILL_ITERATIONS}" in line:
+            executors = cluster.executor_pids()
+            assert len(executors) == 2, executors
+            killed = executors[0]
+            os.kill(killed, signal.SIGKILL)
+        assert time.time() < deadline, "the cluster fits did not finish in 15 minutes"
+    returncode = process.wait(timeout=60)
+    return {"output": output, "log": "".join(log), "returncode": returncode, "killed": killed}
 
 
-def assert_same_model(output: Path, model, rmse):
-    factors = np.load(output / "factors.npz")
-    remote = json.loads((output / "result.json").read_text())
+@pytest.fixture(scope="module")
+def local_fits(spark):
+    """Local-mode fits of fit_job's data, by (solver, maxIter), computed once."""
+    fits = {}
+
+    def get(solver, max_iter=5):
+        if (solver, max_iter) not in fits:
+            fits[solver, max_iter] = fit_job.fit(spark, solver, max_iter)
+        return fits[solver, max_iter]
+
+    return get
+
+
+def case_result(run, name: str) -> dict:
+    assert run["returncode"] == 0, run["log"][-3000:]
+    return json.loads((run["output"] / name / "result.json").read_text())
+
+
+def assert_same_model(run, name: str, model, rmse) -> dict:
+    remote = case_result(run, name)
+    factors = np.load(run["output"] / name / "factors.npz")
     assert remote["rmse"] == pytest.approx(rmse, rel=1e-4)
     for side, df in (("user", model.userFactors), ("item", model.itemFactors)):
         ids, local = collect_factors(df)
@@ -46,56 +105,31 @@ def assert_same_model(output: Path, model, rmse):
     return remote
 
 
-@pytest.mark.parametrize(
-    "solver,dataflow", [("cholesky", "broadcast"), ("cg", "single task"), ("cg", "messages")]
-)
-def test_standalone_cluster_fit_equals_local_mode(spark, cluster, tmp_path, solver, dataflow):
-    result = cluster.submit(JOB, str(tmp_path), "--solver", solver, conf=DATAFLOW_CONFS[dataflow])
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = assert_same_model(tmp_path, *_local_fit(spark, solver))
+@pytest.mark.parametrize("dataflow", list(SAME_MODEL_CASES))
+def test_standalone_cluster_fit_equals_local_mode(cluster, cluster_run, local_fits, dataflow):
+    name = f"same-{dataflow.replace(' ', '-')}"
+    remote = assert_same_model(cluster_run, name, *local_fits(SAME_MODEL_CASES[dataflow]))
     assert remote["master"] == cluster.url
     assert remote["executors"] >= 3  # the driver plus one executor per worker
+    assert remote["failedTasks"] == 0
 
 
-@pytest.mark.parametrize("dataflow", ["single task", "broadcast", "messages"])
+@pytest.mark.parametrize("dataflow", DATAFLOWS)
 def test_tasks_failing_their_first_attempt_are_retried_to_the_same_model(
-    spark, cluster, tmp_path, dataflow
+    cluster_run, local_fits, dataflow
 ):
-    conf = {"spark.gpumf.test.failFirstAttempt": "true", **DATAFLOW_CONFS[dataflow]}
-    result = cluster.submit(JOB, str(tmp_path), "--solver", "cg", conf=conf)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "failure injected by spark.gpumf.test.failFirstAttempt" in result.stderr
-    assert_same_model(tmp_path, *_local_fit(spark, "cg"))
+    name = f"retry-{dataflow.replace(' ', '-')}"
+    remote = assert_same_model(cluster_run, name, *local_fits("cg"))
+    assert remote["failedTasks"] >= 1
+    assert "failure injected by spark.gpumf.test.failFirstAttempt" in cluster_run["log"]
 
 
-def test_killing_an_executor_mid_fit_still_completes_the_same_model(spark, cluster, tmp_path):
-    import signal
-    import time
-
-    process = cluster.start_submit(
-        JOB,
-        str(tmp_path),
-        "--solver",
-        "cg",
-        "--max-iter",
-        "12",
-        conf=DATAFLOW_CONFS["messages"],  # one Spark job per half-iteration, logged on the driver
+def test_killing_an_executor_mid_fit_still_completes_the_same_model(cluster_run, local_fits):
+    assert cluster_run["killed"] is not None, "the fit never logged iteration 3:\n" + (
+        cluster_run["log"][-3000:]
     )
-    killed = None
-    log = []
-    deadline = time.time() + 600
-    for line in process.stdout:
-        log.append(line)
-        if killed is None and "ALS iteration 3/12" in line:
-            executors = cluster.executor_pids()
-            assert len(executors) == 2, executors
-            killed = executors[0]
-            os.kill(killed, signal.SIGKILL)
-        assert time.time() < deadline, "the fit did not finish in 10 minutes"
-    assert process.wait(timeout=60) == 0, "".join(log[-60:])
-    assert killed is not None, "the fit never logged iteration 3:\n" + "".join(log[-40:])
-    assert "ALS iteration 12/12" in "".join(log)
-    assert_same_model(tmp_path, *_local_fit(spark, "cg", max_iter=12))
+    assert f"ALS iteration {KILL_ITERATIONS}/{KILL_ITERATIONS}" in cluster_run["log"]
+    assert_same_model(cluster_run, "kill", *local_fits("cg", KILL_ITERATIONS))
 
 
 def test_the_starter_stops_every_process_when_its_block_fails(tmp_path):
