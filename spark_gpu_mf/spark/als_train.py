@@ -58,7 +58,11 @@ from spark_gpu_mf.executor.blocks import (
 from spark_gpu_mf.executor.runtime import BackendChoice
 from spark_gpu_mf.spark import session
 from spark_gpu_mf.spark.arrow_input import map_in_arrow_rows
-from spark_gpu_mf.spark.factors import FACTORS_SCHEMA, collect_factors, factors_dataframe
+from spark_gpu_mf.spark.factors import (
+    FACTORS_SCHEMA,
+    collect_factors_of_sides,
+    factors_dataframe,
+)
 from spark_gpu_mf.spark.partitioning import key_of_block, partition_keys
 from spark_gpu_mf.summary import TrainingSummary
 
@@ -141,7 +145,6 @@ class TrainResult:
     item_factors: DataFrame
     summary: TrainingSummary
     cached: List[DataFrame] = field(default_factory=list)
-
 
 
 def _blas_threads(spark: SparkSession, requested: int, num_partitions: int) -> int:
@@ -330,7 +333,8 @@ class _Trainer:
         if self._initial_arrays is None:
             self.describe("collect the initial model's factors")
             self._initial_arrays = {
-                name: sorted_initial(*collect_factors(df)) for name, df in self.initial.items()
+                name: sorted_initial(*side)
+                for name, side in collect_factors_of_sides(self.initial).items()
             }
         return self._initial_arrays
 

@@ -5,11 +5,13 @@ Conversions go through Arrow with one flat float32 buffer, never a Python object
 
 from __future__ import annotations
 
-from typing import Tuple
+import functools
+from typing import Dict, Tuple
 
 import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from spark_gpu_mf.executor.blocks import factor_table
@@ -30,6 +32,25 @@ def factors_dataframe(spark: SparkSession, ids: np.ndarray, factors: np.ndarray)
 def collect_factors(df: DataFrame) -> Tuple[np.ndarray, np.ndarray]:
     """``(ids int32 (n,), factors float32 (n, rank))`` of a factor DataFrame, sorted by id."""
     return factors_from_table(df.select("id", "features").toArrow())
+
+
+def collect_factors_of_sides(
+    frames: Dict[str, DataFrame],
+) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """:func:`collect_factors` of several factor DataFrames in one Spark job (a union tagged
+    by name): one query instead of one per side, which is most of what a small warm start
+    costs."""
+    names = sorted(frames)
+    tagged = [
+        frames[name].select(F.lit(i).alias("side"), "id", "features")
+        for i, name in enumerate(names)
+    ]
+    table = functools.reduce(DataFrame.unionByName, tagged).toArrow()
+    sides = table.column("side").to_numpy()
+    return {
+        name: factors_from_table(table.filter(pa.array(sides == i)).select(["id", "features"]))
+        for i, name in enumerate(names)
+    }
 
 
 def factors_from_table(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
