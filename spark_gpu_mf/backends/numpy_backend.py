@@ -468,8 +468,8 @@ def _update_matrix_free(indptr, indices, ratings, src_factors, previous, config,
         x = np.zeros((n_rows, config.rank), np.float32)
     else:
         x = np.array(previous, np.float32, order="C", copy=True)
-    # The kernel derives each rating's weights itself: _row_weights' float64 arrays cost 6-11 ms
-    # per 800k-rating block, for every block of every half-iteration.
+    # The kernel derives each rating's weights itself rather than reading three float64 arrays
+    # per block per half-iteration (docs/benchmarks.md).
     cpu_matrix_free.solve_block(
         indptr, indices, ratings, src_factors, config.reg_param, config.alpha,
         yty if config.implicit else None, x, config.cg_iterations, config.cg_tolerance,

@@ -98,8 +98,7 @@ class AlsJob:
     # Single-task fits up to this size run in the driver's Python process (local mode only).
     in_driver_max_ratings: int = 0
     # The input DataFrame is cached already: reading it twice (the shape, then the blocks)
-    # costs less than copying it into a cache of the validated ratings (3.1 s of 6.3 s of
-    # setup at 8M ratings).
+    # costs less than copying it into a cache of the validated ratings (docs/benchmarks.md).
     input_cached: bool = False
 
     def solve_config(self) -> SolveConfig:
