@@ -63,6 +63,7 @@ def launch_cell(
     threshold_q: float,
     optimizer: int,
     warps: int,
+    regrowth: bool = False,
 ) -> tuple[float, int]:
     """Run one cell's ratings through the kernel; ``P``, ``Q``, ``GP``, ``GQ`` change in place.
 
@@ -100,6 +101,7 @@ def launch_cell(
             np.float32(threshold_p),
             np.float32(threshold_q),
             np.int32(1 if optimizer == ADAGRAD else 0),
+            np.int32(1 if regrowth else 0),
             sse,
             macs,
         ),
@@ -125,6 +127,7 @@ def sgd_cell_cupy(
     threshold_p: float,
     threshold_q: float,
     optimizer: int,
+    regrowth: bool = False,
 ) -> tuple[float, int]:
     """``pruned_numba.sgd_cell`` on the task's GPU: host arrays in, updated in place."""
     import cupy
@@ -140,6 +143,7 @@ def sgd_cell_cupy(
         threshold_q=threshold_q,
         optimizer=optimizer,
         warps=production_warps(len(ratings)),
+        regrowth=regrowth,
     )
     for host, updated in zip((P, Q, GP, GQ), device[3:]):
         host[...] = cupy.asnumpy(updated)
