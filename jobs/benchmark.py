@@ -110,9 +110,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--datasets", default=None,
-                        help="comma-separated: 'sample' (Spark's bundled file), '100k' (MovieLens "
-                             "100K's size and shape), '1m', '10m' or a number of generated "
-                             "ratings (default: sample,1m,10m; with --first-fit: 100k)")
+                        help="comma-separated: 'sample' (Spark's bundled file), 'ml-100k' "
+                             "(MovieLens 100K, fetched once from the recbole 1.2.1 wheel), "
+                             "'100k' (generated with MovieLens 100K's size and shape), '1m', "
+                             "'10m' or a number of generated ratings (default: sample,1m,10m; "
+                             "with --first-fit: 100k)")
     parser.add_argument("--modes", default="explicit,implicit", help="explicit and/or implicit")
     parser.add_argument("--rank", type=int, default=64, help="rank of both estimators")
     parser.add_argument("--max-iter", type=int, default=10, help="ALS iterations (maxIter)")
@@ -295,15 +297,14 @@ class Dataset:
 
 
 def load_dataset(spark, name: str, implicit: bool, seed: int) -> Dataset:
+    """Spark's sample file and MovieLens 100K through ``jobs.benchmarking``, else generated
+    ratings of the size ``name`` stands for; 20% held out."""
     from spark_gpu_mf import datasets
+    from spark_gpu_mf.jobs import benchmarking
 
-    if name == "sample":
-        table = datasets.read_spark_sample(spark).toArrow()
-        arrays = tuple(table.column(c).to_numpy() for c in ("user", "item", "rating"))
-        arrays = (arrays[0].astype(np.int32), arrays[1].astype(np.int32),
-                  arrays[2].astype(np.float32))
-        train, test = datasets.train_test_split(arrays, 0.2, seed=seed)
-        return Dataset(name, implicit, train, test)
+    if name in ("sample", "ml-100k"):
+        data = benchmarking.load_ratings(spark, name, test_fraction=0.2, seed=seed)
+        return Dataset(name, implicit, data.train, data.test)
     data = generated(name, implicit, seed)
     train, test = datasets.train_test_split(data, 0.2, seed=seed)
     return Dataset(name, implicit, train.as_tuple(), test.as_tuple())
@@ -332,9 +333,9 @@ def training_frame(spark, data: Dataset):
 
 
 def factors_of(model):
-    from spark_gpu_mf.spark.factors import collect_factors
+    from spark_gpu_mf.jobs.benchmarking import model_factors
 
-    return collect_factors(model.userFactors), collect_factors(model.itemFactors)
+    return model_factors(model)
 
 
 def _lookup(ids: np.ndarray, query: np.ndarray):
@@ -346,13 +347,9 @@ def _lookup(ids: np.ndarray, query: np.ndarray):
 
 def heldout_rmse(users, items, test) -> float:
     """RMSE on test pairs whose user and item both have factors (coldStartStrategy='drop')."""
-    (uid, uf), (iid, itf) = users, items
-    u, i, r = test
-    pu, fu = _lookup(uid, u)
-    pi, fi = _lookup(iid, i)
-    keep = fu & fi
-    pred = np.einsum("ij,ij->i", uf[pu[keep]], itf[pi[keep]], dtype=np.float64)
-    return float(np.sqrt(np.mean((r[keep] - pred) ** 2)))
+    from spark_gpu_mf.jobs.benchmarking import held_out_rmse
+
+    return held_out_rmse(users, items, test)[0]
 
 
 def heldout_auc(users, items, test, seed: int = 0) -> float:
