@@ -4,6 +4,7 @@ job, its result, and the executor-side kernel choice."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Union
 
 from pyspark.sql import DataFrame
 
@@ -41,11 +42,15 @@ class SGDResult:
     summary: TrainingSummary
 
 
-def task_uses_gpu(choice: BackendChoice) -> bool:
+def task_uses_gpu(choice: Union[BackendChoice, str]) -> bool:
     """Whether this Spark task runs on CuPy (``executor_backend`` chose its GPU); executors only.
 
-    ``"numpy"`` answers without importing the backends, which is what every CPU task takes.
+    ``choice`` is the driver's ``BackendChoice`` (or a plain backend name, as
+    ``executor_backend`` takes). ``"numpy"`` answers without importing the backends, which is
+    what every CPU task takes.
     """
+    if isinstance(choice, str):
+        choice = BackendChoice(choice)
     if choice.requested == "numpy":
         return False
     return executor_backend(choice).__name__.endswith("cupy_backend")
