@@ -5,7 +5,7 @@ Recommender Systems", ICDM 2021), producing the same ``ALSModel`` as ``ALS``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyspark import keyword_only
 from pyspark.ml.param.shared import HasValidationIndicatorCol
@@ -30,6 +30,10 @@ from spark_gpu_mf.sgd.params import (
 )
 from spark_gpu_mf.sgd_estimator import SGDEstimator, java_string_hash
 from spark_gpu_mf.validation import checked_id, checked_rating, require_column
+
+if TYPE_CHECKING:
+    from spark_gpu_mf.executor.runtime import BackendChoice
+    from spark_gpu_mf.sgd.common import SGDResult
 
 __all__ = ["MascotMF"]
 
@@ -273,7 +277,7 @@ class MascotMF(
     _param_rules = MASCOT_PARAM_RULES
     _cuda_max_rank = MAX_RANK
 
-    def _job(self, spark: SparkSession, backend) -> MascotJob:
+    def _job(self, spark: SparkSession, backend: BackendChoice) -> MascotJob:
         from spark_gpu_mf.sgd.stratified import default_num_blocks
 
         return MascotJob(
@@ -296,5 +300,5 @@ class MascotMF(
             backend=backend,
         )
 
-    def _train(self, spark: SparkSession, ratings: DataFrame, backend):
+    def _train(self, spark: SparkSession, ratings: DataFrame, backend: BackendChoice) -> SGDResult:
         return train(spark, ratings, self._job(spark, backend))

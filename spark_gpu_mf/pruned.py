@@ -5,7 +5,7 @@ Recommendation", arXiv 2404.04265), producing the same ``ALSModel`` as ``ALS``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyspark import keyword_only
 from pyspark.ml.util import DefaultParamsReadable
@@ -22,6 +22,10 @@ from spark_gpu_mf.sgd.pruned_params import (
 )
 from spark_gpu_mf.sgd.pruned_train import PrunedJob, train
 from spark_gpu_mf.sgd_estimator import SGDEstimator, java_string_hash
+
+if TYPE_CHECKING:
+    from spark_gpu_mf.executor.runtime import BackendChoice
+    from spark_gpu_mf.sgd.common import SGDResult
 
 __all__ = ["PrunedMF"]
 
@@ -199,7 +203,7 @@ class PrunedMF(
     _param_rules = PRUNED_PARAM_RULES
     _cuda_max_rank = MAX_RANK
 
-    def _job(self, spark: SparkSession, backend) -> PrunedJob:
+    def _job(self, spark: SparkSession, backend: BackendChoice) -> PrunedJob:
         from spark_gpu_mf import conf
         from spark_gpu_mf.spark import session
 
@@ -225,5 +229,5 @@ class PrunedMF(
             in_driver_max_ratings=in_driver,
         )
 
-    def _train(self, spark: SparkSession, ratings: DataFrame, backend):
+    def _train(self, spark: SparkSession, ratings: DataFrame, backend: BackendChoice) -> SGDResult:
         return train(spark, ratings, self._job(spark, backend))

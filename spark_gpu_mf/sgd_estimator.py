@@ -11,7 +11,7 @@ validity rules, the schema check, the driver-side GPU check and ``BackendChoice.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pyspark.ml import Estimator
 from pyspark.ml.param.shared import HasMaxIter, HasRegParam, HasSeed, HasStepSize
@@ -25,6 +25,10 @@ from spark_gpu_mf.model import COLD_START_STRATEGIES, ALSModel
 from spark_gpu_mf.params import BACKENDS, HasBackend, validate_params
 from spark_gpu_mf.sgd.params import HasInitStd, HasNumBlocks, HasRank, HasRatingCol
 from spark_gpu_mf.validation import check_numeric_column, validated_ratings
+
+if TYPE_CHECKING:
+    from spark_gpu_mf.executor.runtime import BackendChoice
+    from spark_gpu_mf.sgd.common import SGDResult
 
 __all__ = ["SGD_PARAM_RULES", "SGDEstimator", "java_string_hash"]
 
@@ -143,9 +147,7 @@ class SGDEstimator(
 
     def _ratings(self, dataset: DataFrame) -> DataFrame:
         """``user, item, rating`` with Spark ALS's checks on every row."""
-        return validated_ratings(
-            dataset, self.getUserCol(), self.getItemCol(), self.getRatingCol()
-        )
+        return validated_ratings(dataset, self.getUserCol(), self.getItemCol(), self.getRatingCol())
 
     def _check_gpu(self, spark: SparkSession) -> None:
         """``backend="cupy"``: a usable GPU setup and a rank the CUDA kernel supports, before
@@ -161,9 +163,8 @@ class SGDEstimator(
                 f"{self.getRank()}; use backend='auto' or 'numpy' for larger ranks."
             )
 
-    def _train(self, spark: SparkSession, ratings: DataFrame, backend):
-        """Run the trainer: ``ratings`` from :meth:`_ratings`, ``backend`` a ``BackendChoice``;
-        returns an ``sgd.common.SGDResult``."""
+    def _train(self, spark: SparkSession, ratings: DataFrame, backend: BackendChoice) -> SGDResult:
+        """Run the trainer on ``ratings`` from :meth:`_ratings` with the settled ``backend``."""
         raise NotImplementedError
 
     def _fit(self, dataset: DataFrame) -> ALSModel:

@@ -673,7 +673,10 @@ class StratifiedRunner:
                 settings, epoch=epoch, sub_epoch=sub_epoch, stratum=stratum
             )
             seconds = []
+            b = self.strata.num_blocks
             for cell in self.strata.driver_cells[TRAIN]:
+                if (cell.item_block - cell.user_block) % b != stratum:
+                    continue
                 users = self._state["user"][cell.user_block]
                 items = self._state["item"][cell.item_block]
                 cell_started = time.perf_counter()
@@ -682,7 +685,9 @@ class StratifiedRunner:
                 self.set_block("user", cell.user_block, users)
                 self.set_block("item", cell.item_block, items)
                 results.append(((cell.user_block, cell.item_block), stats))
-            sub_epochs.append(SubEpochRun(stratum, len(seconds), max(seconds), sum(seconds)))
+            sub_epochs.append(
+                SubEpochRun(stratum, len(seconds), max(seconds, default=0.0), sum(seconds))
+            )
         results.sort(key=lambda item: item[0])
         return sum_statistics([stats for _, stats in results]), sub_epochs
 
