@@ -87,9 +87,7 @@ def make_cell(rng, rank, n, n_users=20, n_items=15, std=0.3):
     return users, items, ratings, P, Q, np.ones(n_users, np.float32), np.ones(n_items, np.float32)
 
 
-def run_both(
-    module, cell, *, step, reg, t_p, t_q, optimizer, warps, epochs=1, regrowth=False
-):
+def run_both(module, cell, *, step, reg, t_p, t_q, optimizer, warps, epochs=1, regrowth=False):
     """The same epochs through Numba (in order) and the shim; returns both final states."""
     users, items, ratings, *state = cell
     cpu = [a.copy() for a in state]

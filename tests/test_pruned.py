@@ -164,9 +164,7 @@ def test_fit_equals_the_float64_reference_of_the_same_schedule(
     """truncateFactors=True: the model's dot products are the reference's pruned predictions;
     False: the model's factors are the reference's factors. One block runs in the driver."""
     _, (user, item, rating) = sample
-    model = fit(
-        pruningRate=rate, truncateFactors=truncate, regrowth=regrowth, numBlocks=num_blocks
-    )
+    model = fit(pruningRate=rate, truncateFactors=truncate, regrowth=regrowth, numBlocks=num_blocks)
     assert model.summary.details["inDriver"] == (num_blocks == 1)
     users, P, items, Q = fitted_matrix(model)
     ref_users, ref_P, ref_items, ref_Q, ref_macs, ref_thresholds = reference_fit(
