@@ -109,68 +109,127 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Spark's ALS vs spark_gpu_mf's ALS on the same data in one Spark session.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--datasets", default=None,
-                        help="comma-separated: 'sample' (Spark's bundled file), '100k' (MovieLens "
-                             "100K's size and shape), '1m', '10m' or a number of generated "
-                             "ratings (default: sample,1m,10m; with --first-fit: 100k)")
+    parser.add_argument(
+        "--datasets",
+        default=None,
+        help="comma-separated: 'sample' (Spark's bundled file), 'ml-100k' "
+        "(MovieLens 100K, fetched once from the recbole 1.2.1 wheel), "
+        "'100k' (generated with MovieLens 100K's size and shape), '1m', "
+        "'10m' or a number of generated ratings (default: sample,1m,10m; "
+        "with --first-fit: 100k)",
+    )
     parser.add_argument("--modes", default="explicit,implicit", help="explicit and/or implicit")
     parser.add_argument("--rank", type=int, default=64, help="rank of both estimators")
     parser.add_argument("--max-iter", type=int, default=10, help="ALS iterations (maxIter)")
     parser.add_argument("--reg-param", type=float, default=0.05, help="regParam")
     parser.add_argument("--alpha", type=float, default=1.0, help="implicit confidence scale")
-    parser.add_argument("--num-blocks", type=int, default=10,
-                        help="numUserBlocks = numItemBlocks (Spark's default is 10)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="fits per estimator, Spark's and ours interleaved")
-    parser.add_argument("--large-repeats", type=int, default=1,
-                        help="fits per estimator on data sets above --small-max-ratings")
-    parser.add_argument("--variants", default="default,cholesky,cg3,cg5-fp16",
-                        help="our configurations: 'default' and/or solver settings such as "
-                             "'cholesky', 'cg3', 'cg5', 'cg3-fp16'")
-    parser.add_argument("--small-max-ratings", type=int, default=2_000_000,
-                        help="larger data sets run only the default variant, --large-repeats "
-                             "times, and skip recommendForAllUsers")
-    parser.add_argument("--recommend", type=int, default=10,
-                        help="k of recommendForAllUsers (0 skips it)")
-    parser.add_argument("--no-spark", action="store_true",
-                        help="skip Spark's ALS (ours only: quick profiling)")
-    parser.add_argument("--no-implicit-lib", action="store_true",
-                        help="skip the implicit library in implicit mode")
-    parser.add_argument("--spark-blas", choices=("auto", "native", "java"), default="auto",
-                        help="native: Debian's OpenBLAS under " + OPENBLAS_DIR)
-    parser.add_argument("--dataflow", choices=(*DATAFLOW_CONFS, "all"), default="auto",
-                        help="how our ALS moves factors: 'auto' lets the size thresholds choose; "
-                             "'single', 'broadcast' or 'messages' forces one; 'all' fits each "
-                             "of the three, one table row per dataflow")
-    parser.add_argument("--training-rmse-cost", action="store_true",
-                        help="also fit ours with spark.gpumf.trainingRmse=true, interleaved, "
-                             "and report what the per-iteration training RMSE costs")
-    parser.add_argument("--cluster", choices=("none", "standalone"), default="none",
-                        help=f"standalone: start a master and {STANDALONE_WORKERS} workers of "
-                             f"{STANDALONE_CORES_PER_WORKER} core on 127.0.0.1, run against "
-                             "them (overrides --master) and record each worker's peak executor "
-                             "memory during every fit; the cluster stops when the run ends")
-    parser.add_argument("--executor-memory", default="4g",
-                        help="with --cluster standalone: heap of each worker's executor")
-    parser.add_argument("--connect", action="store_true",
-                        help="fit both estimators through a Spark Connect session (a Connect "
-                             "server plugin in this run's Spark application, on 127.0.0.1)")
-    parser.add_argument("--master", default="local[2]",
-                        help="Spark master of the session (ignored with --cluster standalone)")
+    parser.add_argument(
+        "--num-blocks",
+        type=int,
+        default=10,
+        help="numUserBlocks = numItemBlocks (Spark's default is 10)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="fits per estimator, Spark's and ours interleaved"
+    )
+    parser.add_argument(
+        "--large-repeats",
+        type=int,
+        default=1,
+        help="fits per estimator on data sets above --small-max-ratings",
+    )
+    parser.add_argument(
+        "--variants",
+        default="default,cholesky,cg3,cg5-fp16",
+        help="our configurations: 'default' and/or solver settings such as "
+        "'cholesky', 'cg3', 'cg5', 'cg3-fp16'",
+    )
+    parser.add_argument(
+        "--small-max-ratings",
+        type=int,
+        default=2_000_000,
+        help="larger data sets run only the default variant, --large-repeats "
+        "times, and skip recommendForAllUsers",
+    )
+    parser.add_argument(
+        "--recommend", type=int, default=10, help="k of recommendForAllUsers (0 skips it)"
+    )
+    parser.add_argument(
+        "--no-spark", action="store_true", help="skip Spark's ALS (ours only: quick profiling)"
+    )
+    parser.add_argument(
+        "--no-implicit-lib", action="store_true", help="skip the implicit library in implicit mode"
+    )
+    parser.add_argument(
+        "--spark-blas",
+        choices=("auto", "native", "java"),
+        default="auto",
+        help="native: Debian's OpenBLAS under " + OPENBLAS_DIR,
+    )
+    parser.add_argument(
+        "--dataflow",
+        choices=(*DATAFLOW_CONFS, "all"),
+        default="auto",
+        help="how our ALS moves factors: 'auto' lets the size thresholds choose; "
+        "'single', 'broadcast' or 'messages' forces one; 'all' fits each "
+        "of the three, one table row per dataflow",
+    )
+    parser.add_argument(
+        "--training-rmse-cost",
+        action="store_true",
+        help="also fit ours with spark.gpumf.trainingRmse=true, interleaved, "
+        "and report what the per-iteration training RMSE costs",
+    )
+    parser.add_argument(
+        "--cluster",
+        choices=("none", "standalone"),
+        default="none",
+        help=f"standalone: start a master and {STANDALONE_WORKERS} workers of "
+        f"{STANDALONE_CORES_PER_WORKER} core on 127.0.0.1, run against "
+        "them (overrides --master) and record each worker's peak executor "
+        "memory during every fit; the cluster stops when the run ends",
+    )
+    parser.add_argument(
+        "--executor-memory",
+        default="4g",
+        help="with --cluster standalone: heap of each worker's executor",
+    )
+    parser.add_argument(
+        "--connect",
+        action="store_true",
+        help="fit both estimators through a Spark Connect session (a Connect "
+        "server plugin in this run's Spark application, on 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--master",
+        default="local[2]",
+        help="Spark master of the session (ignored with --cluster standalone)",
+    )
     parser.add_argument("--driver-memory", default="6g", help="spark.driver.memory")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the data, the split and both estimators")
-    parser.add_argument("--out-dir", default="docs/benchmark",
-                        help="where benchmark.json, benchmark.md and benchmark.png go")
-    parser.add_argument("--first-fit", action="store_true",
-                        help="time first fits: a fresh process per fit, Spark's ALS and ours "
-                             "alternating, --repeats rounds, Spark's default params")
-    parser.add_argument("--first-fit-in-task", action="store_true",
-                        help="with --first-fit: also fit ours with the single task in a Spark "
-                             "task (spark.gpumf.singleTaskInDriverMaxRatings=0), as before the "
-                             "driver road")
-    parser.add_argument("--first-fit-child", choices=tuple(FIRST_FIT_RUNS),
-                        help=argparse.SUPPRESS)  # one fresh process of --first-fit
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the data, the split and both estimators"
+    )
+    parser.add_argument(
+        "--out-dir",
+        default="docs/benchmark",
+        help="where benchmark.json, benchmark.md and benchmark.png go",
+    )
+    parser.add_argument(
+        "--first-fit",
+        action="store_true",
+        help="time first fits: a fresh process per fit, Spark's ALS and ours "
+        "alternating, --repeats rounds, Spark's default params",
+    )
+    parser.add_argument(
+        "--first-fit-in-task",
+        action="store_true",
+        help="with --first-fit: also fit ours with the single task in a Spark "
+        "task (spark.gpumf.singleTaskInDriverMaxRatings=0), as before the "
+        "driver road",
+    )
+    parser.add_argument(
+        "--first-fit-child", choices=tuple(FIRST_FIT_RUNS), help=argparse.SUPPRESS
+    )  # one fresh process of --first-fit
     parser.add_argument("--quiet", action="store_true", help="print only the final tables")
     args = parser.parse_args(argv)
     if args.datasets is None:
@@ -196,16 +255,23 @@ def native_blas_options(mode: str) -> str:
     directory = native_blas_dir()
     if mode == "java" or (mode == "auto" and directory is None):
         # A path that does not exist: netlib falls back to its Java implementations.
-        return ("-Ddev.ludovic.netlib.blas.nativeLibPath=/nonexistent/libblas.so.3 "
-                "-Ddev.ludovic.netlib.lapack.nativeLibPath=/nonexistent/liblapack.so.3")
+        return (
+            "-Ddev.ludovic.netlib.blas.nativeLibPath=/nonexistent/libblas.so.3 "
+            "-Ddev.ludovic.netlib.lapack.nativeLibPath=/nonexistent/liblapack.so.3"
+        )
     if directory is None:
-        raise SystemExit(f"benchmark.py: error: --spark-blas native needs {OPENBLAS_DIR} "
-                         "(apt-get install libopenblas0-pthread) or scripts/native_blas.sh")
+        raise SystemExit(
+            f"benchmark.py: error: --spark-blas native needs {OPENBLAS_DIR} "
+            "(apt-get install libopenblas0-pthread) or scripts/native_blas.sh"
+        )
     if directory != OPENBLAS_DIR:  # the fetched copy keeps its libgfortran beside it
         os.environ["LD_LIBRARY_PATH"] = ":".join(
-            filter(None, [directory, os.environ.get("LD_LIBRARY_PATH")]))
-    return (f"-Ddev.ludovic.netlib.blas.nativeLibPath={directory}/libblas.so.3 "
-            f"-Ddev.ludovic.netlib.lapack.nativeLibPath={directory}/liblapack.so.3")
+            filter(None, [directory, os.environ.get("LD_LIBRARY_PATH")])
+        )
+    return (
+        f"-Ddev.ludovic.netlib.blas.nativeLibPath={directory}/libblas.so.3 "
+        f"-Ddev.ludovic.netlib.lapack.nativeLibPath={directory}/liblapack.so.3"
+    )
 
 
 @dataclass
@@ -248,27 +314,34 @@ def make_session(args, master: str, cores: int | None = None):
         .config("spark.sql.shuffle.partitions", "4")
     )
     if args.cluster == "standalone":
-        builder = (builder.config("spark.executor.memory", args.executor_memory)
-                   .config("spark.executor.cores", str(STANDALONE_CORES_PER_WORKER))
-                   .config("spark.pyspark.python", sys.executable))
+        builder = (
+            builder.config("spark.executor.memory", args.executor_memory)
+            .config("spark.executor.cores", str(STANDALONE_CORES_PER_WORKER))
+            .config("spark.pyspark.python", sys.executable)
+        )
     if args.connect:
-        builder = (builder.config("spark.plugins", CONNECT_PLUGIN)
-                   .config("spark.connect.grpc.binding.address", "127.0.0.1")
-                   .config("spark.connect.grpc.binding.port", str(free_port())))
+        builder = (
+            builder.config("spark.plugins", CONNECT_PLUGIN)
+            .config("spark.connect.grpc.binding.address", "127.0.0.1")
+            .config("spark.connect.grpc.binding.port", str(free_port()))
+        )
         if cores:
             # A Connect client asks the conf for the parallelism (it has no SparkContext).
             builder = builder.config("spark.default.parallelism", str(cores))
     classic = builder.getOrCreate()
     classic.sparkContext.setLogLevel("ERROR")
     if classic.sparkContext.master != master:
-        raise SystemExit(f"benchmark.py: error: this process already runs a Spark session on "
-                         f"{classic.sparkContext.master}, not {master}")
+        raise SystemExit(
+            f"benchmark.py: error: this process already runs a Spark session on "
+            f"{classic.sparkContext.master}, not {master}"
+        )
     if not args.connect:
         return classic, classic
     conf = classic.sparkContext.getConf()
     if CONNECT_PLUGIN not in (conf.get("spark.plugins", "") or ""):
-        raise SystemExit("benchmark.py: error: --connect: the running Spark session has no "
-                         "Spark Connect server")
+        raise SystemExit(
+            "benchmark.py: error: --connect: the running Spark session has no Spark Connect server"
+        )
     port = conf.get("spark.connect.grpc.binding.port")
     return SparkSession.builder.remote(f"sc://127.0.0.1:{port}").create(), classic
 
@@ -295,15 +368,14 @@ class Dataset:
 
 
 def load_dataset(spark, name: str, implicit: bool, seed: int) -> Dataset:
+    """Spark's sample file and MovieLens 100K through ``jobs.benchmarking``, else generated
+    ratings of the size ``name`` stands for; 20% held out."""
     from spark_gpu_mf import datasets
+    from spark_gpu_mf.jobs import benchmarking
 
-    if name == "sample":
-        table = datasets.read_spark_sample(spark).toArrow()
-        arrays = tuple(table.column(c).to_numpy() for c in ("user", "item", "rating"))
-        arrays = (arrays[0].astype(np.int32), arrays[1].astype(np.int32),
-                  arrays[2].astype(np.float32))
-        train, test = datasets.train_test_split(arrays, 0.2, seed=seed)
-        return Dataset(name, implicit, train, test)
+    if name in ("sample", "ml-100k"):
+        data = benchmarking.load_ratings(spark, name, test_fraction=0.2, seed=seed)
+        return Dataset(name, implicit, data.train, data.test)
     data = generated(name, implicit, seed)
     train, test = datasets.train_test_split(data, 0.2, seed=seed)
     return Dataset(name, implicit, train.as_tuple(), test.as_tuple())
@@ -332,9 +404,9 @@ def training_frame(spark, data: Dataset):
 
 
 def factors_of(model):
-    from spark_gpu_mf.spark.factors import collect_factors
+    from spark_gpu_mf.jobs.benchmarking import model_factors
 
-    return collect_factors(model.userFactors), collect_factors(model.itemFactors)
+    return model_factors(model)
 
 
 def _lookup(ids: np.ndarray, query: np.ndarray):
@@ -346,13 +418,9 @@ def _lookup(ids: np.ndarray, query: np.ndarray):
 
 def heldout_rmse(users, items, test) -> float:
     """RMSE on test pairs whose user and item both have factors (coldStartStrategy='drop')."""
-    (uid, uf), (iid, itf) = users, items
-    u, i, r = test
-    pu, fu = _lookup(uid, u)
-    pi, fi = _lookup(iid, i)
-    keep = fu & fi
-    pred = np.einsum("ij,ij->i", uf[pu[keep]], itf[pi[keep]], dtype=np.float64)
-    return float(np.sqrt(np.mean((r[keep] - pred) ** 2)))
+    from spark_gpu_mf.jobs.benchmarking import held_out_rmse
+
+    return held_out_rmse(users, items, test)[0]
 
 
 def heldout_auc(users, items, test, seed: int = 0) -> float:
@@ -382,8 +450,9 @@ def measure_gemm_gflops(repeats: int = 10, n: int = 2048) -> dict:
     return {"median": statistics.median(rates), "max": max(rates), "min": min(rates), "n": n}
 
 
-def fit_flops(num_ratings: int, num_users: int, num_items: int, rank: int, iterations: int,
-              implicit: bool) -> float:
+def fit_flops(
+    num_ratings: int, num_users: int, num_items: int, rank: int, iterations: int, implicit: bool
+) -> float:
     """Arithmetic of an ALS fit with full k x k products (what the floor charges).
 
     Per half-iteration: each rating adds ``q q^T`` (2k^2) and ``r q`` (2k) to its row; each row
@@ -407,8 +476,12 @@ def _timed(fn):
 
 
 def _spread(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "all": values}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "all": values,
+    }
 
 
 def variant_params(variant: str) -> dict:
@@ -429,9 +502,16 @@ def variant_params(variant: str) -> dict:
 def fit_spark(df, args, implicit: bool, seed: int):
     from pyspark.ml.recommendation import ALS as SparkALS
 
-    est = SparkALS(rank=args.rank, maxIter=args.max_iter, regParam=args.reg_param,
-                   implicitPrefs=implicit, alpha=args.alpha, numUserBlocks=args.num_blocks,
-                   numItemBlocks=args.num_blocks, seed=seed)
+    est = SparkALS(
+        rank=args.rank,
+        maxIter=args.max_iter,
+        regParam=args.reg_param,
+        implicitPrefs=implicit,
+        alpha=args.alpha,
+        numUserBlocks=args.num_blocks,
+        numItemBlocks=args.num_blocks,
+        seed=seed,
+    )
     return _timed(lambda: est.fit(df))
 
 
@@ -451,14 +531,29 @@ def session_confs(spark, confs: dict):
                 spark.conf.set(key, value)
 
 
-def fit_ours(df, args, implicit: bool, seed: int, variant: str, dataflow: str = "auto",
-             training_rmse: bool = False):
+def fit_ours(
+    df,
+    args,
+    implicit: bool,
+    seed: int,
+    variant: str,
+    dataflow: str = "auto",
+    training_rmse: bool = False,
+):
     """Our fit with the ``variant``'s params under the ``dataflow``'s confs, timed."""
     from spark_gpu_mf import ALS
 
-    est = ALS(rank=args.rank, maxIter=args.max_iter, regParam=args.reg_param,
-              implicitPrefs=implicit, alpha=args.alpha, numUserBlocks=args.num_blocks,
-              numItemBlocks=args.num_blocks, seed=seed, **variant_params(variant))
+    est = ALS(
+        rank=args.rank,
+        maxIter=args.max_iter,
+        regParam=args.reg_param,
+        implicitPrefs=implicit,
+        alpha=args.alpha,
+        numUserBlocks=args.num_blocks,
+        numItemBlocks=args.num_blocks,
+        seed=seed,
+        **variant_params(variant),
+    )
     confs = {**DATAFLOW_CONFS[dataflow], **(TRAINING_RMSE_CONFS if training_rmse else {})}
     with session_confs(df.sparkSession, confs):
         return _timed(lambda: est.fit(df))
@@ -478,8 +573,10 @@ def memory_over_fits(samples: list) -> dict:
     samples = [s for s in samples if s]
     if not samples:
         return {}
-    return {"peakExecutorMiB": [max(c) for c in zip(*(s["peak"] for s in samples))],
-            "executorMiBAtStart": [min(c) for c in zip(*(s["start"] for s in samples))]}
+    return {
+        "peakExecutorMiB": [max(c) for c in zip(*(s["peak"] for s in samples))],
+        "executorMiBAtStart": [min(c) for c in zip(*(s["start"] for s in samples))],
+    }
 
 
 @dataclass(frozen=True)
@@ -507,10 +604,15 @@ def fit_implicit_lib(data: Dataset, args) -> dict | None:
     iid, irow = np.unique(i, return_inverse=True)
     matrix = sp.csr_matrix((r.astype(np.float32), (urow, irow)), shape=(len(uid), len(iid)))
     cores = os.cpu_count() or 1
-    model = AlternatingLeastSquares(factors=args.rank, regularization=args.reg_param,
-                                    alpha=args.alpha, iterations=args.max_iter,
-                                    calculate_training_loss=False, random_state=args.seed,
-                                    num_threads=cores)
+    model = AlternatingLeastSquares(
+        factors=args.rank,
+        regularization=args.reg_param,
+        alpha=args.alpha,
+        iterations=args.max_iter,
+        calculate_training_loss=False,
+        random_state=args.seed,
+        num_threads=cores,
+    )
     from threadpoolctl import threadpool_limits
 
     # implicit runs its own threads and asks for single-threaded BLAS underneath.
@@ -518,8 +620,12 @@ def fit_implicit_lib(data: Dataset, args) -> dict | None:
         _, seconds = _timed(lambda: model.fit(matrix, show_progress=False))
     users = (uid.astype(np.int32), np.asarray(model.user_factors, np.float32))
     items = (iid.astype(np.int32), np.asarray(model.item_factors, np.float32))
-    return {"fitSeconds": seconds, "auc": heldout_auc(users, items, data.test, args.seed),
-            "threads": cores, "version": __import__("implicit").__version__}
+    return {
+        "fitSeconds": seconds,
+        "auc": heldout_auc(users, items, data.test, args.seed),
+        "threads": cores,
+        "version": __import__("implicit").__version__,
+    }
 
 
 def _noop_write(df) -> None:
@@ -545,8 +651,13 @@ def compare_top_k(theirs, mine, tolerance: float = 1e-6) -> dict:
                 ties += 1
                 continue
         different += 1
-    return {"users": len(spark_lists), "identical": identical, "tiesOnly": ties,
-            "different": different, "missing": len(set(spark_lists) - set(our_lists))}
+    return {
+        "users": len(spark_lists),
+        "identical": identical,
+        "tiesOnly": ties,
+        "different": different,
+        "missing": len(set(spark_lists) - set(our_lists)),
+    }
 
 
 def recommend_benchmark(spark_model, k: int, repeats: int) -> dict:
@@ -559,9 +670,13 @@ def recommend_benchmark(spark_model, k: int, repeats: int) -> dict:
         spark_times.append(_timed(lambda: _noop_write(spark_model.recommendForAllUsers(k)))[1])
         our_times.append(_timed(lambda: _noop_write(ours.recommendForAllUsers(k)))[1])
     agreement = compare_top_k(spark_model.recommendForAllUsers(k), ours.recommendForAllUsers(k))
-    return {"k": k, "sparkSeconds": _spread(spark_times), "oursSeconds": _spread(our_times),
-            "speedup": statistics.median(spark_times) / statistics.median(our_times),
-            "agreement": agreement}
+    return {
+        "k": k,
+        "sparkSeconds": _spread(spark_times),
+        "oursSeconds": _spread(our_times),
+        "speedup": statistics.median(spark_times) / statistics.median(our_times),
+        "agreement": agreement,
+    }
 
 
 def phase_split(summary, fit_seconds: float, parallelism: int) -> dict:
@@ -592,17 +707,24 @@ def run_case(bench: Bench, args, name: str, implicit: bool, gemm: dict, log) -> 
     data = load_dataset(bench.spark, name, implicit, args.seed)
     df = training_frame(bench.spark, data)
     u, i, _ = data.train
-    case = {"dataset": name, "mode": "implicit" if implicit else "explicit",
-            "trainRatings": len(u), "testRatings": len(data.test[0]),
-            "users": len(np.unique(u)), "items": len(np.unique(i))}
+    case = {
+        "dataset": name,
+        "mode": "implicit" if implicit else "explicit",
+        "trainRatings": len(u),
+        "testRatings": len(data.test[0]),
+        "users": len(np.unique(u)),
+        "items": len(np.unique(i)),
+    }
     metric = heldout_auc if implicit else heldout_rmse
     metric_name = "auc" if implicit else "rmse"
     flops = fit_flops(len(u), case["users"], case["items"], args.rank, args.max_iter, implicit)
     # The best rate seen: the floor is what the hardware allows, not what a busy moment did.
     case["floorSeconds"] = flops / (gemm["max"] * 1e9)
     case["fitGflop"] = flops / 1e9
-    log(f"{name} {case['mode']}: {len(u):,} training ratings, {case['users']:,} users, "
-        f"{case['items']:,} items; floor {case['floorSeconds']:.2f}s")
+    log(
+        f"{name} {case['mode']}: {len(u):,} training ratings, {case['users']:,} users, "
+        f"{case['items']:,} items; floor {case['floorSeconds']:.2f}s"
+    )
     small = len(u) <= args.small_max_ratings
     repeats = args.repeats if small else args.large_repeats
     variants = [v for v in args.variants.split(",") if v and (small or v == "default")]
@@ -615,7 +737,8 @@ def run_case(bench: Bench, args, name: str, implicit: bool, gemm: dict, log) -> 
     for _ in range(repeats):
         if not args.no_spark:
             spark_model, seconds, peaks = with_peak_memory(
-                bench, lambda: fit_spark(df, args, implicit, args.seed))
+                bench, lambda: fit_spark(df, args, implicit, args.seed)
+            )
             spark_times.append(seconds)
             spark_memory.append(peaks)
             log(f"  Spark ALS fit {seconds:.2f}s" + _memory_note(peaks))
@@ -623,15 +746,17 @@ def run_case(bench: Bench, args, name: str, implicit: bool, gemm: dict, log) -> 
             if run.label in errors:
                 continue
             try:
-                models[run.label], seconds, peaks = with_peak_memory(bench, lambda: fit_ours(
-                    df, args, implicit, args.seed, run.variant, run.dataflow))
+                models[run.label], seconds, peaks = with_peak_memory(
+                    bench,
+                    lambda: fit_ours(df, args, implicit, args.seed, run.variant, run.dataflow),
+                )
                 times[run.label].append(seconds)
                 memory[run.label].append(peaks)
                 log(f"  ours ({run.label}) fit {seconds:.2f}s" + _memory_note(peaks))
                 if args.training_rmse_cost:
                     rmse_models[run.label], seconds = fit_ours(
-                        df, args, implicit, args.seed, run.variant, run.dataflow,
-                        training_rmse=True)
+                        df, args, implicit, args.seed, run.variant, run.dataflow, training_rmse=True
+                    )
                     rmse_times[run.label].append(seconds)
                     log(f"  ours ({run.label}) with trainingRmse fit {seconds:.2f}s")
             except Exception as error:  # noqa: BLE001 - one failing run must not end the others
@@ -639,26 +764,34 @@ def run_case(bench: Bench, args, name: str, implicit: bool, gemm: dict, log) -> 
                 log(f"  ours ({run.label}) failed: {errors[run.label]}")
     if spark_model is not None:
         users, items = factors_of(spark_model)
-        case["spark"] = {"fitSeconds": _spread(spark_times),
-                         metric_name: metric(users, items, data.test)}
+        case["spark"] = {
+            "fitSeconds": _spread(spark_times),
+            metric_name: metric(users, items, data.test),
+        }
         case["spark"].update(memory_over_fits(spark_memory))
     parallelism = default_parallelism(bench.spark)
     case["ours"] = {}
     for run in runs:
-        entry = {"variant": run.variant, "dataflow": run.dataflow,
-                 "params": variant_params(run.variant), "confs": DATAFLOW_CONFS[run.dataflow]}
+        entry = {
+            "variant": run.variant,
+            "dataflow": run.dataflow,
+            "params": variant_params(run.variant),
+            "confs": DATAFLOW_CONFS[run.dataflow],
+        }
         case["ours"][run.label] = entry
         if run.label in errors:
             entry["error"] = errors[run.label]
             continue
         model = models[run.label]
         users, items = factors_of(model)
-        entry.update({
-            "dataflowRun": model.summary.details.get("dataflow"),
-            "fitSeconds": _spread(times[run.label]),
-            metric_name: metric(users, items, data.test),
-            "phases": phase_split(model.summary, times[run.label][-1], parallelism),
-        })
+        entry.update(
+            {
+                "dataflowRun": model.summary.details.get("dataflow"),
+                "fitSeconds": _spread(times[run.label]),
+                metric_name: metric(users, items, data.test),
+                "phases": phase_split(model.summary, times[run.label][-1], parallelism),
+            }
+        )
         entry["floorRatio"] = entry["fitSeconds"]["median"] / case["floorSeconds"]
         entry.update(memory_over_fits(memory[run.label]))
         if rmse_times[run.label]:
@@ -666,10 +799,12 @@ def run_case(bench: Bench, args, name: str, implicit: bool, gemm: dict, log) -> 
             without = entry["fitSeconds"]["median"]
             # Not always the same dataflow: the single task does not compute a training RMSE.
             ran = rmse_models[run.label].summary.details.get("dataflow")
-            entry["trainingRmse"] = {"fitSeconds": _spread(rmse_times[run.label]),
-                                     "costSeconds": with_rmse - without,
-                                     "costRelative": with_rmse / without - 1,
-                                     "dataflowRun": ran}
+            entry["trainingRmse"] = {
+                "fitSeconds": _spread(rmse_times[run.label]),
+                "costSeconds": with_rmse - without,
+                "costRelative": with_rmse / without - 1,
+                "dataflowRun": ran,
+            }
         if "spark" in case:
             entry["speedup"] = case["spark"]["fitSeconds"]["median"] / entry["fitSeconds"]["median"]
             if not implicit:
@@ -682,13 +817,14 @@ def run_case(bench: Bench, args, name: str, implicit: bool, gemm: dict, log) -> 
     if spark_model is not None and args.recommend and not implicit and small:
         try:
             case["recommend"] = recommend_benchmark(spark_model, args.recommend, repeats)
-            log(f"  recommendForAllUsers({args.recommend}): Spark "
+            log(
+                f"  recommendForAllUsers({args.recommend}): Spark "
                 f"{case['recommend']['sparkSeconds']['median']:.2f}s, ours "
-                f"{case['recommend']['oursSeconds']['median']:.2f}s")
+                f"{case['recommend']['oursSeconds']['median']:.2f}s"
+            )
         except Exception as error:  # noqa: BLE001 - e.g. ours on Spark Connect, not there yet
             case["recommend"] = {"k": args.recommend, "error": one_line_error(error)}
-            log(f"  recommendForAllUsers({args.recommend}) failed: "
-                f"{case['recommend']['error']}")
+            log(f"  recommendForAllUsers({args.recommend}) failed: {case['recommend']['error']}")
     df.unpersist()
     return case
 
@@ -712,7 +848,8 @@ def _memory_note(memory) -> str:
     if not memory:
         return ""
     return ", executor memory per worker " + " / ".join(
-        f"{peak} MiB (at start {start})" for peak, start in zip(memory["peak"], memory["start"]))
+        f"{peak} MiB (at start {start})" for peak, start in zip(memory["peak"], memory["start"])
+    )
 
 
 def warm_up(bench: Bench, args) -> dict:
@@ -750,9 +887,11 @@ def _session_note(env: dict) -> str:
     where = env["master"]
     cluster = env.get("cluster")
     if cluster:
-        where = (f"standalone cluster {env['master']} ({cluster['workers']} workers x "
-                 f"{cluster['coresPerWorker']} core, executor heap {cluster['executorMemory']}, "
-                 f"driver {cluster['driverMemory']})")
+        where = (
+            f"standalone cluster {env['master']} ({cluster['workers']} workers x "
+            f"{cluster['coresPerWorker']} core, executor heap {cluster['executorMemory']}, "
+            f"driver {cluster['driverMemory']})"
+        )
     if env.get("connect"):
         where += ", through a Spark Connect session"
     return where
@@ -770,26 +909,62 @@ def markdown(report: dict) -> str:
     ours_entries = [e for c in cases for e in c["ours"].values()]
     with_cost = any("trainingRmse" in e for e in ours_entries)
     with_memory = any("peakExecutorMiB" in e for e in ours_entries)
-    extra_heads = ((["trainingRmse=true costs"] if with_cost else [])
-                   + (["peak executor MiB per worker (at fit start)"] if with_memory else []))
+    extra_heads = (["trainingRmse=true costs"] if with_cost else []) + (
+        ["peak executor MiB per worker (at fit start)"] if with_memory else []
+    )
     lines = [
-        (f"Rank {report['params']['rank']}, {report['params']['maxIter']} iterations, regParam "
-        f"{report['params']['regParam']}, {report['params']['numBlocks']} user and item blocks, "
-        f"{_session_note(env)}, {env['cores']} cores; Spark {env['spark']} ALS with "
-        f"{env['sparkBlas']['blas']} / {env['sparkBlas']['lapack']}; float32 GEMM (2048^2, "
-        f"all cores) {env['gemmGflops']['min']:.0f}-"
-        f"{env.get('floorGflops', env['gemmGflops']['max']):.0f} GFLOP/s over the run, the "
-        f"floor uses the best. Seconds are medians of the fits (range in brackets), "
-        f"Spark's and ours interleaved. 1-minute load average "
-        f"{env['loadAverage'][0]:.1f} at the start"
-        + (f", {env['loadAverageAfter'][0]:.1f} at the end." if "loadAverageAfter" in env
-           else ".")),
+        (
+            f"Rank {report['params']['rank']}, {report['params']['maxIter']} iterations, "
+            f"regParam {report['params']['regParam']}, {report['params']['numBlocks']} user and "
+            "item blocks, "
+            f"{_session_note(env)}, {env['cores']} cores; Spark {env['spark']} ALS with "
+            f"{env['sparkBlas']['blas']} / {env['sparkBlas']['lapack']}; float32 GEMM (2048^2, "
+            f"all cores) {env['gemmGflops']['min']:.0f}-"
+            f"{env.get('floorGflops', env['gemmGflops']['max']):.0f} GFLOP/s over the run, the "
+            f"floor uses the best. Seconds are medians of the fits (range in brackets), "
+            f"Spark's and ours interleaved. 1-minute load average "
+            f"{env['loadAverage'][0]:.1f} at the start"
+            + (
+                f", {env['loadAverageAfter'][0]:.1f} at the end."
+                if "loadAverageAfter" in env
+                else "."
+            )
+        ),
         "",
-        "| " + " | ".join(["data", "mode", "ratings (train)", "estimator", "dataflow", "fit s",
-                          "held-out", "speedup", "x floor", *extra_heads,
-                          "phases: build / hermitian / solve / exchange s"]) + " |",
-        "|" + "|".join(["---", "---", "---:", "---", "---", "---:", "---:", "---:", "---:",
-                        *["---:"] * len(extra_heads), "---"]) + "|",
+        "| "
+        + " | ".join(
+            [
+                "data",
+                "mode",
+                "ratings (train)",
+                "estimator",
+                "dataflow",
+                "fit s",
+                "held-out",
+                "speedup",
+                "x floor",
+                *extra_heads,
+                "phases: build / hermitian / solve / exchange s",
+            ]
+        )
+        + " |",
+        "|"
+        + "|".join(
+            [
+                "---",
+                "---",
+                "---:",
+                "---",
+                "---",
+                "---:",
+                "---:",
+                "---:",
+                "---:",
+                *["---:"] * len(extra_heads),
+                "---",
+            ]
+        )
+        + "|",
     ]
 
     def seconds(entry):
@@ -822,50 +997,106 @@ def markdown(report: dict) -> str:
         head = [case["dataset"], case["mode"], f"{case['trainRatings']:,}"]
         if "spark" in case:
             spark = case["spark"]
-            row(head, "Spark ALS", "", seconds(spark), f"{key} {spark[key]:.4f}", "1.0",
+            row(
+                head,
+                "Spark ALS",
+                "",
+                seconds(spark),
+                f"{key} {spark[key]:.4f}",
+                "1.0",
                 f"{spark['fitSeconds']['median'] / case['floorSeconds']:.1f}",
-                *extras(spark), "")
+                *extras(spark),
+                "",
+            )
         for label, entry in case["ours"].items():
             if "error" in entry:
-                row(head, f"ours ({label})", entry["dataflow"], "-",
-                    f"failed: {_cell(entry['error'])}", "-", "-", *[""] * len(extra_heads), "")
+                row(
+                    head,
+                    f"ours ({label})",
+                    entry["dataflow"],
+                    "-",
+                    f"failed: {_cell(entry['error'])}",
+                    "-",
+                    "-",
+                    *[""] * len(extra_heads),
+                    "",
+                )
                 continue
             p = entry["phases"]
             speed = f"{entry['speedup']:.1f}" if "speedup" in entry else "-"
-            rel = (f" ({entry['rmseRelativeToSpark'] * 100:+.2f}%)"
-                   if "rmseRelativeToSpark" in entry else "")
+            rel = (
+                f" ({entry['rmseRelativeToSpark'] * 100:+.2f}%)"
+                if "rmseRelativeToSpark" in entry
+                else ""
+            )
             dataflow = entry.get("dataflowRun") or ""
             if entry["dataflow"] != "auto" and entry["dataflow"] not in dataflow:
                 dataflow += f" (asked: {entry['dataflow']})"
-            row(head, f"ours ({label})", dataflow, seconds(entry), f"{key} {entry[key]:.4f}{rel}",
-                speed, f"{entry['floorRatio']:.1f}", *extras(entry),
+            row(
+                head,
+                f"ours ({label})",
+                dataflow,
+                seconds(entry),
+                f"{key} {entry[key]:.4f}{rel}",
+                speed,
+                f"{entry['floorRatio']:.1f}",
+                *extras(entry),
                 f"{p['blockBuild']:.2f} / {p['hermitian']:.2f} / {p['solve']:.2f} / "
-                f"{p['exchange']:.2f}")
+                f"{p['exchange']:.2f}",
+            )
         if "implicitLib" in case:
             lib = case["implicitLib"]
-            speed = (f"{case['spark']['fitSeconds']['median'] / lib['fitSeconds']:.1f}"
-                     if "spark" in case else "-")
-            row(head, f"implicit {lib['version']} ({lib['threads']} threads)", "",
-                f"{lib['fitSeconds']:.2f}", f"auc {lib['auc']:.4f}", speed,
-                f"{lib['fitSeconds'] / case['floorSeconds']:.1f}", *[""] * len(extra_heads), "")
-        row(["", "", ""], f"FLOP floor ({case['fitGflop']:.0f} GFLOP)", "",
-            f"{case['floorSeconds']:.2f}", "", "", "1.0", *[""] * len(extra_heads), "")
+            speed = (
+                f"{case['spark']['fitSeconds']['median'] / lib['fitSeconds']:.1f}"
+                if "spark" in case
+                else "-"
+            )
+            row(
+                head,
+                f"implicit {lib['version']} ({lib['threads']} threads)",
+                "",
+                f"{lib['fitSeconds']:.2f}",
+                f"auc {lib['auc']:.4f}",
+                speed,
+                f"{lib['fitSeconds'] / case['floorSeconds']:.1f}",
+                *[""] * len(extra_heads),
+                "",
+            )
+        row(
+            ["", "", ""],
+            f"FLOP floor ({case['fitGflop']:.0f} GFLOP)",
+            "",
+            f"{case['floorSeconds']:.2f}",
+            "",
+            "",
+            "1.0",
+            *[""] * len(extra_heads),
+            "",
+        )
     recs = [c for c in cases if "recommend" in c]
     if recs:
-        lines += ["", ("| data | recommendForAllUsers(k) | Spark s | ours s | speedup | "
-                       "identical lists | ties only | different |"),
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            (
+                "| data | recommendForAllUsers(k) | Spark s | ours s | speedup | "
+                "identical lists | ties only | different |"
+            ),
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for case in recs:
             r = case["recommend"]
             if "error" in r:
-                lines.append(f"| {case['dataset']} | {r['k']} | | | | failed: "
-                             f"{_cell(r['error'])} | | |")
+                lines.append(
+                    f"| {case['dataset']} | {r['k']} | | | | failed: {_cell(r['error'])} | | |"
+                )
                 continue
             a = r["agreement"]
-            lines.append(f"| {case['dataset']} | {r['k']} | {r['sparkSeconds']['median']:.2f} | "
-                         f"{r['oursSeconds']['median']:.2f} | {r['speedup']:.1f} | "
-                         f"{a['identical']:,} / {a['users']:,} | {a['tiesOnly']} | "
-                         f"{a['different']} |")
+            lines.append(
+                f"| {case['dataset']} | {r['k']} | {r['sparkSeconds']['median']:.2f} | "
+                f"{r['oursSeconds']['median']:.2f} | {r['speedup']:.1f} | "
+                f"{a['identical']:,} / {a['users']:,} | {a['tiesOnly']} | "
+                f"{a['different']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -876,8 +1107,10 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     cases = [c for c in report["cases"] if "spark" in c]
-    labels = sorted({label for c in cases for label, e in c["ours"].items() if "speedup" in e},
-                    key=lambda label: [k for c in cases for k in c["ours"]].index(label))
+    labels = sorted(
+        {label for c in cases for label, e in c["ours"].items() if "speedup" in e},
+        key=lambda label: [k for c in cases for k in c["ours"]].index(label),
+    )
     if not cases or not labels:
         return
     x = np.arange(len(cases))
@@ -906,15 +1139,18 @@ def plot(report: dict, path: str) -> None:
         right.bar(x + offset, speedups, width, label=f"ours ({label})")
         for xi, value in zip(x, speedups):
             if np.isfinite(value):
-                right.text(xi + offset, value, f"{value:.1f}x", ha="center", va="bottom",
-                           fontsize=8)
+                right.text(
+                    xi + offset, value, f"{value:.1f}x", ha="center", va="bottom", fontsize=8
+                )
     right.set_xticks(x, case_names)
     right.set_ylabel("speedup over Spark ALS")
     right.set_title("Fit speedup (same data, same session)")
     right.legend(fontsize=7)
-    fig.suptitle(f"{_session_note(report['environment'])}; {report['environment']['cores']} "
-                 f"cores, Spark ALS with {report['environment']['sparkBlas']['blas']}",
-                 fontsize=9)
+    fig.suptitle(
+        f"{_session_note(report['environment'])}; {report['environment']['cores']} "
+        f"cores, Spark ALS with {report['environment']['sparkBlas']['blas']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -957,26 +1193,40 @@ def start_bench(args, cleanup: ExitStack, log) -> Bench:
     # SIGTERM (a killed run) unwinds like an exception, so the cluster's JVMs stop too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     log_dir = tempfile.mkdtemp(prefix="gpumf-benchmark-cluster-")
-    cluster = StandaloneCluster(workers=STANDALONE_WORKERS, cores=STANDALONE_CORES_PER_WORKER,
-                                memory=args.executor_memory, log_dir=log_dir)
+    cluster = StandaloneCluster(
+        workers=STANDALONE_WORKERS,
+        cores=STANDALONE_CORES_PER_WORKER,
+        memory=args.executor_memory,
+        log_dir=log_dir,
+    )
     cleanup.enter_context(cluster)
-    log(f"standalone cluster {cluster.url}: {STANDALONE_WORKERS} workers x "
+    log(
+        f"standalone cluster {cluster.url}: {STANDALONE_WORKERS} workers x "
         f"{STANDALONE_CORES_PER_WORKER} core, executor heap {args.executor_memory}; logs in "
-        f"{log_dir}")
-    spark, classic = make_session(args, cluster.url,
-                                  STANDALONE_WORKERS * STANDALONE_CORES_PER_WORKER)
+        f"{log_dir}"
+    )
+    spark, classic = make_session(
+        args, cluster.url, STANDALONE_WORKERS * STANDALONE_CORES_PER_WORKER
+    )
     cleanup.callback(classic.stop)  # before the cluster goes (callbacks run last-in first-out)
     if args.connect:
         cleanup.callback(spark.stop)
     memory = ExecutorMemorySampler(cluster).start()
     cleanup.callback(memory.stop)
-    return Bench(spark, classic, memory, {
-        "workers": STANDALONE_WORKERS, "coresPerWorker": STANDALONE_CORES_PER_WORKER,
-        "executorMemory": args.executor_memory, "driverMemory": args.driver_memory,
-        "logDir": log_dir,
-        "memoryMeasure": "peak PSS of each worker's executor JVM and its Python workers, "
-                         "sampled from /proc every 0.2 s during each fit",
-    })
+    return Bench(
+        spark,
+        classic,
+        memory,
+        {
+            "workers": STANDALONE_WORKERS,
+            "coresPerWorker": STANDALONE_CORES_PER_WORKER,
+            "executorMemory": args.executor_memory,
+            "driverMemory": args.driver_memory,
+            "logDir": log_dir,
+            "memoryMeasure": "peak PSS of each worker's executor JVM and its Python workers, "
+            "sampled from /proc every 0.2 s during each fit",
+        },
+    )
 
 
 def _local_cores(master: str) -> int | None:
@@ -984,7 +1234,7 @@ def _local_cores(master: str) -> int | None:
     if master == "local":
         return 1
     if master.startswith("local["):
-        inside = master[len("local["):].split(",")[0].rstrip("]")
+        inside = master[len("local[") :].split(",")[0].rstrip("]")
         return os.cpu_count() if inside == "*" else int(inside)
     return None
 
@@ -996,24 +1246,37 @@ def run(bench: Bench, args, argv, log) -> dict:
     gemm = measure_gemm_gflops()
     report = {
         "command": " ".join(["python jobs/benchmark.py", *(argv or sys.argv[1:])]),
-        "params": {"rank": args.rank, "maxIter": args.max_iter, "regParam": args.reg_param,
-                   "alpha": args.alpha, "numBlocks": args.num_blocks, "repeats": args.repeats,
-                   "seed": args.seed, "dataflows": args.dataflows,
-                   "dataflowConfs": {d: DATAFLOW_CONFS[d] for d in args.dataflows},
-                   "trainingRmseCost": args.training_rmse_cost},
+        "params": {
+            "rank": args.rank,
+            "maxIter": args.max_iter,
+            "regParam": args.reg_param,
+            "alpha": args.alpha,
+            "numBlocks": args.num_blocks,
+            "repeats": args.repeats,
+            "seed": args.seed,
+            "dataflows": args.dataflows,
+            "dataflowConfs": {d: DATAFLOW_CONFS[d] for d in args.dataflows},
+            "trainingRmseCost": args.training_rmse_cost,
+        },
         "environment": {
-            "spark": pyspark.__version__, "numpy": np.__version__,
-            "master": bench.classic.sparkContext.master, "connect": args.connect,
-            "cores": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-            "sparkBlas": spark_blas(bench.classic), "gemmGflops": gemm,
+            "spark": pyspark.__version__,
+            "numpy": np.__version__,
+            "master": bench.classic.sparkContext.master,
+            "connect": args.connect,
+            "cores": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+            "sparkBlas": spark_blas(bench.classic),
+            "gemmGflops": gemm,
             "loadAverage": os.getloadavg(),
         },
         "cases": [],
     }
     if bench.cluster:
         report["environment"]["cluster"] = bench.cluster
-    log(f"Spark BLAS: {report['environment']['sparkBlas']['blas']}; float32 GEMM "
-        f"{gemm['median']:.0f} GFLOP/s (best {gemm['max']:.0f})")
+    log(
+        f"Spark BLAS: {report['environment']['sparkBlas']['blas']}; float32 GEMM "
+        f"{gemm['median']:.0f} GFLOP/s (best {gemm['max']:.0f})"
+    )
     report["environment"]["coldStart"] = warm_up(bench, args)
     log(f"warm-up (first fits in this session): {report['environment']['coldStart']}")
     try:
@@ -1060,8 +1323,11 @@ def first_fit_child(args) -> dict:
     if who != "spark":
         result["dataflow"] = model.summary.details.get("dataflow")
         result["singleTaskIn"] = model.summary.details.get("singleTaskIn")
-    result["params"] = {p.name: v for p, v in estimator.extractParamMap().items()
-                        if p.name in ("rank", "maxIter", "regParam", "numUserBlocks")}
+    result["params"] = {
+        p.name: v
+        for p, v in estimator.extractParamMap().items()
+        if p.name in ("rank", "maxIter", "regParam", "numUserBlocks")
+    }
     spark.stop()
     print(FIRST_FIT_MARK + json.dumps(result), flush=True)
     return result
@@ -1078,21 +1344,41 @@ def _estimator_class(who: str):
 def _fresh_process_fit(args, who: str) -> dict:
     import subprocess
 
-    command = [sys.executable, os.path.abspath(__file__), "--first-fit-child", who,
-               "--datasets", args.datasets, "--seed", str(args.seed), "--master", args.master,
-               "--driver-memory", args.driver_memory, "--spark-blas", args.spark_blas]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--first-fit-child",
+        who,
+        "--datasets",
+        args.datasets,
+        "--seed",
+        str(args.seed),
+        "--master",
+        args.master,
+        "--driver-memory",
+        args.driver_memory,
+        "--spark-blas",
+        args.spark_blas,
+    ]
     env = {**os.environ, FIRST_FIT_LAUNCHED: repr(time.time())}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     lines = [line for line in done.stdout.splitlines() if line.startswith(FIRST_FIT_MARK)]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise SystemExit(f"benchmark.py: error: the {who} first-fit process failed "
-                         f"(exit {done.returncode}): {tail[0]}")
-    return json.loads(lines[-1][len(FIRST_FIT_MARK):])
+        raise SystemExit(
+            f"benchmark.py: error: the {who} first-fit process failed "
+            f"(exit {done.returncode}): {tail[0]}"
+        )
+    return json.loads(lines[-1][len(FIRST_FIT_MARK) :])
 
 
-FIRST_FIT_TIMES = ("fitSeconds", "importSeconds", "secondFitSeconds", "untilFirstFitSeconds",
-                   "sessionSeconds")
+FIRST_FIT_TIMES = (
+    "fitSeconds",
+    "importSeconds",
+    "secondFitSeconds",
+    "untilFirstFitSeconds",
+    "sessionSeconds",
+)
 
 
 def run_first_fits(args, argv, log) -> dict:
@@ -1105,21 +1391,30 @@ def run_first_fits(args, argv, log) -> dict:
     report = {
         "command": " ".join(["python jobs/benchmark.py", *(argv or sys.argv[1:])]),
         "mode": "first fit",
-        "params": {"dataset": args.datasets.split(",")[0], "seed": args.seed,
-                   "repeats": args.repeats, "estimatorParams": "Spark's defaults",
-                   "confs": {w: FIRST_FIT_RUNS[w] for w in who}},
-        "environment": {"spark": pyspark.__version__, "master": args.master,
-                        "cores": os.cpu_count(),
-                        "machine": platform.processor() or platform.machine(),
-                        "loadAverage": os.getloadavg()},
+        "params": {
+            "dataset": args.datasets.split(",")[0],
+            "seed": args.seed,
+            "repeats": args.repeats,
+            "estimatorParams": "Spark's defaults",
+            "confs": {w: FIRST_FIT_RUNS[w] for w in who},
+        },
+        "environment": {
+            "spark": pyspark.__version__,
+            "master": args.master,
+            "cores": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+            "loadAverage": os.getloadavg(),
+        },
         "runs": runs,
     }
     for round_ in range(args.repeats):
-        for name in (who if round_ % 2 == 0 else who[::-1]):
+        for name in who if round_ % 2 == 0 else who[::-1]:
             result = _fresh_process_fit(args, name)
             runs[name].append(result)
-            log(f"round {round_ + 1}: {name}: first fit {result['fitSeconds']:.2f}s, second "
-                f"{result['secondFitSeconds']:.2f}s, import {result['importSeconds']:.2f}s")
+            log(
+                f"round {round_ + 1}: {name}: first fit {result['fitSeconds']:.2f}s, second "
+                f"{result['secondFitSeconds']:.2f}s, import {result['importSeconds']:.2f}s"
+            )
     report["environment"]["loadAverageAfter"] = os.getloadavg()
     report["firstFit"] = summary = {
         name: {key: _spread([r[key] for r in results]) for key in FIRST_FIT_TIMES}
@@ -1129,8 +1424,8 @@ def run_first_fits(args, argv, log) -> dict:
     for name in who[1:]:
         summary[name]["speedup"] = spark_median / summary[name]["fitSeconds"]["median"]
         summary[name]["speedupWithImport"] = (
-            (spark_median + summary["spark"]["importSeconds"]["median"])
-            / (summary[name]["fitSeconds"]["median"] + summary[name]["importSeconds"]["median"]))
+            spark_median + summary["spark"]["importSeconds"]["median"]
+        ) / (summary[name]["fitSeconds"]["median"] + summary[name]["importSeconds"]["median"])
     with open(os.path.join(args.out_dir, "benchmark.json"), "w") as f:
         json.dump(report, f, indent=2, default=float)
     with open(os.path.join(args.out_dir, "benchmark.md"), "w") as f:
@@ -1144,11 +1439,14 @@ def first_fit_markdown(report: dict) -> str:
     runs = report["runs"]
     ratings = next(iter(runs.values()))[0]["ratings"]
     lines = [
-        (f"First fits in fresh processes: {ratings:,} generated ratings ({params['dataset']}), "
-         f"Spark's default ALS params, seed {params['seed']}, {env['master']}, {env['cores']} "
-         f"cores, Spark {env['spark']}; {params['repeats']} rounds, one process per fit, the "
-         f"estimators alternating. Seconds: median [range]. 1-minute load average "
-         f"{env['loadAverage'][0]:.1f} at the start, {env['loadAverageAfter'][0]:.1f} at the end."),
+        (
+            f"First fits in fresh processes: {ratings:,} generated ratings ({params['dataset']}), "
+            f"Spark's default ALS params, seed {params['seed']}, {env['master']}, {env['cores']} "
+            f"cores, Spark {env['spark']}; {params['repeats']} rounds, one process per fit, the "
+            f"estimators alternating. Seconds: median [range]. 1-minute load average "
+            f"{env['loadAverage'][0]:.1f} at the start, {env['loadAverageAfter'][0]:.1f} at the "
+            "end."
+        ),
         "",
         "| estimator | single task in | first fit s | speedup | import s | first fit + import: "
         "speedup | second fit s | process start to end of first fit s |",
@@ -1165,9 +1463,11 @@ def first_fit_markdown(report: dict) -> str:
         where = runs[name][0].get("singleTaskIn") or ""
         speed = f"{entry['speedup']:.1f}" if "speedup" in entry else "1.0"
         both = f"{entry['speedupWithImport']:.1f}" if "speedupWithImport" in entry else "1.0"
-        lines.append(f"| {label} | {where} | {cell(entry['fitSeconds'])} | {speed} | "
-                     f"{cell(entry['importSeconds'])} | {both} | "
-                     f"{cell(entry['secondFitSeconds'])} | {cell(entry['untilFirstFitSeconds'])} |")
+        lines.append(
+            f"| {label} | {where} | {cell(entry['fitSeconds'])} | {speed} | "
+            f"{cell(entry['importSeconds'])} | {both} | "
+            f"{cell(entry['secondFitSeconds'])} | {cell(entry['untilFirstFitSeconds'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,8 @@
 """spark-submit job: MascotMF's storage modes (fp32, fp16, mascot) against time and accuracy.
 
 ``spark-submit jobs/sgd_benchmark.py --help``. For every data set (generated power-law ratings of
-one or more sizes and Spark's bundled sample file, 20% held out through
+one or more sizes, MovieLens 100K and/or Spark's bundled sample file, from
+``spark_gpu_mf.jobs.benchmarking``; 20% held out through
 ``validationIndicatorCol``) and every rank, MascotMF is fitted once per storage mode with the same
 seed, blocks and epochs (the MASCOT authors' settings unless overridden), and ``--repeats`` times
 in round-robin order so that load from other processes spreads over all modes. Per mode the job
@@ -32,8 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from spark_gpu_mf import datasets
-from spark_gpu_mf.jobs import common
+from spark_gpu_mf.jobs import benchmarking, common
 from spark_gpu_mf.jobs.common import SparkJob
 from spark_gpu_mf.mascot import MascotMF
 from spark_gpu_mf.sgd import mascot_tasks
@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--datasets",
         default="generated,sample",
-        help="comma-separated: generated (power-law, planted low-rank model) and/or sample "
-        "(pyspark's data/mllib/als/sample_movielens_ratings.txt)",
+        help="comma-separated: generated (power-law, planted low-rank model), ml-100k "
+        "(MovieLens 100K, fetched once from the recbole 1.2.1 wheel) and/or sample (pyspark's "
+        "data/mllib/als/sample_movielens_ratings.txt)",
     )
     data.add_argument(
         "--ratings", default="1000000", help="comma-separated sizes of generated data sets"
@@ -148,42 +149,26 @@ def _ints(text: str, option: str) -> list[int]:
 def load_datasets(spark, args) -> list[Dataset]:
     import pandas as pd
 
-    names = [n.strip() for n in args.datasets.split(",") if n.strip()]
-    if set(names) - {"generated", "sample"} or not names:
-        raise common.JobError(f"--datasets takes generated and/or sample, got {args.datasets!r}")
     result = []
-    for name in names:
+    for name in benchmarking.parse_dataset_names(args.datasets):
         sizes = _ints(args.ratings, "--ratings") if name == "generated" else [0]
         for size in sizes:
-            if name == "generated":
-                data = datasets.generate_ratings(size, seed=args.data_seed)
-                arrays = data.as_tuple()
-                label = f"generated {size / 1e6:g}M"
-                description = (
-                    f"{label}: {len(data):,} ratings of {len(np.unique(data.user)):,} users and "
-                    f"{len(np.unique(data.item)):,} items, power-law popularity, planted rank "
-                    f"{data.planted.rank} model, noise {data.planted.noise}"
-                )
-            else:
-                table = datasets.read_spark_sample(spark).toArrow()
-                arrays = tuple(table.column(c).to_numpy() for c in ("user", "item", "rating"))
-                label = "sample"
-                description = f"Spark's sample_movielens_ratings.txt: {len(arrays[0]):,} ratings"
-            holdout = np.zeros(len(arrays[0]), bool)
-            _, test_rows = datasets.train_test_split(
-                (np.arange(len(holdout)),), args.test_fraction, seed=args.data_seed
-            )
-            holdout[test_rows[0]] = True
+            data = benchmarking.load_ratings(
+                spark, name, num_ratings=size, test_fraction=args.test_fraction,
+                seed=args.data_seed,
+            )  # fmt: skip
+            label = f"generated {size / 1e6:g}M" if name == "generated" else name
+            holdout = np.repeat([False, True], [len(data.train[0]), len(data.test[0])])
+            columns = [np.concatenate([a, b]) for a, b in zip(data.train, data.test)]
             pdf = pd.DataFrame(
-                {"user": arrays[0], "item": arrays[1], "rating": arrays[2], "holdout": holdout}
+                {"user": columns[0], "item": columns[1], "rating": columns[2], "holdout": holdout}
             ).astype({"user": "int32", "item": "int32", "rating": "float32"})
             parallelism = spark.sparkContext.defaultParallelism
             frame = spark.createDataFrame(pdf).coalesce(parallelism).cache()
             frame.count()
-            train = tuple(a[~holdout] for a in arrays)
             result.append(
-                Dataset(label, description, frame, train, int((~holdout).sum()),
-                        int(holdout.sum()))
+                Dataset(label, data.description.replace(name, label, 1), frame, data.train,
+                        len(data.train[0]), len(data.test[0]))
             )  # fmt: skip
     return result
 

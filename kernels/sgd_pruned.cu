@@ -7,6 +7,8 @@
 //                                     p[d] -= eta_p gp,          q[d] -= eta_q gq
 //   row-wise AdaGrad (LIBMF): eta_p = step / sqrt(G_u) with G_u read before the update, then
 //   G_u += sum_{d < d*} gp^2 / rank; likewise G_i. Plain SGD (adagrad = 0): eta = step, G unused.
+//   regrowth != 0: the update (and G's sums) also cover d = d* when d* < rank, so an entry below its
+//   threshold keeps learning and can grow back; the dot product still stops at d*.
 // Per warp it writes the sum of e^2 (float64) and the executed multiply-adds sum d* (int64).
 // spark_gpu_mf/sgd/pruned_numba.py is the same update on the CPU; its docstring has the why.
 //
@@ -53,8 +55,8 @@ __device__ __forceinline__ void sgd_pruned_cell(
     const int* __restrict__ users, const int* __restrict__ items,
     const float* __restrict__ ratings, long long n, float* __restrict__ P,
     float* __restrict__ Q, float* __restrict__ GP, float* __restrict__ GQ, int rank, float step,
-    float reg, float threshold_p, float threshold_q, int adagrad, double* __restrict__ sse_out,
-    long long* __restrict__ macs_out) {
+    float reg, float threshold_p, float threshold_q, int adagrad, int regrowth,
+    double* __restrict__ sse_out, long long* __restrict__ macs_out) {
     const int lane = threadIdx.x % kWarpSize;
     const long long warps_per_block = blockDim.x / kWarpSize;
     const long long warp = (long long)blockIdx.x * warps_per_block + threadIdx.x / kWarpSize;
@@ -105,12 +107,15 @@ __device__ __forceinline__ void sgd_pruned_cell(
         const float eta_p = adagrad ? step / sqrtf(g_u) : step;
         const float eta_q = adagrad ? step / sqrtf(g_i) : step;
 
+        // d* lies in a chunk that was loaded (finding it needed that chunk), so with regrowth the
+        // lane owning d* already holds p[d*] and q[d*] in registers.
+        const int updated = (regrowth && stop < rank) ? stop + 1 : stop;
         float gp_squares = 0.0f;
         float gq_squares = 0.0f;
 #pragma unroll
         for (int c = 0; c < DPL; ++c) {
             const int d = c * kWarpSize + lane;
-            if (d < stop) {
+            if (d < updated) {
                 const float gp = -error * qv[c] + reg * pv[c];
                 const float gq = -error * pv[c] + reg * qv[c];
                 gp_squares += gp * gp;
@@ -142,10 +147,11 @@ __device__ __forceinline__ void sgd_pruned_cell(
         const int* __restrict__ users, const int* __restrict__ items,                             \
         const float* __restrict__ ratings, long long n, float* __restrict__ P,                    \
         float* __restrict__ Q, float* __restrict__ GP, float* __restrict__ GQ, int rank,          \
-        float step, float reg, float threshold_p, float threshold_q, int adagrad,                 \
+        float step, float reg, float threshold_p, float threshold_q, int adagrad, int regrowth,   \
         double* __restrict__ sse_out, long long* __restrict__ macs_out) {                         \
         gpumf::sgd_pruned_cell<DPL>(users, items, ratings, n, P, Q, GP, GQ, rank, step, reg,      \
-                                    threshold_p, threshold_q, adagrad, sse_out, macs_out);        \
+                                    threshold_p, threshold_q, adagrad, regrowth, sse_out,         \
+                                    macs_out);                                                    \
     }
 
 GPUMF_SGD_PRUNED_ENTRY(1)

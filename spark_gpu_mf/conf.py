@@ -149,3 +149,12 @@ SGD_JVM_SHORTCUT = ConfKey(
     "cells with the blocks broadcast (faster, same factors; see docs/benchmarks.md). false: the "
     "DataFrame dataflow that Spark Connect sessions always use.",
 )
+SGD_IN_DRIVER_MAX_RATINGS = ConfKey(
+    "spark.gpumf.sgd.inDriverMaxRatings",
+    "auto",
+    _parse_optional_count,
+    "Largest PrunedMF fit that runs in the driver's own Python process, as one DSGD block, "
+    "instead of one Spark job per sub-epoch: local master, classic session, NumPy backend and "
+    "numBlocks 0 or 1 only (numBlocks 0 then means one block). 'auto': 1,000,000 with a local "
+    "master, else 0; 0 turns it off.",
+)

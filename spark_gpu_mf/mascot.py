@@ -5,26 +5,16 @@ Recommender Systems", ICDM 2021), producing the same ``ALSModel`` as ``ALS``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyspark import keyword_only
-from pyspark.ml import Estimator
-from pyspark.ml.param.shared import (
-    HasMaxIter,
-    HasRegParam,
-    HasSeed,
-    HasStepSize,
-    HasValidationIndicatorCol,
-)
-from pyspark.ml.recommendation import _ALSModelParams
-from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
-from pyspark.sql import DataFrame
+from pyspark.ml.param.shared import HasValidationIndicatorCol
+from pyspark.ml.util import DefaultParamsReadable
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from spark_gpu_mf.errors import illegal_argument
-from spark_gpu_mf.model import COLD_START_STRATEGIES, ALSModel
-from spark_gpu_mf.params import BACKENDS, HasBackend, validate_params
 from spark_gpu_mf.sgd.mascot_cuda import MAX_RANK
 from spark_gpu_mf.sgd.mascot_train import MascotJob, train
 from spark_gpu_mf.sgd.params import (
@@ -33,39 +23,25 @@ from spark_gpu_mf.sgd.params import (
     HasDecay,
     HasErrorThreshold,
     HasFirstCheckEpoch,
-    HasInitStd,
-    HasNumBlocks,
     HasNumItemGroups,
     HasNumUserGroups,
-    HasRank,
-    HasRatingCol,
     HasSampleRatio,
     HasStorage,
 )
-from spark_gpu_mf.validation import check_numeric_column, checked_id, checked_rating, require_column
+from spark_gpu_mf.sgd_estimator import SGDEstimator, java_string_hash
+from spark_gpu_mf.validation import checked_id, checked_rating, require_column
+
+if TYPE_CHECKING:
+    from spark_gpu_mf.executor.runtime import BackendChoice
+    from spark_gpu_mf.sgd.common import SGDResult
 
 __all__ = ["MascotMF"]
 
-
-def _java_string_hash(text: str) -> int:
-    """Java's ``String.hashCode``: Spark's JVM estimators seed by their class name's hash."""
-    value = 0
-    for char in text:
-        value = (31 * value + ord(char)) & 0xFFFFFFFF
-    return value - (1 << 32) if value >= 1 << 31 else value
-
-
-# pyspark's HasSeed default is Python's hash() of the class name, which changes from process to
-# process; a fit with the default seed must be repeatable, as with Spark's JVM estimators.
-DEFAULT_SEED = _java_string_hash("spark_gpu_mf.mascot.MascotMF")
+# A fit with the default seed is repeatable from process to process (see java_string_hash).
+DEFAULT_SEED = java_string_hash("spark_gpu_mf.mascot.MascotMF")
 
 MASCOT_PARAM_RULES = {
-    "rank": lambda v: v >= 1,
-    "maxIter": lambda v: v >= 0,
-    "stepSize": lambda v: v > 0,
     "decay": lambda v: v >= 0,
-    "regParam": lambda v: v >= 0,
-    "initStd": lambda v: v > 0,
     "storage": lambda v: v in STORAGES,
     "numUserGroups": lambda v: v >= 1,
     "numItemGroups": lambda v: v >= 1,
@@ -73,23 +49,11 @@ MASCOT_PARAM_RULES = {
     "checkInterval": lambda v: v >= 1,
     "errorThreshold": lambda v: v > 0,
     "firstCheckEpoch": lambda v: v >= 0,
-    "numBlocks": lambda v: v >= 0,
-    "coldStartStrategy": lambda v: str(v).lower() in COLD_START_STRATEGIES,
-    "blockSize": lambda v: v > 0,
-    "backend": lambda v: v in BACKENDS,
 }
 
 
 class MascotMF(
-    Estimator[ALSModel],
-    _ALSModelParams,
-    HasRank,
-    HasMaxIter,
-    HasRegParam,
-    HasStepSize,
-    HasSeed,
-    HasRatingCol,
-    HasInitStd,
+    SGDEstimator,
     HasDecay,
     HasStorage,
     HasNumUserGroups,
@@ -98,10 +62,7 @@ class MascotMF(
     HasCheckInterval,
     HasErrorThreshold,
     HasFirstCheckEpoch,
-    HasNumBlocks,
     HasValidationIndicatorCol,
-    HasBackend,
-    DefaultParamsWritable,
     DefaultParamsReadable["MascotMF"],
 ):
     """
@@ -238,30 +199,10 @@ class MascotMF(
         kwargs = self._input_kwargs
         return self._set(**kwargs)
 
-    # setters ----------------------------------------------------------------
-    def setRank(self, value: int) -> MascotMF:
-        """Sets the value of :py:attr:`rank`."""
-        return self._set(rank=value)
-
-    def setMaxIter(self, value: int) -> MascotMF:
-        """Sets the value of :py:attr:`maxIter`."""
-        return self._set(maxIter=value)
-
-    def setStepSize(self, value: float) -> MascotMF:
-        """Sets the value of :py:attr:`stepSize`."""
-        return self._set(stepSize=value)
-
+    # setters (the shared params' are SGDEstimator's) --------------------------
     def setDecay(self, value: float) -> MascotMF:
         """Sets the value of :py:attr:`decay`."""
         return self._set(decay=value)
-
-    def setRegParam(self, value: float) -> MascotMF:
-        """Sets the value of :py:attr:`regParam`."""
-        return self._set(regParam=value)
-
-    def setInitStd(self, value: float) -> MascotMF:
-        """Sets the value of :py:attr:`initStd`."""
-        return self._set(initStd=value)
 
     def setStorage(self, value: str) -> MascotMF:
         """Sets the value of :py:attr:`storage`."""
@@ -291,45 +232,9 @@ class MascotMF(
         """Sets the value of :py:attr:`firstCheckEpoch`."""
         return self._set(firstCheckEpoch=value)
 
-    def setNumBlocks(self, value: int) -> MascotMF:
-        """Sets the value of :py:attr:`numBlocks`."""
-        return self._set(numBlocks=value)
-
-    def setSeed(self, value: int) -> MascotMF:
-        """Sets the value of :py:attr:`seed`."""
-        return self._set(seed=value)
-
-    def setUserCol(self, value: str) -> MascotMF:
-        """Sets the value of :py:attr:`userCol`."""
-        return self._set(userCol=value)
-
-    def setItemCol(self, value: str) -> MascotMF:
-        """Sets the value of :py:attr:`itemCol`."""
-        return self._set(itemCol=value)
-
-    def setRatingCol(self, value: str) -> MascotMF:
-        """Sets the value of :py:attr:`ratingCol`."""
-        return self._set(ratingCol=value)
-
-    def setPredictionCol(self, value: str) -> MascotMF:
-        """Sets the value of :py:attr:`predictionCol`."""
-        return self._set(predictionCol=value)
-
-    def setColdStartStrategy(self, value: str) -> MascotMF:
-        """Sets the value of :py:attr:`coldStartStrategy`."""
-        return self._set(coldStartStrategy=value)
-
-    def setBlockSize(self, value: int) -> MascotMF:
-        """Sets the value of :py:attr:`blockSize`."""
-        return self._set(blockSize=value)
-
     def setValidationIndicatorCol(self, value: str) -> MascotMF:
         """Sets the value of :py:attr:`validationIndicatorCol`."""
         return self._set(validationIndicatorCol=value)
-
-    def setBackend(self, value: str) -> MascotMF:
-        """Sets the value of :py:attr:`backend`."""
-        return self._set(backend=value)
 
     # fit --------------------------------------------------------------------
     def _validation_col(self) -> str | None:
@@ -339,9 +244,7 @@ class MascotMF(
 
     def transformSchema(self, schema: T.StructType) -> T.StructType:
         """Numeric user, item and rating columns as ALS requires; a boolean validation column."""
-        check_numeric_column(schema, self.getUserCol())
-        check_numeric_column(schema, self.getItemCol())
-        check_numeric_column(schema, self.getRatingCol())
+        super().transformSchema(schema)
         name = self._validation_col()
         if name is not None:
             dtype = require_column(schema, name)
@@ -370,11 +273,13 @@ class MascotMF(
             )
         return dataset.select(*columns)
 
-    def _job(self, spark) -> MascotJob:
-        from spark_gpu_mf.executor.runtime import BackendChoice
+    _name = "MascotMF"
+    _param_rules = MASCOT_PARAM_RULES
+    _cuda_max_rank = MAX_RANK
+
+    def _job(self, spark: SparkSession, backend: BackendChoice) -> MascotJob:
         from spark_gpu_mf.sgd.stratified import default_num_blocks
 
-        choice = BackendChoice.for_session(spark, self.getBackend())
         return MascotJob(
             rank=self.getRank(),
             max_iter=self.getMaxIter(),
@@ -392,30 +297,8 @@ class MascotMF(
             num_blocks=self.getNumBlocks() or default_num_blocks(spark),
             seed=self.getSeed(),
             has_validation=self._validation_col() is not None,
-            backend=choice.requested,
-            local_mode=choice.local_mode,
-            cpu_fallback=choice.cpu_fallback,
+            backend=backend,
         )
 
-    def _fit(self, dataset: DataFrame) -> ALSModel:
-        validate_params(self, MASCOT_PARAM_RULES)
-        self.transformSchema(dataset.schema)
-        spark = dataset.sparkSession
-        if self.getBackend() == "cupy":
-            from spark_gpu_mf.backends import check_gpu_backend_available
-
-            check_gpu_backend_available(spark)
-            if self.getRank() > MAX_RANK:
-                raise illegal_argument(
-                    f"MascotMF's CUDA kernel supports rank <= {MAX_RANK}, got rank "
-                    f"{self.getRank()}; use backend='auto' or 'numpy' for larger ranks."
-                )
-        result = train(spark, self._ratings(dataset), self._job(spark))
-        model = ALSModel._create(
-            self.getRank(),
-            result.user_factors,
-            result.item_factors,
-            uid=self.uid,
-            summary=result.summary,
-        )
-        return self._copyValues(model)
+    def _train(self, spark: SparkSession, ratings: DataFrame, backend: BackendChoice) -> SGDResult:
+        return train(spark, ratings, self._job(spark, backend))

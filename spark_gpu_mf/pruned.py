@@ -5,65 +5,47 @@ Recommendation", arXiv 2404.04265), producing the same ``ALSModel`` as ``ALS``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyspark import keyword_only
-from pyspark.errors import IllegalArgumentException
-from pyspark.ml import Estimator
-from pyspark.ml.param.shared import HasMaxIter, HasRegParam, HasSeed, HasStepSize
-from pyspark.ml.recommendation import _ALSModelParams
-from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
-from pyspark.sql import DataFrame
+from pyspark.ml.util import DefaultParamsReadable
+from pyspark.sql import DataFrame, SparkSession
 
-from spark_gpu_mf.model import COLD_START_STRATEGIES, ALSModel
-from spark_gpu_mf.params import BACKENDS, HasBackend, validate_params
-from spark_gpu_mf.sgd.params import HasInitStd, HasNumBlocks, HasRank, HasRatingCol
 from spark_gpu_mf.sgd.pruned_cuda import MAX_RANK
 from spark_gpu_mf.sgd.pruned_numba import OPTIMIZERS
 from spark_gpu_mf.sgd.pruned_params import (
     HasOptimizer,
     HasPruneStartEpoch,
     HasPruningRate,
+    HasRegrowth,
     HasTruncateFactors,
 )
 from spark_gpu_mf.sgd.pruned_train import PrunedJob, train
-from spark_gpu_mf.validation import check_numeric_column, validated_ratings
+from spark_gpu_mf.sgd_estimator import SGDEstimator, java_string_hash
+
+if TYPE_CHECKING:
+    from spark_gpu_mf.executor.runtime import BackendChoice
+    from spark_gpu_mf.sgd.common import SGDResult
 
 __all__ = ["PrunedMF"]
 
+# A fit with the default seed is repeatable from process to process (see java_string_hash).
+DEFAULT_SEED = java_string_hash("spark_gpu_mf.pruned.PrunedMF")
+
 PRUNED_PARAM_RULES = {
-    "rank": lambda v: v >= 1,
-    "maxIter": lambda v: v >= 0,
-    "stepSize": lambda v: v > 0,
-    "regParam": lambda v: v >= 0,
-    "initStd": lambda v: v > 0,
     "optimizer": lambda v: v in OPTIMIZERS,
     "pruningRate": lambda v: 0 <= v < 1,
     "pruneStartEpoch": lambda v: v >= 0,
-    "numBlocks": lambda v: v >= 0,
-    "coldStartStrategy": lambda v: str(v).lower() in COLD_START_STRATEGIES,
-    "blockSize": lambda v: v > 0,
-    "backend": lambda v: v in BACKENDS,
 }
 
 
 class PrunedMF(
-    Estimator[ALSModel],
-    _ALSModelParams,
-    HasRank,
-    HasMaxIter,
-    HasRegParam,
-    HasStepSize,
-    HasSeed,
-    HasRatingCol,
-    HasInitStd,
-    HasNumBlocks,
+    SGDEstimator,
     HasOptimizer,
     HasPruningRate,
     HasPruneStartEpoch,
     HasTruncateFactors,
-    HasBackend,
-    DefaultParamsWritable,
+    HasRegrowth,
     DefaultParamsReadable["PrunedMF"],
 ):
     """
@@ -91,10 +73,17 @@ class PrunedMF(
     the stale values, as the authors' code predicts by default (see docs/pruned.md for what that
     costs in accuracy).
 
+    With ``regrowth`` each rating also updates its first insignificant dimension, so an entry
+    that fell below its threshold can grow back (the default, false, is DP-MF's rule: such an
+    entry and the rest of its row are frozen). It executes a few more multiply-adds and loses
+    less accuracy; docs/pruned.md has the measurements.
+
     Epochs are distributed as stratified SGD (DSGD): ``numBlocks`` (0: one per task slot) user
     and item blocks, ``numBlocks`` sub-epochs per epoch in which disjoint cells run in parallel.
-    The same seed, data and ``numBlocks`` give the same factors. ``backend`` picks the Numba
-    (CPU) or the CUDA kernel per task as for ``ALS``; the GPU kernel supports rank <= 256.
+    The same seed, data and ``numBlocks`` give the same factors. A small fit in local mode
+    (``spark.gpumf.sgd.inDriverMaxRatings``, 1M ratings by default) with ``numBlocks`` 0 or 1
+    runs as one block in the driver, without a Spark job per sub-epoch. ``backend`` picks the
+    Numba (CPU) or the CUDA kernel per task as for ``ALS``; the GPU kernel supports rank <= 256.
 
     Examples
     --------
@@ -126,8 +115,9 @@ class PrunedMF(
         pruningRate: float = 0.3,
         pruneStartEpoch: int = 2,
         truncateFactors: bool = True,
+        regrowth: bool = False,
         numBlocks: int = 0,
-        seed: int | None = None,
+        seed: int = DEFAULT_SEED,
         userCol: str = "user",
         itemCol: str = "item",
         ratingCol: str = "rating",
@@ -147,7 +137,9 @@ class PrunedMF(
             pruningRate=0.3,
             pruneStartEpoch=2,
             truncateFactors=True,
+            regrowth=False,
             numBlocks=0,
+            seed=DEFAULT_SEED,
             userCol="user",
             itemCol="item",
             ratingCol="rating",
@@ -170,8 +162,9 @@ class PrunedMF(
         pruningRate: float = 0.3,
         pruneStartEpoch: int = 2,
         truncateFactors: bool = True,
+        regrowth: bool = False,
         numBlocks: int = 0,
-        seed: int | None = None,
+        seed: int = DEFAULT_SEED,
         userCol: str = "user",
         itemCol: str = "item",
         ratingCol: str = "rating",
@@ -184,27 +177,7 @@ class PrunedMF(
         kwargs = self._input_kwargs
         return self._set(**kwargs)
 
-    # setters ---------------------------------------------------------------
-    def setRank(self, value: int) -> PrunedMF:
-        """Sets the value of :py:attr:`rank`."""
-        return self._set(rank=value)
-
-    def setMaxIter(self, value: int) -> PrunedMF:
-        """Sets the value of :py:attr:`maxIter`."""
-        return self._set(maxIter=value)
-
-    def setStepSize(self, value: float) -> PrunedMF:
-        """Sets the value of :py:attr:`stepSize`."""
-        return self._set(stepSize=value)
-
-    def setRegParam(self, value: float) -> PrunedMF:
-        """Sets the value of :py:attr:`regParam`."""
-        return self._set(regParam=value)
-
-    def setInitStd(self, value: float) -> PrunedMF:
-        """Sets the value of :py:attr:`initStd`."""
-        return self._set(initStd=value)
-
+    # setters (the shared params' are SGDEstimator's) -------------------------
     def setOptimizer(self, value: str) -> PrunedMF:
         """Sets the value of :py:attr:`optimizer`."""
         return self._set(optimizer=value)
@@ -221,55 +194,24 @@ class PrunedMF(
         """Sets the value of :py:attr:`truncateFactors`."""
         return self._set(truncateFactors=value)
 
-    def setNumBlocks(self, value: int) -> PrunedMF:
-        """Sets the value of :py:attr:`numBlocks`."""
-        return self._set(numBlocks=value)
-
-    def setSeed(self, value: int) -> PrunedMF:
-        """Sets the value of :py:attr:`seed`."""
-        return self._set(seed=value)
-
-    def setUserCol(self, value: str) -> PrunedMF:
-        """Sets the value of :py:attr:`userCol`."""
-        return self._set(userCol=value)
-
-    def setItemCol(self, value: str) -> PrunedMF:
-        """Sets the value of :py:attr:`itemCol`."""
-        return self._set(itemCol=value)
-
-    def setRatingCol(self, value: str) -> PrunedMF:
-        """Sets the value of :py:attr:`ratingCol`."""
-        return self._set(ratingCol=value)
-
-    def setPredictionCol(self, value: str) -> PrunedMF:
-        """Sets the value of :py:attr:`predictionCol`."""
-        return self._set(predictionCol=value)
-
-    def setColdStartStrategy(self, value: str) -> PrunedMF:
-        """Sets the value of :py:attr:`coldStartStrategy`."""
-        return self._set(coldStartStrategy=value)
-
-    def setBlockSize(self, value: int) -> PrunedMF:
-        """Sets the value of :py:attr:`blockSize`."""
-        return self._set(blockSize=value)
-
-    def setBackend(self, value: str) -> PrunedMF:
-        """Sets the value of :py:attr:`backend`."""
-        return self._set(backend=value)
+    def setRegrowth(self, value: bool) -> PrunedMF:
+        """Sets the value of :py:attr:`regrowth`."""
+        return self._set(regrowth=value)
 
     # fit --------------------------------------------------------------------
-    def transformSchema(self, schema):
-        """Numeric user, item and rating columns, as ALS requires."""
-        check_numeric_column(schema, self.getUserCol())
-        check_numeric_column(schema, self.getItemCol())
-        check_numeric_column(schema, self.getRatingCol())
-        return schema
+    _name = "PrunedMF"
+    _param_rules = PRUNED_PARAM_RULES
+    _cuda_max_rank = MAX_RANK
 
-    def _job(self, spark) -> PrunedJob:
-        from spark_gpu_mf.executor.runtime import BackendChoice
-        from spark_gpu_mf.sgd.stratified import default_num_blocks
+    def _job(self, spark: SparkSession, backend: BackendChoice) -> PrunedJob:
+        from spark_gpu_mf import conf
+        from spark_gpu_mf.spark import session
 
-        choice = BackendChoice.for_session(spark, self.getBackend())
+        in_driver = conf.SGD_IN_DRIVER_MAX_RATINGS.get(spark)
+        if in_driver is None:
+            in_driver = 1_000_000 if session.is_local(spark) else 0
+        if session.is_connect(spark) or not session.is_local(spark) or backend.requested != "numpy":
+            in_driver = 0  # the driver never imports CuPy, and a Connect client is not the driver
         return PrunedJob(
             rank=self.getRank(),
             max_iter=self.getMaxIter(),
@@ -280,36 +222,12 @@ class PrunedMF(
             pruning_rate=self.getPruningRate(),
             prune_start_epoch=self.getPruneStartEpoch(),
             truncate_factors=self.getTruncateFactors(),
-            num_blocks=self.getNumBlocks() or default_num_blocks(spark),
+            regrowth=self.getRegrowth(),
+            num_blocks=self.getNumBlocks(),
             seed=self.getSeed(),
-            backend=choice.requested,
-            local_mode=choice.local_mode,
-            cpu_fallback=choice.cpu_fallback,
+            backend=backend,
+            in_driver_max_ratings=in_driver,
         )
 
-    def _fit(self, dataset: DataFrame) -> ALSModel:
-        validate_params(self, PRUNED_PARAM_RULES)
-        self.transformSchema(dataset.schema)
-        spark = dataset.sparkSession
-        if self.getBackend() == "cupy":
-            from spark_gpu_mf.backends import check_gpu_backend_available
-
-            check_gpu_backend_available(spark)
-            if self.getRank() > MAX_RANK:
-                raise IllegalArgumentException(
-                    desc=f"PrunedMF's CUDA kernel supports rank <= {MAX_RANK}, got rank "
-                    f"{self.getRank()}; use backend='auto' or 'numpy' for larger ranks.",
-                    stackTrace="",
-                )
-        ratings = validated_ratings(
-            dataset, self.getUserCol(), self.getItemCol(), self.getRatingCol()
-        )
-        result = train(spark, ratings, self._job(spark))
-        model = ALSModel._create(
-            self.getRank(),
-            result.user_factors,
-            result.item_factors,
-            uid=self.uid,
-            summary=result.summary,
-        )
-        return self._copyValues(model)
+    def _train(self, spark: SparkSession, ratings: DataFrame, backend: BackendChoice) -> SGDResult:
+        return train(spark, ratings, self._job(spark, backend))

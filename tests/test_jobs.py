@@ -548,6 +548,32 @@ def test_training_plot_is_a_png_with_the_metrics_found(tmp_path):
         plots.plot_training_summary({"iterations": []}, str(path), "x")
 
 
+def test_training_plot_puts_one_quantity_on_each_axis(tmp_path, monkeypatch):
+    """MascotMF's learning rate (~0.01) and FP32 group counts (up to 100) get axes of their own;
+    the user and item group counts share one; errors share one."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    mascot = {
+        "algorithm": "mascot",
+        "iterations": [
+            {"iteration": e, "seconds": 0.1, "trainRmse": 1.0 / e, "validationRmse": 1.1 / e,
+             "learningRate": 0.01 / e, "fp32UserGroups": 3 * e, "fp32ItemGroups": e}
+            for e in (1, 2, 3)
+        ],
+    }  # fmt: skip
+    plots.plot_training_summary(mascot, str(tmp_path / "mascot.png"), "MascotMF")
+    axes = [a for a in figures[0].axes if a.get_visible()]
+    labels = [sorted(line.get_label() for line in a.get_lines()) for a in axes]
+    assert labels[:3] == [
+        ["trainRmse", "validationRmse"],
+        ["learningRate"],
+        ["fp32ItemGroups", "fp32UserGroups"],
+    ]
+    assert len(axes) == 4 and axes[-1].get_ylabel() == "seconds"
+
+
 def test_json_outputs_are_written_whole(tmp_path):
     path = tmp_path / "m.json"
     common.write_json(str(path), {"rmse": np.float32(0.5), "n": np.int64(3)})
@@ -690,8 +716,9 @@ def test_parquet_ids_of_other_types_fail_in_one_line(spark, monkeypatch, capsys,
     )  # fmt: skip
     assert not failed
     dates = tmp_path / "d.parquet"
-    spark.createDataFrame([(1, 2, 3.0)], "user int, item int, rating double") \
-        .selectExpr("user", "date'2024-01-01' as item", "rating").write.parquet(str(dates))
+    spark.createDataFrame([(1, 2, 3.0)], "user int, item int, rating double").selectExpr(
+        "user", "date'2024-01-01' as item", "rating"
+    ).write.parquet(str(dates))
     status, err, failed = _train_on(spark, monkeypatch, capsys, dates)
     _assert_one_line_error(status, err, "column 'item' (date) holds no item ids; " + checks.ID_HINT)
     assert not failed

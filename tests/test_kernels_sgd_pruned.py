@@ -87,14 +87,16 @@ def make_cell(rng, rank, n, n_users=20, n_items=15, std=0.3):
     return users, items, ratings, P, Q, np.ones(n_users, np.float32), np.ones(n_items, np.float32)
 
 
-def run_both(module, cell, *, step, reg, t_p, t_q, optimizer, warps, epochs=1):
+def run_both(module, cell, *, step, reg, t_p, t_q, optimizer, warps, epochs=1, regrowth=False):
     """The same epochs through Numba (in order) and the shim; returns both final states."""
     users, items, ratings, *state = cell
     cpu = [a.copy() for a in state]
     gpu = [a.copy() for a in state]
     cpu_results, gpu_results = [], []
     for _ in range(epochs):
-        cpu_results.append(sgd_cell(users, items, ratings, *cpu, step, reg, t_p, t_q, optimizer))
+        cpu_results.append(
+            sgd_cell(users, items, ratings, *cpu, step, reg, t_p, t_q, optimizer, regrowth)
+        )
         gpu_results.append(
             pruned_cuda.launch_cell(
                 module,
@@ -109,6 +111,7 @@ def run_both(module, cell, *, step, reg, t_p, t_q, optimizer, warps, epochs=1):
                 threshold_q=t_q,
                 optimizer=optimizer,
                 warps=warps,
+                regrowth=regrowth,
             )
         )
     return cpu, gpu, cpu_results, gpu_results
@@ -116,7 +119,8 @@ def run_both(module, cell, *, step, reg, t_p, t_q, optimizer, warps, epochs=1):
 
 @pytest.mark.parametrize("rank", [5, 32, 50, 100, 200])  # all four entry points, ragged chunks
 @pytest.mark.parametrize("optimizer", [ADAGRAD, SGD], ids=["adagrad", "sgd"])
-def test_one_warp_matches_numba_rating_by_rating(module, rank, optimizer):
+@pytest.mark.parametrize("regrowth", [False, True], ids=["dpmf", "regrowth"])
+def test_one_warp_matches_numba_rating_by_rating(module, rank, optimizer, regrowth):
     rng = np.random.default_rng(rank)
     cell = make_cell(rng, rank, n=120)
     # The thresholds make d* spread over all chunks: P(keep a dimension) ~ 0.98^2 at 0.3 std.
@@ -130,6 +134,7 @@ def test_one_warp_matches_numba_rating_by_rating(module, rank, optimizer):
         optimizer=optimizer,
         warps=1,
         epochs=2,
+        regrowth=regrowth,
     )
     for (sse_c, macs_c), (sse_g, macs_g) in zip(cpu_results, gpu_results):
         assert macs_g == macs_c

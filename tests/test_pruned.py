@@ -51,9 +51,10 @@ def fit(sample):
 
 
 def reference_fit(user, item, rating, *, rank, max_iter, prune_start, rate, num_blocks, seed,
-                  step=0.1, reg=0.1, init_std=0.1):  # fmt: skip
+                  step=0.1, reg=0.1, init_std=0.1, regrowth=False):  # fmt: skip
     """PrunedMF in float64 NumPy: (user ids, P, item ids, Q, MACs per epoch, thresholds), with
-    P and Q in rating units and the thresholds in the same units."""
+    P and Q in rating units and the thresholds in the same units. ``regrowth``: each update
+    also covers the first insignificant dimension."""
     scale = float(np.std(rating.astype(np.float64)))
     scaled = (rating.astype(np.float64) / scale).astype(np.float32).astype(np.float64)
     reg = reg / scale
@@ -96,11 +97,12 @@ def reference_fit(user, item, rating, *, rank, max_iter, prune_start, rate, num_
                 for u, i, r in zip(*cells[bu, bi]):
                     small = (np.abs(p_block[u]) < t_p) | (np.abs(q_block[i]) < t_q)
                     stop = int(np.argmax(small)) if small.any() else rank
-                    p, q = p_block[u, :stop].copy(), q_block[i, :stop].copy()
-                    error = r - p @ q
+                    error = r - p_block[u, :stop] @ q_block[i, :stop]
+                    updated = min(stop + 1, rank) if regrowth else stop
+                    p, q = p_block[u, :updated].copy(), q_block[i, :updated].copy()
                     gp, gq = -error * q + reg * p, -error * p + reg * q
-                    p_block[u, :stop] = p - step / np.sqrt(GP[bu][u]) * gp
-                    q_block[i, :stop] = q - step / np.sqrt(GQ[bi][i]) * gq
+                    p_block[u, :updated] = p - step / np.sqrt(GP[bu][u]) * gp
+                    q_block[i, :updated] = q - step / np.sqrt(GQ[bi][i]) * gq
                     GP[bu][u] += gp @ gp / rank
                     GQ[bi][i] += gq @ gq / rank
                     macs += stop
@@ -151,16 +153,24 @@ def fitted_matrix(model):
 # --------------------------------------------------------------------------- behaviour
 
 
-@pytest.mark.parametrize("rate, truncate", [(0.0, True), (0.3, True), (0.3, False)])
-def test_fit_equals_the_float64_reference_of_the_same_schedule(sample, fit, rate, truncate):
+@pytest.mark.parametrize(
+    "rate, truncate, regrowth, num_blocks",
+    [(0.0, True, False, 2), (0.3, True, False, 2), (0.3, False, False, 2), (0.3, True, True, 2),
+     (0.3, False, True, 1)],
+)  # fmt: skip
+def test_fit_equals_the_float64_reference_of_the_same_schedule(
+    sample, fit, rate, truncate, regrowth, num_blocks
+):
     """truncateFactors=True: the model's dot products are the reference's pruned predictions;
-    False: the model's factors are the reference's factors."""
+    False: the model's factors are the reference's factors. One block runs in the driver."""
     _, (user, item, rating) = sample
-    model = fit(pruningRate=rate, truncateFactors=truncate)
+    model = fit(pruningRate=rate, truncateFactors=truncate, regrowth=regrowth, numBlocks=num_blocks)
+    assert model.summary.details["inDriver"] == (num_blocks == 1)
     users, P, items, Q = fitted_matrix(model)
     ref_users, ref_P, ref_items, ref_Q, ref_macs, ref_thresholds = reference_fit(
-        user, item, rating, rank=6, max_iter=3, prune_start=1, rate=rate, num_blocks=2, seed=5
-    )
+        user, item, rating, rank=6, max_iter=3, prune_start=1, rate=rate,
+        num_blocks=num_blocks, seed=5, regrowth=regrowth,
+    )  # fmt: skip
     np.testing.assert_array_equal(users, np.sort(ref_users))
     np.testing.assert_array_equal(items, np.sort(ref_items))
     # Every threshold comparison went the same way, so the multiply-adds agree exactly.
@@ -176,6 +186,34 @@ def test_fit_equals_the_float64_reference_of_the_same_schedule(sample, fit, rate
         assert ref_macs == [6 * len(rating)] * 3
     else:
         assert all(m < 6 * len(rating) for m in ref_macs[1:])
+
+
+def test_regrowth_lengthens_the_dot_products(fit):
+    """Same seed and schedule: letting the first insignificant entry learn lets rows regain
+    dimensions, so the pruned epochs execute more multiply-adds than under DP-MF's rule."""
+    frozen = fit(pruningRate=0.3, truncateFactors=True)
+    regrown = fit(pruningRate=0.3, truncateFactors=True, regrowth=True)
+    assert regrown.summary.details["regrowth"] and not frozen.summary.details["regrowth"]
+    assert frozen.summary.metric("macFraction")[0] == regrown.summary.metric("macFraction")[0]
+    assert regrown.summary.details["macFraction"] > frozen.summary.details["macFraction"]
+
+
+def test_one_block_in_the_driver_equals_one_block_through_spark(spark, sample, fit):
+    """spark.gpumf.sgd.inDriverMaxRatings=0 sends a one-block fit through Spark's jobs: the same
+    cells in the same order give the same factors."""
+    frame, _ = sample
+    in_driver = fit(pruningRate=0.3, truncateFactors=False, numBlocks=1)
+    spark.conf.set("spark.gpumf.sgd.inDriverMaxRatings", "0")
+    try:
+        through_spark = PrunedMF(**{**SETTINGS, "numBlocks": 1, "truncateFactors": False}).fit(
+            frame
+        )
+    finally:
+        spark.conf.unset("spark.gpumf.sgd.inDriverMaxRatings")
+    assert not through_spark.summary.details["inDriver"]
+    assert through_spark.summary.metric("macFraction") == in_driver.summary.metric("macFraction")
+    for a, b in zip(fitted_matrix(in_driver), fitted_matrix(through_spark)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_rate_zero_is_plain_sgd_up_to_the_column_permutation(fit):
@@ -239,21 +277,22 @@ def test_params_signature_defaults_and_setters():
     expected = {
         "rank": 30, "maxIter": 20, "stepSize": 0.1, "regParam": 0.1, "initStd": 0.1,
         "optimizer": "adagrad", "pruningRate": 0.3, "pruneStartEpoch": 2,
-        "truncateFactors": True, "numBlocks": 0,
+        "truncateFactors": True, "regrowth": False, "numBlocks": 0,
         "userCol": "user", "itemCol": "item", "ratingCol": "rating",
         "predictionCol": "prediction", "coldStartStrategy": "nan", "blockSize": 4096,
         "backend": "auto",
+        # Java's hashCode of the class name, as Spark's JVM estimators: the same in every process
+        "seed": -1238614425,
     }  # fmt: skip
     for method in (PrunedMF.__init__, PrunedMF.setParams):
         parameters = dict(inspect.signature(method).parameters)
         parameters.pop("self")
         assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters.values())
-        assert parameters.pop("seed").default is None
         assert {name: p.default for name, p in parameters.items()} == expected
     assert {name: estimator.getOrDefault(name) for name in expected} == expected
     values = {"Rank": 8, "MaxIter": 3, "StepSize": 0.05, "RegParam": 0.2, "InitStd": 0.01,
               "Optimizer": "sgd", "PruningRate": 0.5, "PruneStartEpoch": 1, "NumBlocks": 3,
-              "TruncateFactors": False,
+              "TruncateFactors": False, "Regrowth": True,
               "Seed": 7, "UserCol": "u", "ItemCol": "i", "RatingCol": "r", "PredictionCol": "p",
               "ColdStartStrategy": "drop", "BlockSize": 64, "Backend": "numpy"}  # fmt: skip
     for suffix, value in values.items():

@@ -10,8 +10,11 @@ from spark_gpu_mf.sgd import pruned_math
 from spark_gpu_mf.sgd.pruned_numba import ADAGRAD, SGD, sgd_cell
 
 
-def reference_cell(users, items, ratings, P, Q, GP, GQ, step, reg, t_p, t_q, optimizer):
-    """DP-MF on one cell, rating by rating, in float64 NumPy (returns new arrays)."""
+def reference_cell(
+    users, items, ratings, P, Q, GP, GQ, step, reg, t_p, t_q, optimizer, regrowth=False
+):
+    """DP-MF on one cell, rating by rating, in float64 NumPy (returns new arrays). With
+    ``regrowth`` the update also covers the first insignificant dimension."""
     P, Q = P.astype(np.float64), Q.astype(np.float64)
     GP, GQ = GP.astype(np.float64), GQ.astype(np.float64)
     k = P.shape[1]
@@ -19,15 +22,16 @@ def reference_cell(users, items, ratings, P, Q, GP, GQ, step, reg, t_p, t_q, opt
     for u, i, r in zip(users, items, ratings.astype(np.float64)):
         small = (np.abs(P[u]) < t_p) | (np.abs(Q[i]) < t_q)
         stop = int(np.argmax(small)) if small.any() else k
-        p, q = P[u, :stop].copy(), Q[i, :stop].copy()
-        error = r - p @ q
+        error = r - P[u, :stop] @ Q[i, :stop]
         sse += error**2
         macs += stop
+        updated = min(stop + 1, k) if regrowth else stop
+        p, q = P[u, :updated].copy(), Q[i, :updated].copy()
         eta_p = step / np.sqrt(GP[u]) if optimizer == ADAGRAD else step
         eta_q = step / np.sqrt(GQ[i]) if optimizer == ADAGRAD else step
         gp, gq = -error * q + reg * p, -error * p + reg * q
-        P[u, :stop] = p - eta_p * gp
-        Q[i, :stop] = q - eta_q * gq
+        P[u, :updated] = p - eta_p * gp
+        Q[i, :updated] = q - eta_q * gq
         if optimizer == ADAGRAD:
             GP[u] += gp @ gp / k
             GQ[i] += gq @ gq / k
@@ -43,12 +47,13 @@ def random_cell(rng, n_users=12, n_items=9, rank=6, n=200, std=0.3):
     return users, items, ratings, P, Q, np.ones(n_users), np.ones(n_items)
 
 
+@pytest.mark.parametrize("regrowth", [False, True], ids=["dpmf", "regrowth"])
 @pytest.mark.parametrize("optimizer", [ADAGRAD, SGD], ids=["adagrad", "sgd"])
 @pytest.mark.parametrize("thresholds", [(0.0, 0.0), (0.12, 0.2), (0.3, 0.05)])
-def test_matches_float64_reference(optimizer, thresholds):
+def test_matches_float64_reference(optimizer, thresholds, regrowth):
     rng = np.random.default_rng(10)
     users, items, ratings, P, Q, GP, GQ = random_cell(rng)
-    args = (0.1, 0.05, *thresholds, optimizer)
+    args = (0.1, 0.05, *thresholds, optimizer, regrowth)
     P_ref, Q_ref, GP_ref, GQ_ref, sse_ref, macs_ref = reference_cell(
         users, items, ratings, P, Q, GP, GQ, *args
     )
@@ -97,6 +102,31 @@ def test_break_and_counter_on_a_hand_checkable_cell():
     np.testing.assert_allclose(P[0, :2], [1.1, 1.1])
     assert GP[0] == pytest.approx(1.5)
     assert np.all(P[2] != before_P[2])
+
+
+def test_regrowth_updates_the_first_insignificant_entry_only():
+    """The hand-checkable cell with regrowth: rating 0 stops its dot product at d* = 2 but also
+    updates P[0, 2] and Q[0, 2] (and nothing after); rating 1 (d* = 0) updates dimension 0 alone;
+    rating 2 (no insignificant entry) is unchanged by the option."""
+    P = np.array([[1.0, 1.0, 0.01, 1.0], [1.0, 1.0, 1.0, 1.0], [0.5, -0.5, 0.5, -0.5]])
+    Q = np.array([[1.0, 1.0, 1.0, 1.0], [0.05, 1.0, 1.0, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    ratings = np.array([3.0, 2.0, 1.0], np.float32)
+    rows = np.arange(3, dtype=np.int32)
+    before_P, before_Q = P.copy(), Q.copy()
+    frozen_P, frozen_Q = P.copy(), Q.copy()
+    G = [np.ones(3) for _ in range(4)]
+    args = (0.1, 0.0, 0.1, 0.1, SGD)
+    regrown = sgd_cell(rows, rows, ratings, P, Q, G[0], G[1], *args, True)
+    frozen = sgd_cell(rows, rows, ratings, frozen_P, frozen_Q, G[2], G[3], *args, False)
+    assert regrown == frozen  # same dot products: same errors and the same counter
+    # Rating 0: e = 1, so q[2] = 1 pulls p[2] from 0.01 to 0.11 (above the threshold again).
+    np.testing.assert_allclose(P[0, :3], [1.1, 1.1, 0.11])
+    np.testing.assert_allclose(Q[0, 2], 1.0 + 0.1 * 0.01)
+    assert P[0, 3] == before_P[0, 3] and Q[0, 3] == before_Q[0, 3]
+    # Rating 1: e = 2, d* = 0: only dimension 0 moves.
+    np.testing.assert_allclose(Q[1, 0], 0.05 + 0.1 * 2.0 * 1.0)
+    np.testing.assert_array_equal(Q[1, 1:], before_Q[1, 1:])
+    np.testing.assert_array_equal(P[2], frozen_P[2])
 
 
 def test_pruning_rate_zero_is_plain_sgd_up_to_the_column_permutation():

@@ -1,8 +1,11 @@
 """The per-iteration plot of a training summary (a PNG the jobs write with ``--plot-out``).
 
-Panels, left to right: the error curves (``trainRmse``, ``validationRmse``, ...), the other
-per-iteration metrics an estimator reports (for example PrunedMF's ``macFraction``), and the
-seconds per iteration. Time breakdowns (``...Seconds``) and flags stay in the metrics JSON.
+Panels: the error curves (``trainRmse``, ``validationRmse``, ...), then one panel per other
+quantity an estimator reports (PrunedMF's ``macFraction``, MascotMF's ``learningRate`` and its
+FP32 group counts, ``fp32UserGroups`` and ``fp32ItemGroups`` together), and the seconds per
+iteration. Every axis shows one quantity: a learning rate of 0.01 drawn on the axis of group
+counts up to 100 would be a flat line at zero. Time breakdowns (``...Seconds``) and flags stay
+in the metrics JSON.
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ def is_error_metric(name: str) -> bool:
     return lowered.endswith(("rmse", "mae", "loss"))
 
 
+def quantity(name: str) -> str:
+    """What a metric measures, for sharing an axis: the user and item variants of a count are
+    one quantity (``fp32UserGroups`` and ``fp32ItemGroups`` -> ``fp32Groups``)."""
+    return name.replace("User", "").replace("Item", "")
+
+
 def plot_training_summary(summary: dict[str, Any], path: str, title: str) -> None:
     """Write a PNG of a training summary's per-iteration curves.
 
@@ -72,15 +81,19 @@ def plot_training_summary(summary: dict[str, Any], path: str, title: str) -> Non
     steps = [entry["iteration"] for entry in iterations]
     unit = step_unit(summary)
     names = metric_names(summary)
-    groups = [
-        ("error", [n for n in names if is_error_metric(n)]),
-        ("other metrics", [n for n in names if not is_error_metric(n)]),
-    ]
+    others: dict[str, list[str]] = {}
+    for name in names:
+        if not is_error_metric(name):
+            others.setdefault(quantity(name), []).append(name)
+    groups = [("error", [n for n in names if is_error_metric(n)]), *others.items()]
     groups = [(label, members) for label, members in groups if members]
-    figure, axes = plt.subplots(
-        1, len(groups) + 1, figsize=(5.5 * (len(groups) + 1), 4), squeeze=False
-    )
-    axes = axes[0]
+    columns = min(len(groups) + 1, 3)
+    rows = -(-(len(groups) + 1) // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(5.5 * columns, 4 * rows), squeeze=False)
+    axes = list(grid.flat)
+    for axis in axes[len(groups) + 1 :]:
+        axis.set_visible(False)
+    axes = axes[: len(groups) + 1]
     for axis in axes:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     for axis, (label, members) in zip(axes, groups):

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from spark_gpu_mf.backends import cuda_kernels
+from spark_gpu_mf.sgd import warp_launch
+from spark_gpu_mf.sgd.warp_launch import DIMS_PER_LANE, MAX_RANK, production_warps
 
 __all__ = [
     "DIMS_PER_LANE",
@@ -30,34 +32,14 @@ __all__ = [
     "sampled_positions",
 ]
 
-KERNEL_FILE = "sgd_mascot.cu"
-DIMS_PER_LANE = (1, 2, 4, 8)  # the instantiated entry points mascot_sgd_d{1,2,4,8}
-MAX_RANK = 32 * DIMS_PER_LANE[-1]
-WARPS_PER_BLOCK = 4  # 128 threads per block, as MASCOT's kernel
-RATINGS_PER_WARP = 128  # MASCOT's warps run rounds of 128 consecutive ratings
+KERNEL_FILE = "sgd_mascot.cu"  # entry points mascot_sgd_d{1,2,4,8}; geometry: warp_launch
 SUM_THREADS = 128  # threads per block of mascot_group_sums
 STORAGE_ARRAYS = ("half", "single", "slot", "group")
 
 
 def kernel_name(rank: int) -> str:
     """The entry point for ``rank``: the fewest dimensions per lane that cover it."""
-    for dims in DIMS_PER_LANE:
-        if rank <= 32 * dims:
-            return f"mascot_sgd_d{dims}"
-    raise ValueError(f"the CUDA MascotMF kernel supports rank <= {MAX_RANK}, got {rank}")
-
-
-def production_warps(num_ratings: int) -> int:
-    """Warps for a cell on a real GPU: one per ``RATINGS_PER_WARP`` ratings, Hogwild between
-    them inside the cell. ``warps=1`` is the in-order configuration the tests compare."""
-    return max(1, -(-num_ratings // RATINGS_PER_WARP))
-
-
-def _launch_shape(n: int, warps: int) -> tuple[int, int]:
-    warps = max(1, min(int(warps), max(n, 1)))
-    per_block = min(warps, WARPS_PER_BLOCK)
-    blocks = -(-warps // per_block)
-    return blocks, per_block
+    return warp_launch.kernel_name("mascot_sgd_d", rank, "MascotMF")
 
 
 def sampled_positions(n: int, total_warps: int, sample_ratio: float) -> tuple[np.ndarray, ...]:
@@ -122,7 +104,7 @@ def launch_cell(
     rank = int(user["half"].shape[1])
     if n == 0:
         return 0.0, None
-    blocks, per_block = _launch_shape(n, warps)
+    blocks, per_block = warp_launch.launch_shape(n, warps)
     total_warps = blocks * per_block
     sse = xp.zeros(total_warps, dtype=xp.float64)
     if collect:

@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 
 from spark_gpu_mf.backends.numba_intrinsics import from_half_bits, non_finite_half, to_half_bits
+from spark_gpu_mf.executor.runtime import BackendChoice
 from spark_gpu_mf.sgd.cells import Cell, RowState
+from spark_gpu_mf.sgd.common import task_uses_gpu
 from spark_gpu_mf.sgd.mascot_numba import cell_sgd, cell_squared_error
 
 __all__ = [
@@ -107,19 +109,6 @@ def _storage(state: RowState, group_fp32: np.ndarray) -> dict[str, np.ndarray]:
     return {**state, "group_fp32": np.ascontiguousarray(group_fp32, dtype=np.uint8)}
 
 
-def _use_gpu(settings: Mapping[str, Any]) -> bool:
-    if settings.get("backend", "numpy") == "numpy":
-        return False
-    from spark_gpu_mf.backends import select_backend
-
-    backend = select_backend(
-        settings["backend"],
-        local_mode=settings.get("local_mode"),
-        cpu_fallback=settings.get("cpu_fallback", True),
-    )
-    return backend.__name__.endswith("cupy_backend")
-
-
 def _check_finite(cell: Cell, users: RowState, items: RowState, epoch: Any) -> None:
     """FP16 overflow (or divergence in FP32) must never leave silent inf/NaN factors."""
     for name, state in (("user", users), ("item", items)):
@@ -137,8 +126,8 @@ def update_cell(
     """SGD over one cell (the stratified runner's update function).
 
     Settings: ``lr``, ``reg``, ``collect`` (a check epoch), ``sample_ratio``,
-    ``user_group_fp32``/``item_group_fp32`` (uint8 per group), ``backend``, ``local_mode``,
-    ``cpu_fallback``. Returns ``sse`` and ``count`` (training error of the cell, each rating's
+    ``user_group_fp32``/``item_group_fp32`` (uint8 per group), ``backend`` (the driver's
+    ``BackendChoice``). Returns ``sse`` and ``count`` (training error of the cell, each rating's
     error taken before its update) and, when ``collect``, the g-switching sums ``user_sums``,
     ``user_squares``, ``item_sums``, ``item_squares`` over the sampled updates of FP16 groups.
     """
@@ -146,7 +135,7 @@ def update_cell(
     item = _storage(items, settings["item_group_fp32"])
     collect = bool(settings["collect"])
     rank = users[HALF].shape[1]
-    if _use_gpu(settings):
+    if task_uses_gpu(settings.get("backend", BackendChoice("numpy"))):
         from spark_gpu_mf.sgd import mascot_cuda
 
         sse, statistics = mascot_cuda.cell_sgd_cupy(

@@ -24,6 +24,7 @@ import numpy as np
 from pyspark.sql import DataFrame, SparkSession
 
 from spark_gpu_mf.sgd import mascot_tasks
+from spark_gpu_mf.sgd.common import SGDJob, SGDResult
 from spark_gpu_mf.sgd.mascot_groups import GroupPrecision, count_groups, is_check_epoch
 from spark_gpu_mf.sgd.stratified import BlockLayout, StratifiedRunner, build_strata, merged_ids
 from spark_gpu_mf.spark import session as sessions
@@ -37,16 +38,11 @@ logger = logging.getLogger("spark_gpu_mf")
 _SIDES = ("user", "item")
 
 
-@dataclass(frozen=True)
-class MascotJob:
-    """Everything one fit needs, resolved from params and confs on the driver."""
+@dataclass(frozen=True, kw_only=True)
+class MascotJob(SGDJob):
+    """MascotMF's fit: the shared SGD fields plus MASCOT's."""
 
-    rank: int
-    max_iter: int
-    step_size: float
     decay: float
-    reg_param: float
-    init_std: float
     storage: str
     num_user_groups: int
     num_item_groups: int
@@ -54,19 +50,10 @@ class MascotJob:
     check_interval: int
     error_threshold: float
     first_check_epoch: int
-    num_blocks: int
-    seed: int
     has_validation: bool = False
-    backend: str = "numpy"
-    local_mode: bool = True
-    cpu_fallback: bool = True
 
 
-@dataclass
-class MascotResult:
-    user_factors: DataFrame
-    item_factors: DataFrame
-    summary: TrainingSummary
+MascotResult = SGDResult
 
 
 def learning_rate(step_size: float, decay: float, epoch: int) -> float:
@@ -142,7 +129,7 @@ def train(spark: SparkSession, ratings: DataFrame, job: MascotJob) -> MascotResu
                 "numBlocks": strata.num_blocks,
                 "numUserGroups": sides["user"].precision.num_groups,
                 "numItemGroups": sides["item"].precision.num_groups,
-                "backend": job.backend,
+                "backend": job.backend.requested,
                 "setupStrataSeconds": strata.setup_seconds,
             }
         )
@@ -188,8 +175,6 @@ def _epochs(runner, job: MascotJob, sides, validate: bool, summary: TrainingSumm
         "reg": job.reg_param,
         "sample_ratio": job.sample_ratio,
         "backend": job.backend,
-        "local_mode": job.local_mode,
-        "cpu_fallback": job.cpu_fallback,
     }
     for epoch in range(job.max_iter):
         epoch_started = time.perf_counter()

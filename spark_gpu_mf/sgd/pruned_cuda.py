@@ -13,9 +13,12 @@ from __future__ import annotations
 import numpy as np
 
 from spark_gpu_mf.backends import cuda_kernels
+from spark_gpu_mf.sgd import warp_launch
 from spark_gpu_mf.sgd.pruned_numba import ADAGRAD
+from spark_gpu_mf.sgd.warp_launch import DIMS_PER_LANE, MAX_RANK, production_warps
 
 __all__ = [
+    "DIMS_PER_LANE",
     "KERNEL_FILE",
     "MAX_RANK",
     "get_module",
@@ -25,25 +28,12 @@ __all__ = [
     "sgd_cell_cupy",
 ]
 
-KERNEL_FILE = "sgd_pruned.cu"
-DIMS_PER_LANE = (1, 2, 4, 8)  # the instantiated entry points sgd_pruned_d{1,2,4,8}
-MAX_RANK = 32 * DIMS_PER_LANE[-1]
-WARPS_PER_BLOCK = 4  # 128 threads: __launch_bounds__(256) leaves room, 48 registers each
-RATINGS_PER_WARP = 128  # as MASCOT: each warp runs 128 consecutive ratings of the cell
+KERNEL_FILE = "sgd_pruned.cu"  # entry points sgd_pruned_d{1,2,4,8}; geometry: warp_launch
 
 
 def kernel_name(rank: int) -> str:
     """The entry point for ``rank``: the fewest dimensions per lane that cover it."""
-    for dims in DIMS_PER_LANE:
-        if rank <= 32 * dims:
-            return f"sgd_pruned_d{dims}"
-    raise ValueError(f"the CUDA PrunedMF kernel supports rank <= {MAX_RANK}, got {rank}")
-
-
-def production_warps(num_ratings: int) -> int:
-    """Warps for a cell on a real GPU: one per ``RATINGS_PER_WARP`` ratings (Hogwild between
-    warps inside the cell). ``warps=1`` is the deterministic, in-order configuration."""
-    return max(1, -(-num_ratings // RATINGS_PER_WARP))
+    return warp_launch.kernel_name("sgd_pruned_d", rank, "PrunedMF")
 
 
 def launch_cell(
@@ -63,6 +53,7 @@ def launch_cell(
     threshold_q: float,
     optimizer: int,
     warps: int,
+    regrowth: bool = False,
 ) -> tuple[float, int]:
     """Run one cell's ratings through the kernel; ``P``, ``Q``, ``GP``, ``GQ`` change in place.
 
@@ -75,9 +66,7 @@ def launch_cell(
     rank = int(P.shape[1])
     if n == 0:
         return 0.0, 0
-    warps = max(1, min(int(warps), n))
-    per_block = min(warps, WARPS_PER_BLOCK)
-    blocks = -(-warps // per_block)
+    blocks, per_block = warp_launch.launch_shape(n, warps)
     total_warps = blocks * per_block
     sse = xp.zeros(total_warps, dtype=xp.float64)
     macs = xp.zeros(total_warps, dtype=xp.int64)
@@ -100,6 +89,7 @@ def launch_cell(
             np.float32(threshold_p),
             np.float32(threshold_q),
             np.int32(1 if optimizer == ADAGRAD else 0),
+            np.int32(1 if regrowth else 0),
             sse,
             macs,
         ),
@@ -125,6 +115,7 @@ def sgd_cell_cupy(
     threshold_p: float,
     threshold_q: float,
     optimizer: int,
+    regrowth: bool = False,
 ) -> tuple[float, int]:
     """``pruned_numba.sgd_cell`` on the task's GPU: host arrays in, updated in place."""
     import cupy
@@ -140,6 +131,7 @@ def sgd_cell_cupy(
         threshold_q=threshold_q,
         optimizer=optimizer,
         warps=production_warps(len(ratings)),
+        regrowth=regrowth,
     )
     for host, updated in zip((P, Q, GP, GQ), device[3:]):
         host[...] = cupy.asnumpy(updated)

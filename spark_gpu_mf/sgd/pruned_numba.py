@@ -17,8 +17,15 @@ The pruning test of the update loop reads each dimension before it is updated, s
 same ``d*`` as the dot product; ``d*`` is found once, and the two loops over ``[0, d*)`` have no
 branch, which lets LLVM vectorize them.
 
+``regrowth`` (off in DP-MF): the update also covers dimension ``d*`` itself (when ``d* < k``),
+with the same error and the same formulas, so an entry that fell below its threshold keeps
+learning and can grow back above it; the next rating of that row then reads one dimension more.
+Under DP-MF's rule an entry below the threshold is frozen for good, and so is everything after
+it in that row: a row's dot products can only get shorter.
+
 Executed multiply-adds are counted like the authors' ``n_ele_mul``: ``d*`` per rating for the dot
-product (the update's work is proportional to the same ``d*``), against ``k`` per rating unpruned.
+product (the update's work is proportional to the same ``d*``, or ``d* + 1`` with ``regrowth``),
+against ``k`` per rating unpruned.
 
 Arithmetic: scalars and accumulators are float64 and results are rounded once when stored, so on
 float32 factors this is float32 storage with float64 arithmetic, and on float64 factors it is
@@ -57,6 +64,7 @@ def sgd_cell(
     threshold_p: float,
     threshold_q: float,
     optimizer: int,
+    regrowth: bool = False,
 ) -> tuple[float, int]:
     """Run the ratings of one cell in order; update ``P``, ``Q``, ``GP``, ``GQ`` in place.
 
@@ -76,6 +84,8 @@ def sgd_cell(
         Pruning thresholds; 0 disables pruning.
     optimizer : int
         ``ADAGRAD`` or ``SGD``.
+    regrowth : bool
+        Also update the first insignificant dimension ``d*`` (see the module docstring).
 
     Returns
     -------
@@ -112,9 +122,10 @@ def sgd_cell(
         else:
             eta_p = step
             eta_q = step
+        updated = stop + 1 if regrowth and stop < k else stop
         gp_squares = 0.0
         gq_squares = 0.0
-        for d in range(stop):
+        for d in range(updated):
             old_p = float(p[d])
             old_q = float(q[d])
             gp = -error * old_q + reg * old_p

@@ -1,9 +1,9 @@
 """PrunedMF's own params, declared like ``pyspark.ml.param.shared``: one mixin per param.
 
-``pruningRate``, ``pruneStartEpoch``, ``optimizer`` and ``truncateFactors`` are here. The generic
-SGD params (``rank``, ``ratingCol``, ``initStd``, ``numBlocks``) come from ``sgd/params.py``, shared
-with MascotMF, and Spark's own mixins (``HasMaxIter``, ``HasRegParam``, ``HasSeed``,
-``HasStepSize``, ``_ALSModelParams``) are reused as they are.
+``pruningRate``, ``pruneStartEpoch``, ``optimizer``, ``truncateFactors`` and ``regrowth`` are
+here. The generic SGD params (``rank``, ``ratingCol``, ``initStd``, ``numBlocks``) come from
+``sgd/params.py``, shared with MascotMF, and Spark's own mixins (``HasMaxIter``,
+``HasRegParam``, ``HasSeed``, ``HasStepSize``, ``_ALSModelParams``) are reused as they are.
 
 Defaults are the DP-MF authors' (their LIBMF fork, papers.md "Implementation spec" B): rank 30,
 20 epochs, step 0.1, lambda 0.1, N(0, 0.1) initialization, pruning rate 0.3 from epoch 2.
@@ -19,6 +19,7 @@ __all__ = [
     "HasOptimizer",
     "HasPruneStartEpoch",
     "HasPruningRate",
+    "HasRegrowth",
     "HasTruncateFactors",
 ]
 
@@ -102,3 +103,24 @@ class HasTruncateFactors(Params):
     def getTruncateFactors(self) -> bool:
         """Gets the value of truncateFactors or its default value."""
         return self.getOrDefault(self.truncateFactors)
+
+
+class HasRegrowth(Params):
+    """Mixin for param regrowth: whether pruned entries may grow back above the threshold."""
+
+    regrowth: Param[bool] = Param(
+        Params._dummy(),
+        "regrowth",
+        "keep updating each rating's first insignificant dimension (the one its pruned dot "
+        "product stops at), so an entry that fell below the threshold can grow back and the "
+        "row's dot products lengthen again (true); false is DP-MF's rule, under which that "
+        "entry and every later one of the row are frozen for the rest of the fit",
+        typeConverter=TypeConverters.toBoolean,
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def getRegrowth(self) -> bool:
+        """Gets the value of regrowth or its default value."""
+        return self.getOrDefault(self.regrowth)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from spark_gpu_mf.sgd.cells import Cell, RowState
+from spark_gpu_mf.sgd.common import task_uses_gpu
 from spark_gpu_mf.sgd.pruned_numba import sgd_cell
 
 __all__ = ["ACCUMULATOR", "FACTORS", "initial_state", "update_cell"]
@@ -53,19 +54,12 @@ def initial_state(
 
 
 def _cell_kernel(settings: Mapping[str, Any], rank: int):
-    """``pruned_numba.sgd_cell`` or its CUDA twin, by the task's backend."""
-    if settings["backend"] == "numpy":
-        return sgd_cell
-    from spark_gpu_mf.backends import cupy_backend, select_backend
-    from spark_gpu_mf.sgd import pruned_cuda
+    """``pruned_numba.sgd_cell`` or its CUDA twin, by the task's backend (a ``BackendChoice``)."""
+    if task_uses_gpu(settings["backend"]):
+        from spark_gpu_mf.sgd import pruned_cuda
 
-    chosen = select_backend(
-        settings["backend"],
-        local_mode=settings["local_mode"],
-        cpu_fallback=settings["cpu_fallback"],
-    )
-    if chosen is cupy_backend and rank <= pruned_cuda.MAX_RANK:
-        return pruned_cuda.sgd_cell_cupy
+        if rank <= pruned_cuda.MAX_RANK:
+            return pruned_cuda.sgd_cell_cupy
     return sgd_cell
 
 
@@ -75,8 +69,8 @@ def update_cell(
     """One cell of one sub-epoch (the runner's ``CellFunction``).
 
     ``settings``: ``step``, ``reg`` (training scale), ``threshold_user``, ``threshold_item``
-    (0 before pruning starts), ``optimizer`` (``pruned_numba.OPTIMIZERS`` code), ``backend``,
-    ``local_mode``, ``cpu_fallback``.
+    (0 before pruning starts), ``optimizer`` (``pruned_numba.OPTIMIZERS`` code), ``regrowth``,
+    ``backend`` (the driver's ``BackendChoice``).
 
     Returns ``sse`` (squared errors of the pruned predictions, before each update, in training
     scale), ``macs`` (executed multiply-adds) and ``cpu_seconds`` (CPU time of this thread in the
@@ -99,6 +93,7 @@ def update_cell(
         float(settings["threshold_user"]),
         float(settings["threshold_item"]),
         int(settings["optimizer"]),
+        bool(settings.get("regrowth", False)),
     )
     cpu_seconds = time.thread_time() - started
     return {

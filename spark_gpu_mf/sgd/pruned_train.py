@@ -11,6 +11,10 @@ authors' LIBMF fork:
   on the driver where the runner keeps the blocks between sub-epochs; every later epoch prunes;
 * with ``truncateFactors``, every row is zeroed from its first insignificant entry on at the end
   (``pruned_math.truncate_rows``), so the model predicts exactly what training fitted.
+
+Small fits run in the driver (``stratified.collect_strata``, one block) when
+``spark.gpumf.sgd.inDriverMaxRatings`` allows it and ``numBlocks`` is 0 or 1: on 100K ratings a
+Spark job per sub-epoch costs more than the whole epoch's SGD.
 """
 
 from __future__ import annotations
@@ -27,51 +31,51 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from spark_gpu_mf.sgd import pruned_math
+from spark_gpu_mf.sgd.common import SGDJob, SGDResult
 from spark_gpu_mf.sgd.pruned_numba import OPTIMIZERS
 from spark_gpu_mf.sgd.pruned_tasks import ACCUMULATOR, FACTORS, initial_state, update_cell
-from spark_gpu_mf.sgd.stratified import StratifiedRunner, build_strata, merged_ids
+from spark_gpu_mf.sgd.stratified import (
+    StratifiedRunner,
+    build_strata,
+    collect_strata,
+    default_num_blocks,
+    merged_ids,
+)
 from spark_gpu_mf.spark import session as sessions
 from spark_gpu_mf.spark.factors import factors_dataframe
 from spark_gpu_mf.summary import TrainingSummary
 
-__all__ = ["PrunedJob", "PrunedResult", "train"]
+__all__ = ["PrunedJob", "PrunedResult", "rating_scale", "train"]
 
 logger = logging.getLogger("spark_gpu_mf")
 
 _USER_SIDE, _ITEM_SIDE = 0, 1
 
 
-@dataclass(frozen=True)
-class PrunedJob:
-    """Everything one fit needs, resolved from params and confs on the driver."""
+@dataclass(frozen=True, kw_only=True)
+class PrunedJob(SGDJob):
+    """PrunedMF's fit: the shared SGD fields plus DP-MF's, and where small fits may run.
 
-    rank: int
-    max_iter: int
-    step_size: float
-    reg_param: float
-    init_std: float
+    ``in_driver_max_ratings``: the largest fit that runs in the driver (0: never); the caller
+    sets it only where that is possible (local master, classic session, NumPy backend).
+    """
+
     optimizer: str
     pruning_rate: float
     prune_start_epoch: int
-    num_blocks: int
-    seed: int
     truncate_factors: bool = True
-    backend: str = "numpy"
-    local_mode: bool = True
-    cpu_fallback: bool = True
+    regrowth: bool = False
+    in_driver_max_ratings: int = 0
 
 
-@dataclass
-class PrunedResult:
-    user_factors: DataFrame
-    item_factors: DataFrame
-    summary: TrainingSummary
+PrunedResult = SGDResult
 
 
-def rating_scale(ratings: DataFrame) -> float:
-    """LIBMF's scale: the standard deviation of the ratings (1 if they are all equal or none)."""
-    std = ratings.agg(F.stddev_pop("rating")).collect()[0][0]
-    return float(std) if std and std > 0 else 1.0
+def rating_scale(ratings: DataFrame) -> tuple[float, int]:
+    """LIBMF's scale, the standard deviation of the ratings (1 if they are all equal or none),
+    and the number of ratings: one Spark job."""
+    count, std = ratings.agg(F.count(F.lit(1)), F.stddev_pop("rating")).collect()[0]
+    return (float(std) if std and std > 0 else 1.0), int(count)
 
 
 def train(spark: SparkSession, ratings: DataFrame, job: PrunedJob) -> PrunedResult:
@@ -82,11 +86,16 @@ def train(spark: SparkSession, ratings: DataFrame, job: PrunedJob) -> PrunedResu
     strata = runner = None
     try:
         sessions.set_job_description(spark, "spark_gpu_mf PrunedMF: rating scale")
-        scale = rating_scale(ratings)
+        scale, count = rating_scale(ratings)
         scaled = ratings.withColumn("rating", (F.col("rating") / F.lit(scale)).cast(T.FloatType()))
-        strata = build_strata(
-            spark, scaled, num_blocks=job.num_blocks, seed=job.seed, label="PrunedMF"
-        )
+        if job.num_blocks <= 1 and 0 < count <= job.in_driver_max_ratings:
+            sessions.set_job_description(spark, "spark_gpu_mf PrunedMF: collect ratings")
+            strata = collect_strata(spark, scaled, seed=job.seed)
+        else:
+            num_blocks = job.num_blocks or default_num_blocks(spark)
+            strata = build_strata(
+                spark, scaled, num_blocks=num_blocks, seed=job.seed, label="PrunedMF"
+            )
         ratings.unpersist()
         runner = StratifiedRunner(
             strata,
@@ -105,7 +114,9 @@ def train(spark: SparkSession, ratings: DataFrame, job: PrunedJob) -> PrunedResu
                 "ratingScale": scale,
                 "pruningRate": job.pruning_rate,
                 "pruneStartEpoch": job.prune_start_epoch,
-                "backend": job.backend,
+                "regrowth": job.regrowth,
+                "backend": job.backend.requested,
+                "inDriver": strata.in_driver,
             }
         )
         summary.setup_seconds = time.perf_counter() - started
@@ -128,7 +139,7 @@ def train(spark: SparkSession, ratings: DataFrame, job: PrunedJob) -> PrunedResu
             strata.release()
         sessions.set_job_description(spark, None)
     summary.total_seconds = time.perf_counter() - started
-    return PrunedResult(user_df, item_df, summary)
+    return SGDResult(user_df, item_df, summary)
 
 
 def _epochs(runner: StratifiedRunner, job: PrunedJob, scale: float, nnz: int, summary):
@@ -139,9 +150,8 @@ def _epochs(runner: StratifiedRunner, job: PrunedJob, scale: float, nnz: int, su
         "threshold_user": 0.0,
         "threshold_item": 0.0,
         "optimizer": OPTIMIZERS[job.optimizer],
+        "regrowth": job.regrowth,
         "backend": job.backend,
-        "local_mode": job.local_mode,
-        "cpu_fallback": job.cpu_fallback,
     }
     total_macs = 0.0
     for epoch in range(job.max_iter):

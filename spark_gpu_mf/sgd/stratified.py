@@ -23,6 +23,10 @@ in ``docs/mascot.md`` and ``docs/benchmarks.md``)
   the messages alone (the cells side keeps its cached partitioning, so no rating moves), and the
   last one's messages (all blocks and every cell's statistics) come back to the driver as
   Arrow. Between epochs the estimator may change any state in plain NumPy.
+* **Small fits in the driver.** :func:`collect_strata` builds the same blocks and cells for
+  ``b = 1`` from ratings collected to the driver (one Spark job), and the runner then runs every
+  epoch in this process: the per-sub-epoch Spark job (~0.1 s, most of an epoch on 100K ratings)
+  disappears, and the factors are those of the Spark road with one block.
 * **Classic sessions** take a measured-faster road to the same factors unless
   ``spark.gpumf.sgd.jvmShortcut`` is false: one RDD job per sub-epoch over the same cells, the
   blocks in broadcasts (``jvm_epochs``).
@@ -68,6 +72,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
@@ -106,6 +111,7 @@ __all__ = [
     "SubEpochRun",
     "assign_blocks",
     "build_strata",
+    "collect_strata",
     "default_num_blocks",
     "strata_order",
 ]
@@ -214,10 +220,11 @@ class Strata:
     num_blocks : int
     seed : int
     users, items : BlockLayout
-    cells : pyspark.sql.DataFrame
+    cells : pyspark.sql.DataFrame or None
         Cached, one row per non-empty cell: ``pkey, stratum`` (``(item block - user block) mod
         b``) and the ``cells.BUILT_CELL_SCHEMA`` columns, hash-partitioned on ``pkey`` so that
-        the cells of user block ``p`` are in partition ``p``.
+        the cells of user block ``p`` are in partition ``p``. None for strata collected to the
+        driver (:func:`collect_strata`), whose cells are in ``driver_cells``.
     train_sizes, validation_sizes : numpy.ndarray
         int64 ``(b, b)``: ratings per cell.
     num_validation_unknown : int
@@ -234,6 +241,12 @@ class Strata:
     validation_sizes: np.ndarray
     num_validation_unknown: int = 0
     setup_seconds: float = 0.0
+    driver_cells: dict[int, list[cells_module.Cell]] | None = None
+
+    @property
+    def in_driver(self) -> bool:
+        """Whether the cells live in this process (:func:`collect_strata`), not in Spark."""
+        return self.driver_cells is not None
 
     @property
     def num_ratings(self) -> int:
@@ -252,7 +265,8 @@ class Strata:
 
     def release(self) -> None:
         """Unpersist the cached cells."""
-        self.cells.unpersist()
+        if self.cells is not None:
+            self.cells.unpersist()
 
 
 def _counts(ratings: DataFrame, has_validation: bool) -> dict[str, tuple[np.ndarray, ...]]:
@@ -400,6 +414,66 @@ def build_strata(
     )
 
 
+def collect_strata(
+    spark: SparkSession, ratings: DataFrame, *, seed: int, has_validation: bool = False
+) -> Strata:
+    """:func:`build_strata`'s strata for one block, built in the driver from collected ratings.
+
+    The same layout and the same cells (same visiting order) as ``build_strata(num_blocks=1)``,
+    so a runner over them computes the same factors; it runs them in this process. For small
+    fits in local mode, where a Spark job per sub-epoch costs more than the epoch's SGD.
+    """
+    started = time.perf_counter()
+    columns = ["user", "item", "rating"] + (["is_validation"] if has_validation else [])
+    table = ratings.select(*columns).toArrow()
+    user = table.column("user").to_numpy().astype(np.int32)
+    item = table.column("item").to_numpy().astype(np.int32)
+    rating = table.column("rating").to_numpy().astype(np.float32)
+    validation = (
+        table.column("is_validation").to_numpy(zero_copy_only=False).astype(bool)
+        if has_validation
+        else np.zeros(len(user), bool)
+    )
+    training = ~validation
+    if not training.any():
+        raise illegal_argument(f"requirement failed: No ratings available from {ratings}")
+    layouts = []
+    for name, ids in (("user", user), ("item", item)):
+        known, counts = np.unique(ids[training], return_counts=True)
+        layouts.append(assign_blocks(name, known, counts, 1))
+    users, items = layouts
+    _, user_row = users.locate(user)
+    _, item_row = items.locate(item)
+    cells: dict[int, list[cells_module.Cell]] = {TRAIN: [], VALIDATION: []}
+    sizes = np.zeros((2, 1, 1), np.int64)
+    known = (user_row >= 0) & (item_row >= 0)
+    for kind, rows in ((TRAIN, training), (VALIDATION, validation & known)):
+        if not rows.any():
+            continue
+        frame = pd.DataFrame(
+            {"kind": kind, "ub": 0, "ul": user_row[rows], "ib": 0, "il": item_row[rows],
+             "rating": rating[rows]}
+        )  # fmt: skip
+        (cell,) = cells_module.cells_of_table(
+            pa.Table.from_pandas(cells_module.build_cells(frame, seed=seed), preserve_index=False)
+        )
+        cells[kind].append(cell)
+        sizes[kind, 0, 0] = len(cell)
+    return Strata(
+        spark=spark,
+        num_blocks=1,
+        seed=seed,
+        users=users,
+        items=items,
+        cells=None,
+        train_sizes=sizes[TRAIN],
+        validation_sizes=sizes[VALIDATION],
+        num_validation_unknown=int(validation.sum() - sizes[VALIDATION].sum()),
+        setup_seconds=time.perf_counter() - started,
+        driver_cells=cells,
+    )
+
+
 # --------------------------------------------------------------------------- running epochs
 
 
@@ -467,8 +541,10 @@ class StratifiedRunner:
         self._packed: dict[tuple[str, int], bytes] = {}
         self._local_cells: dict[int, list[cells_module.Cell]] = {}
         self._jvm: BroadcastEpochs | None = None
-        self._use_jvm = not sessions.is_connect(self.spark) and conf.SGD_JVM_SHORTCUT.get(
-            self.spark
+        self._use_jvm = (
+            not strata.in_driver
+            and not sessions.is_connect(self.spark)
+            and conf.SGD_JVM_SHORTCUT.get(self.spark)
         )
         self.set_state("user", user_state)
         self.set_state("item", item_state)
@@ -555,6 +631,9 @@ class StratifiedRunner:
         ]
         if not steps:
             return EpochRun(epoch, {}, time.perf_counter() - started, [])
+        if self.strata.in_driver:
+            statistics, sub_epochs = self._run_epoch_in_driver(epoch, steps, settings)
+            return EpochRun(epoch, statistics, time.perf_counter() - started, sub_epochs)
         if self._use_jvm:
             statistics, sub_epochs = self._run_jvm_epoch(epoch, steps, settings, max_iter)
             return EpochRun(epoch, statistics, time.perf_counter() - started, sub_epochs)
@@ -585,6 +664,32 @@ class StratifiedRunner:
             self._describe(None)
         statistics, sub_epochs = self._absorb(table, steps)
         return EpochRun(epoch, statistics, time.perf_counter() - started, sub_epochs)
+
+    def _run_epoch_in_driver(self, epoch: int, steps, settings):
+        """Strata from :func:`collect_strata`: the update runs here, on the runner's own state."""
+        results, sub_epochs = [], []
+        for sub_epoch, stratum in steps:
+            task_settings = cells_module.settings_for(
+                settings, epoch=epoch, sub_epoch=sub_epoch, stratum=stratum
+            )
+            seconds = []
+            b = self.strata.num_blocks
+            for cell in self.strata.driver_cells[TRAIN]:
+                if (cell.item_block - cell.user_block) % b != stratum:
+                    continue
+                users = self._state["user"][cell.user_block]
+                items = self._state["item"][cell.item_block]
+                cell_started = time.perf_counter()
+                stats = self.update(cell, users, items, task_settings)
+                seconds.append(time.perf_counter() - cell_started)
+                self.set_block("user", cell.user_block, users)
+                self.set_block("item", cell.item_block, items)
+                results.append(((cell.user_block, cell.item_block), stats))
+            sub_epochs.append(
+                SubEpochRun(stratum, len(seconds), max(seconds, default=0.0), sum(seconds))
+            )
+        results.sort(key=lambda item: item[0])
+        return sum_statistics([stats for _, stats in results]), sub_epochs
 
     def _run_jvm_epoch(self, epoch: int, steps, settings, max_iter: int):
         """The classic-session shortcut (``jvm_epochs``): one RDD job per sub-epoch."""
@@ -674,8 +779,10 @@ class StratifiedRunner:
         if on_driver is None:
             on_driver = int(sizes.sum()) <= LOCAL_EVALUATION_RATINGS
         settings = dict(settings or {})
-        if on_driver:
+        if on_driver or self.strata.in_driver:
             cells = self._local_cells.get(kind)
+            if self.strata.in_driver:
+                cells = self.strata.driver_cells[kind]
             if cells is None:
                 self._describe(
                     f"collect {'validation' if kind == VALIDATION else 'training'} cells"
