@@ -106,8 +106,9 @@ def test_the_memory_budget_bounds_what_a_block_solve_allocates():
 
 def test_long_runs_checkpoint_and_finish(spark, ratings, checkpoint_dir):
     with dataflow_confs(spark, "messages"):  # the dataflow whose lineage grows
-        model = ALS(rank=3, maxIter=60, checkpointInterval=10, seed=1).fit(ratings.limit(1500))
-    assert model.summary.totalIterations == 60
+        # Six checkpoints, each cutting a lineage five iterations long.
+        model = ALS(rank=3, maxIter=30, checkpointInterval=5, seed=1).fit(ratings.limit(1500))
+    assert model.summary.totalIterations == 30
     assert np.isfinite(_factors(model)[0][1]).all()
     leftovers = [p for p in checkpoint_dir.rglob("spark-gpu-mf-als-*")]
     assert leftovers == []  # every checkpoint of ours is deleted once the fit is done
