@@ -28,7 +28,11 @@
 // `user_records` / `item_records` (rows record_offset[w] + j, j-th sampled rating of warp w; the
 // host computes the offsets from the same slicing), and mascot_group_sums adds them per group in
 // a fixed order. This keeps the statistics deterministic and needs no atomics (which the host shim
-// does not have) at the cost of a buffer of sampled-ratings x rank floats per side.
+// does not have) at the cost of a buffer of sampled-ratings x rank floats per side. Each sampled
+// update also records two scalars per side in `user_rounding` / `item_rounding` (rows
+// 2 record, 2 record + 1): |store_half(x) - x|^2 for the new value x = p + lr gp (what float16
+// rounding would change of it) and |lr gp|^2 (the update asked for), for the `rounding` switch
+// rule; the host adds them per group.
 //
 // Memory: every lane reads only the entries it owns and writes them back, so a lane always sees
 // its own previous update of a row; no shared memory, no barriers.
@@ -89,6 +93,7 @@ __device__ __forceinline__ void mascot_sgd_cell(
     const unsigned char* __restrict__ item_group_fp32, int rank, float lr, float reg, int collect,
     double sample_ratio, const long long* __restrict__ record_offset,
     float* __restrict__ user_records, float* __restrict__ item_records,
+    float* __restrict__ user_rounding, float* __restrict__ item_rounding,
     double* __restrict__ sse_out) {
     const int lane = threadIdx.x % kWarpSize;
     const long long warps_per_block = blockDim.x / kWarpSize;
@@ -133,13 +138,30 @@ __device__ __forceinline__ void mascot_sgd_cell(
         if (pos >= sampled_from) {  // warp-uniform
             float* user_record = user_records + record * rank;
             float* item_record = item_records + record * rank;
+            float user_rounded = 0.0f, user_step = 0.0f, item_rounded = 0.0f, item_step = 0.0f;
 #pragma unroll
             for (int c = 0; c < DPL; ++c) {
                 const int d = c * kWarpSize + lane;
                 if (d < rank) {
                     user_record[d] = gp[c];
                     item_record[d] = gq[c];
+                    const float user_lost = __half2float(__float2half_rn(p[c])) - p[c];
+                    const float item_lost = __half2float(__float2half_rn(q[c])) - q[c];
+                    user_rounded = fmaf(user_lost, user_lost, user_rounded);
+                    item_rounded = fmaf(item_lost, item_lost, item_rounded);
+                    user_step = fmaf(lr * gp[c], lr * gp[c], user_step);
+                    item_step = fmaf(lr * gq[c], lr * gq[c], item_step);
                 }
+            }
+            user_rounded = mascot_warp_sum(user_rounded);
+            user_step = mascot_warp_sum(user_step);
+            item_rounded = mascot_warp_sum(item_rounded);
+            item_step = mascot_warp_sum(item_step);
+            if (lane == 0) {
+                user_rounding[2 * record] = user_rounded;
+                user_rounding[2 * record + 1] = user_step;
+                item_rounding[2 * record] = item_rounded;
+                item_rounding[2 * record + 1] = item_step;
             }
             ++record;
         }
@@ -162,12 +184,13 @@ __device__ __forceinline__ void mascot_sgd_cell(
         const unsigned char* __restrict__ item_group_fp32, int rank, float lr, float reg,         \
         int collect, double sample_ratio, const long long* __restrict__ record_offset,            \
         float* __restrict__ user_records, float* __restrict__ item_records,                       \
+        float* __restrict__ user_rounding, float* __restrict__ item_rounding,                     \
         double* __restrict__ sse_out) {                                                           \
         gpumf::mascot_sgd_cell<DPL>(users, items, ratings, n, user_half, user_single, user_slot,  \
                                     user_group, user_group_fp32, item_half, item_single,          \
                                     item_slot, item_group, item_group_fp32, rank, lr, reg,        \
                                     collect, sample_ratio, record_offset, user_records,           \
-                                    item_records, sse_out);                                       \
+                                    item_records, user_rounding, item_rounding, sse_out);         \
     }
 
 GPUMF_MASCOT_SGD_ENTRY(1)

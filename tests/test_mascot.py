@@ -201,6 +201,7 @@ def test_cpu_kernel_matches_a_float64_reference(storage):
         user["half"], user["single"], user["slot"], user["group"], fp32_u8,
         item["half"], item["single"], item["slot"], item["group"], fp32_u8,
         0.03, 0.02, False, 1, 0.0, sums["u"], squares["u"], sums["i"], squares["i"],
+        np.zeros((3, 2)), np.zeros((3, 2)),
     )  # fmt: skip
     ref_sse = _reference_cell(users, items, ratings, P, Q, flags[group_u], flags[group_i], 0.03,
                               0.02)  # fmt: skip
@@ -231,30 +232,45 @@ def test_cpu_kernel_statistics_are_the_sampled_update_sums():
     users = rng.integers(0, 4, n).astype(np.int32)
     items = rng.integers(0, 3, n).astype(np.int32)
     ratings = rng.uniform(1, 5, n).astype(np.float32)
-    sums_u, squares_u = np.zeros((2, rank)), np.zeros(2)
-    sums_i, squares_i = np.zeros((2, rank)), np.zeros(2)
+    sums_u, squares_u, rounding_u = np.zeros((2, rank)), np.zeros(2), np.zeros((2, 2))
+    sums_i, squares_i, rounding_i = np.zeros((2, rank)), np.zeros(2), np.zeros((2, 2))
     fp32_u8 = flags.astype(np.uint8)
     cell_sgd(
         users, items, ratings,
         user["half"], user["single"], user["slot"], user["group"], fp32_u8,
         item["half"], item["single"], item["slot"], item["group"], fp32_u8,
-        0.05, 0.01, True, 1, 0.2, sums_u, squares_u, sums_i, squares_i,
+        0.05, 0.01, True, 1, 0.2, sums_u, squares_u, sums_i, squares_i, rounding_u, rounding_i,
     )  # fmt: skip
     expected_u, expected_i = np.zeros((2, rank)), np.zeros((2, rank))
+    expected_rounding_u, expected_rounding_i = np.zeros((2, 2)), np.zeros((2, 2))
     for t, (u, i, r) in enumerate(zip(users, items, ratings)):
         p, q = P[u].astype(np.float64), Q[i].astype(np.float64)
         e = float(r) - p @ q
         gp, gq = e * q - 0.01 * p, e * p - 0.01 * q
+        new_p, new_q = p + 0.05 * gp, q + 0.05 * gq
         if t >= n - 10:  # the last ceil(0.2 * 50) updates
             expected_u[group_u[u]] += gp
             expected_i[group_i[i]] += gq
-        P[u] = (p + 0.05 * gp).astype(np.float32 if flags[group_u[u]] else np.float16)
-        Q[i] = (q + 0.05 * gq).astype(np.float32 if flags[group_i[i]] else np.float16)
+            for expected, group, new, g in (
+                (expected_rounding_u, group_u[u], new_p, gp),
+                (expected_rounding_i, group_i[i], new_q, gq),
+            ):
+                lost = new.astype(np.float16).astype(np.float64) - new
+                expected[group] += (lost @ lost, 0.05**2 * (g @ g))
+        P[u] = new_p.astype(np.float32 if flags[group_u[u]] else np.float16)
+        Q[i] = new_q.astype(np.float32 if flags[group_i[i]] else np.float16)
     expected_u[1] = 0.0  # FP32 group
     expected_i[1] = 0.0
+    expected_rounding_u[1] = expected_rounding_i[1] = 0.0
     np.testing.assert_allclose(sums_u, expected_u, atol=2e-3)
     np.testing.assert_allclose(sums_i, expected_i, atol=2e-3)
     assert squares_u[1] == 0 and squares_u[0] > 0 and squares_i[0] > 0 and squares_i[1] == 0
+    # float16 rounding of the sampled updates: the share rounding changes, as a float64 model
+    # computes it from the same old values (float32 and float64 arithmetic move a value across a
+    # float16 rounding boundary only rarely, and then the squared error barely changes)
+    np.testing.assert_allclose(rounding_u, expected_rounding_u, rtol=0.05)
+    np.testing.assert_allclose(rounding_i, expected_rounding_i, rtol=0.05)
+    assert rounding_u[0, 0] > 0 and rounding_u[0, 1] > 0
 
 
 def test_overflow_raises_instead_of_leaving_infinities():
