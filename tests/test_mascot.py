@@ -37,7 +37,7 @@ from spark_gpu_mf.sgd import mascot_tasks
 from spark_gpu_mf.sgd.cells import Cell
 from spark_gpu_mf.sgd.mascot_groups import GroupPrecision, count_groups, is_check_epoch
 from spark_gpu_mf.sgd.mascot_numba import cell_sgd
-from spark_gpu_mf.sgd.mascot_train import learning_rate
+from spark_gpu_mf.sgd.mascot_train import fp32_line, learning_rate
 from spark_gpu_mf.sgd.stratified import assign_blocks, strata_order
 from spark_gpu_mf.spark.factors import collect_factors
 
@@ -92,6 +92,102 @@ def test_switching_is_relative_to_the_first_measurement_and_permanent():
     assert precision.fp32.tolist() == [True, False, False]
     assert np.isnan(precision.errors[9][0])
     assert GroupPrecision.create(2, start_fp32=True).check(5, sums[:2], squares[:2], 2.0).size == 0
+
+
+def _model_switching(checks, num_groups, threshold, rounding_threshold):
+    """A plain-Python model of g-switching: per check ``(epoch, sums, squares, rounding)``, the
+    paper's rule (``|S|^2 / N`` over its first measurement > ``threshold``) and ours (share of
+    the sampled updates float16 rounding changes > ``rounding_threshold``, when > 0). Returns the
+    epoch each group switched after (-1: never)."""
+    switched_at = [-1] * num_groups
+    baseline = [None] * num_groups
+    for epoch, sums, squares, rounding in checks:
+        switching = []
+        for group in range(num_groups):
+            if switched_at[group] >= 0:
+                continue  # FP32 groups are not measured again
+            if squares[group] > 0:
+                raw = float(sum(x * x for x in sums[group])) / float(squares[group])
+                if baseline[group] is None:
+                    baseline[group] = raw
+                elif baseline[group] > 0 and raw / baseline[group] > threshold:
+                    switching.append(group)
+            lost, step = rounding[group]
+            if rounding_threshold > 0 and step > 0 and lost / step > rounding_threshold:
+                switching.append(group)
+        for group in switching:
+            switched_at[group] = epoch
+    return switched_at
+
+
+def _noisy_checks(rng, num_groups, rank, epochs):
+    """Check-epoch statistics of groups with 0-3 sampled updates (the ratio of small, noisy
+    numbers the paper's estimate becomes on small data) and of groups with many, whose updates
+    grow more aligned and whose rounding share grows, both with noise."""
+    samples = rng.choice([0, 1, 2, 3, 40, 200], size=num_groups)
+    checks = []
+    for step, epoch in enumerate(epochs):
+        sums, squares, rounding = np.zeros((num_groups, rank)), np.zeros(num_groups), []
+        for group in range(num_groups):
+            mean = rng.normal(0, 1, rank) * 0.05 * step
+            updates = mean + rng.normal(0, 1, (samples[group], rank))
+            sums[group] = updates.sum(axis=0)
+            squares[group] = float((updates**2).sum())
+            size = squares[group] * 1e-6
+            rounding.append((size * min(1.0, 0.03 * step * rng.lognormal(0, 0.5)), size))
+        checks.append((epoch, sums, squares, np.array(rounding)))
+    return checks
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("rounding_threshold", [0.0, 0.1, 0.3])
+def test_switching_rules_match_a_plain_model_on_noisy_statistics(seed, rounding_threshold):
+    rng = np.random.default_rng(seed)
+    num_groups, rank = 24, 5
+    epochs = [e for e in range(30) if is_check_epoch(e, 5, 2, 30)]
+    checks = _noisy_checks(rng, num_groups, rank, epochs)
+    threshold = float(rng.choice([1.5, 3.0, 20.0]))
+    precision = GroupPrecision.create(num_groups, start_fp32=False)
+    for epoch, sums, squares, rounding in checks:
+        precision.check(epoch, sums, squares, threshold, rounding, rounding_threshold)
+    expected = _model_switching(checks, num_groups, threshold, rounding_threshold)
+    assert precision.switched_at.tolist() == expected
+    assert precision.fp32.tolist() == [e >= 0 for e in expected]
+    # the recorded shares are the model's for every group still measured
+    epoch, _, _, rounding = checks[0]
+    measured = rounding[:, 1] > 0
+    np.testing.assert_allclose(
+        precision.rounding[epoch][measured], rounding[measured, 0] / rounding[measured, 1]
+    )
+    assert np.isnan(precision.rounding[epoch][~measured]).all()
+
+
+def test_rounding_rule_switches_on_its_own_at_any_check():
+    precision = GroupPrecision.create(3, start_fp32=False)
+    sums, squares = np.ones((3, 2)), np.full(3, 2.0)
+    rounding = np.array([[0.6, 1.0], [0.1, 1.0], [0.0, 0.0]])  # group 2: nothing sampled
+    # the first check only sets the paper's baselines, but the absolute rule may switch
+    assert precision.check(5, sums, squares, 20.0, rounding, 0.5).tolist() == [0]
+    np.testing.assert_allclose(precision.rounding[5][:2], [0.6, 0.1])
+    assert precision.check(7, sums, squares, 20.0, rounding * [[1, 1], [6, 1], [1, 1]],
+                           0.5).tolist() == [1]  # fmt: skip
+    assert np.isnan(precision.rounding[7][0])  # FP32 now: not measured
+    # threshold 0 turns the rule off: the paper's rule alone decides
+    again = GroupPrecision.create(3, start_fp32=False)
+    assert again.check(5, sums, squares, 20.0, rounding, 0.0).size == 0
+    assert again.check(7, sums, squares, 20.0, rounding * 10, 0.0).size == 0
+
+
+def test_fp32_line_merges_epochs_with_equal_shares():
+    shares = [(0, 0)] * 3 + [(0.123, 0)] * 2 + [(0.4, 0.031)]
+    iterations = [
+        {"iteration": n + 1, "fp32UserShare": u, "fp32ItemShare": i}
+        for n, (u, i) in enumerate(shares)
+    ]
+    assert fp32_line(iterations) == (
+        "updates on fp32 rows (user/item %) by epoch: 1-3 0/0, 4-5 12/0, 6 40/3"
+    )
+    assert fp32_line([]).endswith("none")
 
 
 def test_learning_rate_schedule():
@@ -375,6 +471,43 @@ def test_switching_is_monotone_and_only_at_check_epochs(fit):
         assert all(epoch in checks[1:] for epoch in switched.values())
     assert summary.details["fp32UserGroups"] or summary.details["fp32ItemGroups"]
     assert summary.details["arithmetic"].startswith("fp32")
+
+
+def test_rounding_rule_on_spark_and_the_fp32_share_of_every_epoch(fit, sample):
+    paper = fit(**SWITCHING, storage="mascot").summary
+    both = fit(**SWITCHING, storage="mascot", roundingThreshold=1e-4).summary
+    checks = [e["iteration"] for e in both.iterations if e["checkEpoch"]]
+    history = both.details["userRoundingHistory"]
+    assert sorted(history) == checks  # measured at every check, the first one too
+    shares = [x for x in history[checks[0]] if x is not None]
+    assert shares and all(0 <= x <= 1.5 for x in shares)
+    for side in ("user", "item"):
+        groups = both.details[f"{side}Groups"]
+        # a group that exceeds the rounding threshold switches at that very check
+        for check in checks:
+            rounding = both.details[f"{side}RoundingHistory"][check]
+            for group, share in enumerate(rounding):
+                if share is not None and share > 1e-4:
+                    assert groups[group]["switchedAfterEpoch"] == check
+        name = side.capitalize()
+        assert len(both.details[f"fp32{name}Groups"]) >= len(paper.details[f"fp32{name}Groups"])
+    # the share of an epoch's updates on FP32 rows: the ratings of the rows whose group was FP32
+    # during the epoch (a group is a range of rating counts), over all ratings
+    _, arrays = sample
+    for summary in (paper, both):
+        for side, ids in zip(("user", "item"), arrays):
+            counts = np.unique(ids, return_counts=True)[1]
+            for entry in summary.iterations:
+                fp32_ratings = sum(
+                    counts[(counts >= g["minRatings"]) & (counts <= g["maxRatings"])].sum()
+                    for g in summary.details[f"{side}Groups"]
+                    if g["switchedAfterEpoch"] is not None
+                    and g["switchedAfterEpoch"] < entry["iteration"]
+                )  # fmt: skip
+                share = entry[f"fp32{side.capitalize()}Share"]
+                assert math.isclose(share, fp32_ratings / len(ids), abs_tol=1e-12)
+        assert summary.details["fp32PerEpoch"] == fp32_line(summary.iterations)
+    assert both.metric("fp32UserShare")[-1] > 0 or both.metric("fp32ItemShare")[-1] > 0
 
 
 def test_mascot_without_switches_is_fp16_and_fp16_values_are_halves(fit):
