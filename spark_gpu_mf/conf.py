@@ -141,6 +141,15 @@ SINGLE_TASK_IN_DRIVER_MAX_RATINGS = ConfKey(
     "Python worker is another process on the same machine; the driver skips starting it and "
     "shipping the ratings to it). 'auto': 1,000,000 with a local master, else 0; 0 turns it off.",
 )
+SGD_IN_DRIVER_MAX_RATINGS = ConfKey(
+    "spark.gpumf.sgd.inDriverMaxRatings",
+    "auto",
+    _parse_optional_count,
+    "Largest MascotMF fit (training plus validation ratings) that runs in the driver's own "
+    "Python process: the ratings are collected once and every epoch runs the same cells, blocks "
+    "and order as on Spark, without a Spark job per sub-epoch. Local master, classic session, "
+    "NumPy backend only. 'auto': 1,000,000 with a local master, else 0; 0 turns it off.",
+)
 SGD_JVM_SHORTCUT = ConfKey(
     "spark.gpumf.sgd.jvmShortcut",
     "true",

@@ -22,6 +22,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from spark_gpu_mf import conf
 from spark_gpu_mf.errors import illegal_argument
 from spark_gpu_mf.model import COLD_START_STRATEGIES, ALSModel
 from spark_gpu_mf.params import BACKENDS, HasBackend, validate_params
@@ -43,6 +44,7 @@ from spark_gpu_mf.sgd.params import (
     HasSampleRatio,
     HasStorage,
 )
+from spark_gpu_mf.spark import session as sessions
 from spark_gpu_mf.validation import check_numeric_column, checked_id, checked_rating, require_column
 
 __all__ = ["MascotMF"]
@@ -387,6 +389,13 @@ class MascotMF(
         from spark_gpu_mf.sgd.stratified import default_num_blocks
 
         choice = BackendChoice.for_session(spark, self.getBackend())
+        in_driver = conf.SGD_IN_DRIVER_MAX_RATINGS.get(spark)
+        if in_driver is None:
+            in_driver = 1_000_000 if sessions.is_local(spark) else 0
+        if sessions.is_connect(spark) or not sessions.is_local(spark):
+            in_driver = 0  # the driver computes only next to a local master it shares a host with
+        if choice.requested != "numpy":
+            in_driver = 0  # the driver never imports CuPy
         return MascotJob(
             rank=self.getRank(),
             max_iter=self.getMaxIter(),
@@ -401,6 +410,7 @@ class MascotMF(
             check_interval=self.getCheckInterval(),
             error_threshold=self.getErrorThreshold(),
             rounding_threshold=self.getRoundingThreshold(),
+            in_driver_max_ratings=in_driver,
             first_check_epoch=self.getFirstCheckEpoch(),
             num_blocks=self.getNumBlocks() or default_num_blocks(spark),
             seed=self.getSeed(),

@@ -510,6 +510,47 @@ def test_rounding_rule_on_spark_and_the_fp32_share_of_every_epoch(fit, sample):
     assert both.metric("fp32UserShare")[-1] > 0 or both.metric("fp32ItemShare")[-1] > 0
 
 
+def test_small_fits_run_in_the_driver_with_the_spark_roads_result(spark, sample):
+    """The driver road (collected ratings, cells in threads) builds the same blocks and cells
+    and visits them in the same order as the Spark road: identical factors and summary."""
+    _, (user, item, rating) = sample
+    import pandas as pd
+
+    held_out = np.random.default_rng(1).random(len(user)) < 0.2
+    frame = spark.createDataFrame(
+        pd.DataFrame({"user": user, "item": item, "rating": rating, "holdout": held_out})
+    )
+    params = {**SWITCHING, "storage": "mascot", "roundingThreshold": 1e-4,
+              "validationIndicatorCol": "holdout"}  # fmt: skip
+    key = "spark.gpumf.sgd.inDriverMaxRatings"
+    models = {}
+    try:
+        for setting in ("auto", "0", str(len(user) - 1)):  # the last: one rating too many
+            spark.conf.set(key, setting)
+            models[setting] = MascotMF(**params).fit(frame)
+    finally:
+        spark.conf.unset(key)
+    driver, on_spark, too_many = models["auto"], models["0"], models[str(len(user) - 1)]
+    assert driver.summary.details["epochsIn"] == "driver"
+    assert on_spark.summary.details["epochsIn"] == too_many.summary.details["epochsIn"] == "spark"
+    for (ids_a, a), (ids_b, b) in zip(_factors(driver), _factors(on_spark)):
+        np.testing.assert_array_equal(ids_a, ids_b)
+        np.testing.assert_array_equal(a, b)
+    for name in ("trainRmse", "validationRmse", "fp32UserShare", "fp32ItemShare"):
+        assert driver.summary.metric(name) == on_spark.summary.metric(name), name
+    for name in (
+        "numRatings",
+        "numValidation",
+        "numValidationUnknown",
+        "userGroups",
+        "itemGroups",
+        "fp32PerEpoch",
+        "userRoundingHistory",
+        "itemErrorHistory",
+    ):
+        assert driver.summary.details[name] == on_spark.summary.details[name], name  # fmt: skip
+
+
 def test_mascot_without_switches_is_fp16_and_fp16_values_are_halves(fit):
     fp16 = fit(storage="fp16")
     never = fit(storage="mascot", errorThreshold=1e12, firstCheckEpoch=1)

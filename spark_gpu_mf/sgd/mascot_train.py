@@ -1,8 +1,9 @@
 """Driver side of MascotMF: groups, the epoch loop, g-switching, validation and the summary.
 
 The stratified runner (``sgd.stratified``) moves blocks and runs the per-cell update
-(``mascot_tasks.update_cell``) ``numBlocks`` tasks at a time; this module decides what each epoch
-runs with:
+(``mascot_tasks.update_cell``) ``numBlocks`` tasks at a time (for a small fit, up to
+``spark.gpumf.sgd.inDriverMaxRatings``, the same cells run in threads of the driver: a Spark job
+per sub-epoch would cost more than the SGD); this module decides what each epoch runs with:
 
 * ``lr = stepSize / (1 + decay * e^1.5)`` for 0-based epoch ``e``;
 * rows grouped by training rating count (``mascot_groups.count_groups``) per side; all groups
@@ -25,7 +26,13 @@ from pyspark.sql import DataFrame, SparkSession
 
 from spark_gpu_mf.sgd import mascot_tasks
 from spark_gpu_mf.sgd.mascot_groups import GroupPrecision, count_groups, is_check_epoch
-from spark_gpu_mf.sgd.stratified import BlockLayout, StratifiedRunner, build_strata, merged_ids
+from spark_gpu_mf.sgd.stratified import (
+    BlockLayout,
+    StratifiedRunner,
+    build_strata,
+    build_strata_on_driver,
+    merged_ids,
+)
 from spark_gpu_mf.spark import session as sessions
 from spark_gpu_mf.spark.factors import factors_dataframe
 from spark_gpu_mf.summary import TrainingSummary
@@ -58,6 +65,7 @@ class MascotJob:
     seed: int
     has_validation: bool = False
     rounding_threshold: float = 0.0
+    in_driver_max_ratings: int = 0  # 0: always on Spark
     backend: str = "numpy"
     local_mode: bool = True
     cpu_fallback: bool = True
@@ -116,10 +124,17 @@ def train(spark: SparkSession, ratings: DataFrame, job: MascotJob) -> MascotResu
     summary = TrainingSummary(algorithm="mascot")
     strata = runner = None
     try:
-        strata = build_strata(
-            spark, ratings, num_blocks=job.num_blocks, seed=job.seed,
-            has_validation=job.has_validation, label="MascotMF",
-        )  # fmt: skip
+        collected = _collect_if_small(spark, ratings, job.in_driver_max_ratings)
+        if collected is not None:
+            strata = build_strata_on_driver(
+                spark, collected, num_blocks=job.num_blocks, seed=job.seed,
+                has_validation=job.has_validation,
+            )  # fmt: skip
+        else:
+            strata = build_strata(
+                spark, ratings, num_blocks=job.num_blocks, seed=job.seed,
+                has_validation=job.has_validation, label="MascotMF",
+            )  # fmt: skip
         start_fp32 = job.storage == "fp32"
         sides = {
             "user": _side("user", strata.users, job.num_user_groups, start_fp32),
@@ -151,6 +166,7 @@ def train(spark: SparkSession, ratings: DataFrame, job: MascotJob) -> MascotResu
                 "numUserGroups": sides["user"].precision.num_groups,
                 "numItemGroups": sides["item"].precision.num_groups,
                 "backend": job.backend,
+                "epochsIn": "spark" if collected is None else "driver",
                 "setupStrataSeconds": strata.setup_seconds,
             }
         )
@@ -182,6 +198,19 @@ def train(spark: SparkSession, ratings: DataFrame, job: MascotJob) -> MascotResu
         sessions.set_job_description(spark, None)
     summary.total_seconds = time.perf_counter() - started
     return MascotResult(user_df, item_df, summary)
+
+
+def _collect_if_small(spark: SparkSession, ratings: DataFrame, max_ratings: int):
+    """The validated ratings as an Arrow table when there are at most ``max_ratings`` (then the
+    fit runs in the driver), else None; one Spark job that reads at most ``max_ratings + 1``."""
+    if max_ratings <= 0:
+        return None
+    sessions.set_job_description(spark, "spark_gpu_mf MascotMF: collect a small rating set")
+    try:
+        table = ratings.limit(max_ratings + 1).toArrow()
+    finally:
+        sessions.set_job_description(spark, None)
+    return table if table.num_rows <= max_ratings else None
 
 
 def _dense_side(runner: StratifiedRunner, side: str, fp32: np.ndarray, rank: int) -> np.ndarray:

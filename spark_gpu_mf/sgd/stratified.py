@@ -64,6 +64,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +107,7 @@ __all__ = [
     "SubEpochRun",
     "assign_blocks",
     "build_strata",
+    "build_strata_on_driver",
     "default_num_blocks",
     "strata_order",
 ]
@@ -222,6 +224,9 @@ class Strata:
         int64 ``(b, b)``: ratings per cell.
     num_validation_unknown : int
         Validation ratings left out because their user or item has no training rating.
+    local_cells : dict or None
+        Strata built on the driver (:func:`build_strata_on_driver`): ``cells`` is None and
+        this maps ``TRAIN``/``VALIDATION`` to the cells, sorted by (user block, item block).
     """
 
     spark: SparkSession
@@ -229,11 +234,12 @@ class Strata:
     seed: int
     users: BlockLayout
     items: BlockLayout
-    cells: DataFrame
+    cells: DataFrame | None
     train_sizes: np.ndarray
     validation_sizes: np.ndarray
     num_validation_unknown: int = 0
     setup_seconds: float = 0.0
+    local_cells: dict[int, list[cells_module.Cell]] | None = None
 
     @property
     def num_ratings(self) -> int:
@@ -252,7 +258,8 @@ class Strata:
 
     def release(self) -> None:
         """Unpersist the cached cells."""
-        self.cells.unpersist()
+        if self.cells is not None:
+            self.cells.unpersist()
 
 
 def _counts(ratings: DataFrame, has_validation: bool) -> dict[str, tuple[np.ndarray, ...]]:
@@ -400,6 +407,78 @@ def build_strata(
     )
 
 
+def build_strata_on_driver(
+    spark: SparkSession,
+    table: pa.Table,
+    *,
+    num_blocks: int,
+    seed: int,
+    has_validation: bool = False,
+) -> Strata:
+    """The strata :func:`build_strata` makes, from ratings already collected on the driver.
+
+    For small fits: no Spark job at all, and the same blocks and cells (same layout, same
+    visiting order), so a :class:`StratifiedRunner` over them computes the same factors as over
+    the cached cells. ``table``: ``user int, item int, rating float[, is_validation bool]``.
+    """
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    started = time.perf_counter()
+    user = table.column("user").to_numpy().astype(np.int32)
+    item = table.column("item").to_numpy().astype(np.int32)
+    rating = table.column("rating").to_numpy().astype(np.float32)
+    if has_validation:
+        is_validation = table.column("is_validation").to_numpy(zero_copy_only=False).astype(bool)
+    else:
+        is_validation = np.zeros(len(user), bool)
+    train = ~is_validation
+    if not train.any():
+        raise illegal_argument("requirement failed: No ratings available from the training set")
+    layouts = []
+    for name, ids in (("user", user), ("item", item)):
+        known, counts = np.unique(ids[train], return_counts=True)
+        layouts.append(assign_blocks(name, known, counts, num_blocks))
+    users, items = layouts
+    ub, ul = users.locate(user)
+    ib, il = items.locate(item)
+    kind = np.where(is_validation, VALIDATION, TRAIN)
+    placed = (ub >= 0) & (ib >= 0)
+    b = num_blocks
+    key = (kind * b + ub) * b + ib
+    order = np.argsort(np.where(placed, key, -1), kind="stable")[int((~placed).sum()) :]
+    key_sorted = key[order]
+    starts = np.flatnonzero(np.r_[True, key_sorted[1:] != key_sorted[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    local: dict[int, list[cells_module.Cell]] = {TRAIN: [], VALIDATION: []}
+    sizes = np.zeros((2, b, b), np.int64)
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        rows = order[start:end]
+        cell_kind, user_block, item_block = int(kind[rows[0]]), int(ub[rows[0]]), int(ib[rows[0]])
+        users_of, items_of, ratings_of = ul[rows], il[rows], rating[rows]
+        visit = cells_module.visiting_order(
+            cell_kind, user_block, item_block, users_of, items_of, ratings_of, seed
+        )
+        local[cell_kind].append(
+            cells_module.Cell(
+                user_block, item_block, users_of[visit], items_of[visit], ratings_of[visit]
+            )
+        )
+        sizes[cell_kind, user_block, item_block] = len(rows)
+    return Strata(
+        spark=spark,
+        num_blocks=num_blocks,
+        seed=seed,
+        users=users,
+        items=items,
+        cells=None,
+        train_sizes=sizes[TRAIN],
+        validation_sizes=sizes[VALIDATION],
+        num_validation_unknown=int((is_validation & ~placed).sum()),
+        setup_seconds=time.perf_counter() - started,
+        local_cells=local,
+    )
+
+
 # --------------------------------------------------------------------------- running epochs
 
 
@@ -467,8 +546,17 @@ class StratifiedRunner:
         self._packed: dict[tuple[str, int], bytes] = {}
         self._local_cells: dict[int, list[cells_module.Cell]] = {}
         self._jvm: BroadcastEpochs | None = None
-        self._use_jvm = not sessions.is_connect(self.spark) and conf.SGD_JVM_SHORTCUT.get(
-            self.spark
+        # Strata built on the driver run here too: cells in threads, one per task slot (the
+        # kernels release the GIL), no Spark job.
+        self._on_driver = strata.local_cells is not None
+        self._pool = ThreadPoolExecutor(max_workers=b) if self._on_driver else None
+        if self._on_driver:
+            self._local_cells = dict(strata.local_cells)
+            self._train_cells = {(c.user_block, c.item_block): c for c in strata.local_cells[TRAIN]}
+        self._use_jvm = (
+            not self._on_driver
+            and not sessions.is_connect(self.spark)
+            and conf.SGD_JVM_SHORTCUT.get(self.spark)
         )
         self.set_state("user", user_state)
         self.set_state("item", item_state)
@@ -555,6 +643,9 @@ class StratifiedRunner:
         ]
         if not steps:
             return EpochRun(epoch, {}, time.perf_counter() - started, [])
+        if self._on_driver:
+            statistics, sub_epochs = self._run_driver_epoch(epoch, steps, settings)
+            return EpochRun(epoch, statistics, time.perf_counter() - started, sub_epochs)
         if self._use_jvm:
             statistics, sub_epochs = self._run_jvm_epoch(epoch, steps, settings, max_iter)
             return EpochRun(epoch, statistics, time.perf_counter() - started, sub_epochs)
@@ -585,6 +676,35 @@ class StratifiedRunner:
             self._describe(None)
         statistics, sub_epochs = self._absorb(table, steps)
         return EpochRun(epoch, statistics, time.perf_counter() - started, sub_epochs)
+
+    def _run_driver_epoch(self, epoch: int, steps, settings):
+        """Strata built on the driver: each sub-epoch's cells in threads on the runner's own
+        blocks (in place), statistics summed in cell order as on Spark."""
+        results, sub_epochs = [], []
+        for sub_epoch, stratum in steps:
+            task_settings = cells_module.settings_for(
+                settings, epoch=epoch, sub_epoch=sub_epoch, stratum=stratum
+            )
+
+            def run_cell(pair, task_settings=task_settings):
+                started = time.perf_counter()
+                user_block, item_block = pair
+                statistics = self.update(
+                    self._train_cells[pair],
+                    self._state["user"][user_block],
+                    self._state["item"][item_block],
+                    task_settings,
+                )
+                return pair, statistics, time.perf_counter() - started
+
+            pairs = self._strata_cells[stratum]
+            done = list(self._pool.map(run_cell, pairs))
+            results += [(pair, statistics) for pair, statistics, _ in done]
+            seconds = [elapsed for _, _, elapsed in done]
+            sub_epochs.append(SubEpochRun(stratum, len(pairs), max(seconds), sum(seconds)))
+        self._packed.clear()
+        results.sort(key=lambda item: item[0])
+        return sum_statistics([statistics for _, statistics in results]), sub_epochs
 
     def _run_jvm_epoch(self, epoch: int, steps, settings, max_iter: int):
         """The classic-session shortcut (``jvm_epochs``): one RDD job per sub-epoch."""
@@ -672,7 +792,7 @@ class StratifiedRunner:
         if not (sizes > 0).any():
             return {}, 0.0
         if on_driver is None:
-            on_driver = int(sizes.sum()) <= LOCAL_EVALUATION_RATINGS
+            on_driver = self._on_driver or int(sizes.sum()) <= LOCAL_EVALUATION_RATINGS
         settings = dict(settings or {})
         if on_driver:
             cells = self._local_cells.get(kind)
@@ -723,6 +843,9 @@ class StratifiedRunner:
         if self._jvm is not None:
             self._jvm.close()
             self._jvm = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         self._packed.clear()
         self._local_cells.clear()
 
