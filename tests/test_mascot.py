@@ -654,7 +654,7 @@ def test_params_defaults_setters_and_errors(spark, sample):
             assert estimator.getOrDefault(name) == parameter.default, name
         setter = getattr(estimator, "set" + name[0].upper() + name[1:])
         assert setter(estimator.getOrDefault(name) if parameter.default is not None else "v")
-    assert (estimator.getRank(), estimator.getMaxIter(), estimator.getStepSize()) == (128, 50, 0.01)
+    assert (estimator.getRank(), estimator.getMaxIter(), estimator.getStepSize()) == (128, 50, 0.02)
     assert estimator.getStorage() == "mascot" and estimator.getErrorThreshold() == 20.0
     assert MascotMF().getSeed() == MascotMF().getSeed()  # fixed, not Python's salted hash()
     frame, _ = sample
