@@ -82,6 +82,33 @@ __device__ __forceinline__ void mascot_store_row(__half* __restrict__ half,
     }
 }
 
+// One sampled update of one side: its update vector g into `record`, and into `rounding` (lane 0)
+// |store_half(x) - x|^2 and |lr g|^2 for the new float32 value x = p + lr g.
+template <int DPL>
+__device__ __forceinline__ void mascot_record_update(float* __restrict__ record,
+                                                     float* __restrict__ rounding,
+                                                     const float (&g)[DPL], const float (&x)[DPL],
+                                                     float lr, int rank, int lane) {
+    float rounded = 0.0f;
+    float step = 0.0f;
+#pragma unroll
+    for (int c = 0; c < DPL; ++c) {
+        const int d = c * kWarpSize + lane;
+        if (d < rank) {
+            record[d] = g[c];
+            const float lost = __half2float(__float2half_rn(x[c])) - x[c];
+            rounded = fmaf(lost, lost, rounded);
+            step = fmaf(lr * g[c], lr * g[c], step);
+        }
+    }
+    rounded = mascot_warp_sum(rounded);
+    step = mascot_warp_sum(step);
+    if (lane == 0) {
+        rounding[0] = rounded;
+        rounding[1] = step;
+    }
+}
+
 template <int DPL>
 __device__ __forceinline__ void mascot_sgd_cell(
     const int* __restrict__ users, const int* __restrict__ items,
@@ -135,34 +162,11 @@ __device__ __forceinline__ void mascot_sgd_cell(
         }
         mascot_store_row<DPL>(user_half, user_single, u_fp32, u_slot, rank, lane, p);
         mascot_store_row<DPL>(item_half, item_single, i_fp32, i_slot, rank, lane, q);
-        if (pos >= sampled_from) {  // warp-uniform
-            float* user_record = user_records + record * rank;
-            float* item_record = item_records + record * rank;
-            float user_rounded = 0.0f, user_step = 0.0f, item_rounded = 0.0f, item_step = 0.0f;
-#pragma unroll
-            for (int c = 0; c < DPL; ++c) {
-                const int d = c * kWarpSize + lane;
-                if (d < rank) {
-                    user_record[d] = gp[c];
-                    item_record[d] = gq[c];
-                    const float user_lost = __half2float(__float2half_rn(p[c])) - p[c];
-                    const float item_lost = __half2float(__float2half_rn(q[c])) - q[c];
-                    user_rounded = fmaf(user_lost, user_lost, user_rounded);
-                    item_rounded = fmaf(item_lost, item_lost, item_rounded);
-                    user_step = fmaf(lr * gp[c], lr * gp[c], user_step);
-                    item_step = fmaf(lr * gq[c], lr * gq[c], item_step);
-                }
-            }
-            user_rounded = mascot_warp_sum(user_rounded);
-            user_step = mascot_warp_sum(user_step);
-            item_rounded = mascot_warp_sum(item_rounded);
-            item_step = mascot_warp_sum(item_step);
-            if (lane == 0) {
-                user_rounding[2 * record] = user_rounded;
-                user_rounding[2 * record + 1] = user_step;
-                item_rounding[2 * record] = item_rounded;
-                item_rounding[2 * record + 1] = item_step;
-            }
+        if (pos >= sampled_from) {  // warp-uniform; one side, then the other: fewer live registers
+            mascot_record_update<DPL>(user_records + record * rank, user_rounding + 2 * record, gp,
+                                      p, lr, rank, lane);
+            mascot_record_update<DPL>(item_records + record * rank, item_rounding + 2 * record, gq,
+                                      q, lr, rank, lane);
             ++record;
         }
         sse += (double)error * (double)error;
