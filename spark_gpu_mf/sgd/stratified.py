@@ -26,6 +26,10 @@ in ``docs/mascot.md`` and ``docs/benchmarks.md``)
 * **Classic sessions** take a measured-faster road to the same factors unless
   ``spark.gpumf.sgd.jvmShortcut`` is false: one RDD job per sub-epoch over the same cells, the
   blocks in broadcasts (``jvm_epochs``).
+* **Small fits** may skip Spark after collecting the ratings: :func:`build_strata_on_driver`
+  makes the same blocks and cells in the driver, and the runner then runs every sub-epoch's cells
+  in threads of the driver (the estimator decides when; MascotMF up to
+  ``spark.gpumf.sgd.inDriverMaxRatings``). Same factors, no job per sub-epoch.
 * **Determinism.** Rows are assigned to blocks by (count, id), cells are sorted canonically and
   shuffled with a seed derived from ``(seed, kind, user block, item block)``, the order of strata
   in epoch ``e`` is a permutation seeded by ``(seed, e)``, and statistics are summed in cell order.
