@@ -1,8 +1,9 @@
 """The per-iteration plot of a training summary (a PNG the jobs write with ``--plot-out``).
 
-Panels, left to right: the error curves (``trainRmse``, ``validationRmse``, ...), the other
-per-iteration metrics an estimator reports (for example PrunedMF's ``macFraction``), and the
-seconds per iteration. Time breakdowns (``...Seconds``) and flags stay in the metrics JSON.
+Panels, left to right: the error curves (``trainRmse``, ``validationRmse``, ...), shares of an
+iteration's work (``...Share``: MascotMF's share of each side's updates that ran on FP32 rows),
+the other per-iteration metrics an estimator reports (for example PrunedMF's ``macFraction``),
+and the seconds per iteration. Time breakdowns (``...Seconds``) and flags stay in the metrics JSON.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def metric_names(summary: dict[str, Any]) -> list[str]:
 def step_unit(summary: dict[str, Any]) -> str:
     """What one entry of ``iterations`` is: an ALS iteration or an SGD epoch."""
     return "epoch" if summary.get("algorithm") in _SGD_ALGORITHMS else "iteration"
+
+
+def is_share_metric(name: str) -> bool:
+    return name.endswith("Share")
 
 
 def is_error_metric(name: str) -> bool:
@@ -74,7 +79,8 @@ def plot_training_summary(summary: dict[str, Any], path: str, title: str) -> Non
     names = metric_names(summary)
     groups = [
         ("error", [n for n in names if is_error_metric(n)]),
-        ("other metrics", [n for n in names if not is_error_metric(n)]),
+        ("share", [n for n in names if is_share_metric(n)]),
+        ("other metrics", [n for n in names if not (is_error_metric(n) or is_share_metric(n))]),
     ]
     groups = [(label, members) for label, members in groups if members]
     figure, axes = plt.subplots(
@@ -90,6 +96,8 @@ def plot_training_summary(summary: dict[str, Any], path: str, title: str) -> Non
         axis.set_xlabel(unit)
         axis.set_ylabel(label)
         axis.set_title(f"{label} per {unit}")
+        if label == "share":
+            axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
         axis.legend()
     seconds_axis = axes[-1]
