@@ -451,7 +451,10 @@ def plot(runs: list[Run], path: str) -> None:
     ranks = list(dict.fromkeys(r.rank for r in runs))
     colors = {"fp16": "tab:orange", "mascot": "tab:blue", "mascot+rounding": "tab:green"}
     figure, axes = plt.subplots(
-        2 * len(ranks), len(names), figsize=(4.2 * len(names), 5.2 * len(ranks)), squeeze=False
+        2 * len(ranks),
+        len(names),
+        figsize=(max(6.0, 4.2 * len(names)), 5.2 * len(ranks)),
+        squeeze=False,
     )
     for row, rank in enumerate(ranks):
         for column, name in enumerate(names):
