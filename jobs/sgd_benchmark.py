@@ -2,18 +2,19 @@
 
 ``spark-submit jobs/sgd_benchmark.py --help``. For every data set (generated power-law ratings of
 one or more sizes, MovieLens 100K and/or Spark's bundled sample file, from
-``spark_gpu_mf.jobs.benchmarking``; 20% held out through
-``validationIndicatorCol``) and every rank, MascotMF is fitted once per storage mode with the same
-seed, blocks and epochs (the MASCOT authors' settings unless overridden), and ``--repeats`` times
-in round-robin order so that load from other processes spreads over all modes. Per mode the job
-reports, each the best (minimum) over repeats:
+``spark_gpu_mf.jobs.benchmarking``; 20% held out through ``validationIndicatorCol``), every rank
+and every seed, MascotMF is fitted once per storage mode (``mascot+rounding``: mascot with our
+``roundingThreshold`` rule) with the same seed, blocks and epochs (the MASCOT authors' settings
+unless overridden), and ``--repeats`` times in round-robin order so that load from other processes
+spreads over all modes. Per mode the job reports, each the best (minimum) over repeats:
 
 * the median wall time of an epoch (epochs 2.. : epoch 1 includes the Python workers' Numba
   cache load) and of its SGD work alone (time tasks spent in the update function, summed over a
   sub-epoch's tasks, summed over the epoch: the CPU cost the storage mode changes), and the
   ratios to fp32;
 * the held-out RMSE after the last epoch (float32 predictions, as ``ALSModel.transform``) and its
-  difference to fp32, and how many groups ended in FP32.
+  difference to fp32 (same seed), how many groups ended in FP32 and the share of all updates
+  that ran on FP32 rows (the summary's ``fp32PerEpoch`` line gives it per epoch).
 
 It also times the CPU kernel alone (``mascot_numba.cell_sgd``, no Spark) on the largest cell of
 every data set, fp32 against fp16 storage, in nanoseconds per rating: the clean measurement of
@@ -41,13 +42,18 @@ from spark_gpu_mf.sgd.mascot_numba import cell_sgd
 from spark_gpu_mf.sgd.stratified import assign_blocks
 
 JOB = "sgd_benchmark"
-STORAGES = ("fp32", "fp16", "mascot")
+# "mascot+rounding": storage "mascot" with our rounding switch rule (--rounding-threshold) on top
+# of the paper's.
+STORAGES = ("fp32", "fp16", "mascot", "mascot+rounding")
+DEFAULT_STORAGES = ("fp32", "fp16", "mascot")
 
 EPILOG = """\
 examples:
   spark-submit --driver-memory 4g jobs/sgd_benchmark.py            # 1M + sample, rank 64 and 128
   spark-submit --driver-memory 6g jobs/sgd_benchmark.py --ratings 1000000,10000000 --repeats 1
   spark-submit jobs/sgd_benchmark.py --datasets sample --ranks 64 --max-iter 20
+  spark-submit jobs/sgd_benchmark.py --datasets ml-100k,generated --ranks 128 --seeds 1,2,3 \
+      --storages fp32,fp16,mascot,mascot+rounding        # MovieLens 100K: pip-downloaded once
 """
 
 
@@ -67,6 +73,7 @@ class Run:
     rank: int
     storage: str
     repeat: int
+    seed: int
     fit_seconds: float
     setup_seconds: float
     epoch_seconds: float  # median over epochs 2..
@@ -78,6 +85,9 @@ class Run:
     num_user_groups: int
     num_item_groups: int
     validation_curve: list[float] = field(default_factory=list)
+    fp32_user_share: list[float] = field(default_factory=list)  # per epoch, of the updates
+    fp32_item_share: list[float] = field(default_factory=list)
+    fp32_line: str = ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-seed", type=int, default=0, help="seed of data and split")
     fit = parser.add_argument_group("MascotMF (defaults: the MASCOT authors' settings)")
     fit.add_argument("--ranks", default="64,128", help="comma-separated ranks")
-    fit.add_argument("--storages", default=",".join(STORAGES), help="storage modes; fp32 first")
+    fit.add_argument(
+        "--storages",
+        default=",".join(DEFAULT_STORAGES),
+        help="storage modes, fp32 first: " + ", ".join(STORAGES) + " (mascot with "
+        "--rounding-threshold)",
+    )
     fit.add_argument("--max-iter", type=common.positive_int, default=50, help="epochs")
     fit.add_argument("--step-size", type=float, default=0.01, help="alpha")
     fit.add_argument("--init-std", type=float, default=0.01, help="std of the initial factors")
@@ -117,11 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--sample-init-std", type=float, default=0.1, help="initStd on the sample file"
     )
     fit.add_argument("--error-threshold", type=float, default=20.0, help="theta of g-switching")
+    fit.add_argument(
+        "--rounding-threshold",
+        type=float,
+        default=0.3,
+        help="roundingThreshold of the mascot+rounding mode",
+    )
     fit.add_argument("--num-blocks", type=int, default=0, help="DSGD blocks (0: task slots)")
     fit.add_argument(
         "--backend", choices=("auto", "cupy", "numpy"), default="numpy", help="executor math"
     )
-    fit.add_argument("--seed", type=int, default=1, help="MascotMF seed")
+    fit.add_argument(
+        "--seeds", default="1", help="comma-separated MascotMF seeds; every mode runs each"
+    )
     fit.add_argument(
         "--repeats", type=common.positive_int, default=2, help="fits per mode; best time kept"
     )
@@ -173,17 +196,19 @@ def load_datasets(spark, args) -> list[Dataset]:
     return result
 
 
-def fit_once(dataset: Dataset, rank: int, storage: str, repeat: int, args) -> Run:
+def fit_once(dataset: Dataset, rank: int, storage: str, repeat: int, seed: int, args) -> Run:
     sample = dataset.name == "sample"
+    rounding = storage == "mascot+rounding"
     estimator = MascotMF(
         rank=rank,
         maxIter=args.max_iter,
         stepSize=args.sample_step_size if sample else args.step_size,
         initStd=args.sample_init_std if sample else args.init_std,
-        storage=storage,
+        storage="mascot" if rounding else storage,
         errorThreshold=args.error_threshold,
+        roundingThreshold=args.rounding_threshold if rounding else 0.0,
         numBlocks=args.num_blocks,
-        seed=args.seed,
+        seed=seed,
         backend=args.backend,
         validationIndicatorCol="holdout",
     )
@@ -193,22 +218,27 @@ def fit_once(dataset: Dataset, rank: int, storage: str, repeat: int, args) -> Ru
     summary = model.summary
     steady = summary.iterations[1:] or summary.iterations
     details = summary.details
+    switching = storage.startswith("mascot")
     return Run(
         dataset=dataset.name,
         rank=rank,
         storage=storage,
         repeat=repeat,
+        seed=seed,
         fit_seconds=fit_seconds,
         setup_seconds=summary.setup_seconds,
         epoch_seconds=statistics.median(e["seconds"] for e in steady),
         compute_seconds=statistics.median(e["computeSeconds"] for e in steady),
         overhead_seconds=statistics.median(e["overheadSeconds"] for e in steady),
         validation_rmse=float(summary.iterations[-1]["validationRmse"]),
-        fp32_user_groups=len(details["fp32UserGroups"]) if storage == "mascot" else 0,
-        fp32_item_groups=len(details["fp32ItemGroups"]) if storage == "mascot" else 0,
+        fp32_user_groups=len(details["fp32UserGroups"]) if switching else 0,
+        fp32_item_groups=len(details["fp32ItemGroups"]) if switching else 0,
         num_user_groups=details["numUserGroups"],
         num_item_groups=details["numItemGroups"],
         validation_curve=[float(x) for x in summary.metric("validationRmse")],
+        fp32_user_share=[float(x) for x in summary.metric("fp32UserShare")],
+        fp32_item_share=[float(x) for x in summary.metric("fp32ItemShare")],
+        fp32_line=details["fp32PerEpoch"],
     )
 
 
@@ -243,6 +273,7 @@ def kernel_timing(dataset: Dataset, rank: int, num_blocks: int, repeats: int) ->
             user_state = mascot_tasks.layout(start_u, np.zeros(rows_u, np.int32), flags)
             item_state = mascot_tasks.layout(start_i, np.zeros(rows_i, np.int32), flags)
             empty_sums, empty_squares = np.zeros((0, rank)), np.zeros(0)
+            empty_rounding = np.zeros((0, 2))
             u8 = flags.astype(np.uint8)
             started = time.thread_time()
             cell_sgd(
@@ -252,6 +283,7 @@ def kernel_timing(dataset: Dataset, rank: int, num_blocks: int, repeats: int) ->
                 item_state["half"], item_state["single"], item_state["slot"],
                 item_state["group"], u8,
                 0.005, 0.015, False, 1, 0.05, empty_sums, empty_squares, empty_sums, empty_squares,
+                empty_rounding, empty_rounding,
             )  # fmt: skip
             seconds = time.thread_time() - started
             best[storage] = min(best.get(storage, math.inf), seconds)
@@ -272,14 +304,16 @@ def kernel_timing(dataset: Dataset, rank: int, num_blocks: int, repeats: int) ->
 
 def table_rows(runs: list[Run]) -> list[dict[str, Any]]:
     rows = []
-    keys = list(dict.fromkeys((r.dataset, r.rank) for r in runs))
-    for name, rank in keys:
-        mine = [r for r in runs if (r.dataset, r.rank) == (name, rank)]
+    keys = list(dict.fromkeys((r.dataset, r.rank, r.seed) for r in runs))
+    for name, rank, seed in keys:
+        mine = [r for r in runs if (r.dataset, r.rank, r.seed) == (name, rank, seed)]
         best = {}
         for storage in dict.fromkeys(r.storage for r in mine):
             of_mode = [r for r in mine if r.storage == storage]
             if len({r.validation_rmse for r in of_mode}) != 1:
-                raise RuntimeError(f"{name} rank {rank} {storage}: repeats gave different models")
+                raise RuntimeError(
+                    f"{name} rank {rank} seed {seed} {storage}: repeats gave different models"
+                )
             best[storage] = {
                 "epoch": min(r.epoch_seconds for r in of_mode),
                 "compute": min(r.compute_seconds for r in of_mode),
@@ -294,6 +328,7 @@ def table_rows(runs: list[Run]) -> list[dict[str, Any]]:
                 {
                     "dataset": name,
                     "rank": rank,
+                    "seed": seed,
                     "storage": storage,
                     "epochSeconds": b["epoch"],
                     "sgdSeconds": b["compute"],
@@ -307,10 +342,18 @@ def table_rows(runs: list[Run]) -> list[dict[str, Any]]:
                     ),
                     "fp32Groups": f"{run.fp32_user_groups}/{run.num_user_groups} users, "
                     f"{run.fp32_item_groups}/{run.num_item_groups} items",
+                    "fp32UpdateShare": _mean_share(run),
+                    "fp32PerEpoch": run.fp32_line,
                     "repeats": len([r for r in mine if r.storage == storage]),
                 }
             )
     return rows
+
+
+def _mean_share(run: Run) -> float:
+    """Share of all updates of the fit (both sides, every epoch) that ran on FP32 rows."""
+    shares = run.fp32_user_share + run.fp32_item_share
+    return float(np.mean(shares)) if shares else 0.0
 
 
 def markdown(rows, kernels, data) -> str:
@@ -322,19 +365,28 @@ def markdown(rows, kernels, data) -> str:
     lines += [
         "",
         (
-            "| data | rank | storage | epoch s | / fp32 | SGD work s | / fp32 | Spark s | "
-            "held-out RMSE | - fp32 | FP32 groups at the end |"
+            "| data | rank | seed | storage | epoch s | / fp32 | SGD work s | / fp32 | Spark s | "
+            "held-out RMSE | - fp32 | FP32 groups at the end | updates on FP32 rows |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         diff = "-" if r["rmseMinusFp32"] is None else f"{r['rmseMinusFp32']:+.4f}"
+        switching = r["storage"].startswith("mascot")
+        share = f"{100 * r['fp32UpdateShare']:.0f}%" if switching else "-"
         lines.append(
-            f"| {r['dataset']} | {r['rank']} | {r['storage']} | {r['epochSeconds']:.3f} | "
-            f"{ratio(r['epochOverFp32'])} | {r['sgdSeconds']:.3f} | {ratio(r['sgdOverFp32'])} | "
-            f"{r['overheadSeconds']:.3f} | {r['validationRmse']:.4f} | {diff} | "
-            f"{r['fp32Groups'] if r['storage'] == 'mascot' else '-'} |"
+            f"| {r['dataset']} | {r['rank']} | {r['seed']} | {r['storage']} | "
+            f"{r['epochSeconds']:.3f} | {ratio(r['epochOverFp32'])} | {r['sgdSeconds']:.3f} | "
+            f"{ratio(r['sgdOverFp32'])} | {r['overheadSeconds']:.3f} | "
+            f"{r['validationRmse']:.4f} | {diff} | {r['fp32Groups'] if switching else '-'} | "
+            f"{share} |"
         )
+    lines += ["", "Updates on FP32 rows per epoch (mascot modes):", ""]
+    lines += [
+        f"* {r['dataset']} rank {r['rank']} seed {r['seed']} {r['storage']}: {r['fp32PerEpoch']}"
+        for r in rows
+        if r["storage"].startswith("mascot")
+    ]
     lines += [
         "",
         "CPU kernel alone (largest cell, one thread, minimum of repeats):",
@@ -356,8 +408,9 @@ def markdown(rows, kernels, data) -> str:
 
 
 def plot(runs: list[Run], path: str) -> None:
-    """Held-out RMSE of fp16 and mascot minus fp32's, per epoch: one panel per data set and
-    rank (the three curves themselves lie on top of each other at any readable scale)."""
+    """Per data set and rank, two panels with one quantity each: the held-out RMSE of every
+    non-fp32 mode minus fp32's (same seed) per epoch, and the share of the updates that ran on
+    FP32 rows per epoch in the mascot modes (users solid, items dashed). One line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -365,29 +418,44 @@ def plot(runs: list[Run], path: str) -> None:
 
     names = list(dict.fromkeys(r.dataset for r in runs))
     ranks = list(dict.fromkeys(r.rank for r in runs))
+    colors = {"fp16": "tab:orange", "mascot": "tab:blue", "mascot+rounding": "tab:green"}
     figure, axes = plt.subplots(
-        len(ranks), len(names), figsize=(4.0 * len(names), 2.8 * len(ranks)), squeeze=False
+        2 * len(ranks),
+        len(names),
+        figsize=(max(6.0, 4.2 * len(names)), 5.2 * len(ranks)),
+        squeeze=False,
     )
     for row, rank in enumerate(ranks):
         for column, name in enumerate(names):
-            axis = axes[row][column]
-            curves = {
-                r.storage: np.array(r.validation_curve)
-                for r in runs
-                if (r.dataset, r.rank) == (name, rank) and r.repeat == 0
-            }
-            if "fp32" not in curves:
-                continue
-            for storage in ("fp16", "mascot"):
-                if storage in curves:
-                    difference = curves[storage] - curves["fp32"]
-                    axis.plot(range(1, len(difference) + 1), difference, label=storage)
-            axis.axhline(0.005, color="grey", ls="--", lw=0.8, label="+0.005")
-            axis.axhline(0.0, color="black", lw=0.5)
-            axis.set(title=f"{name}, rank {rank}", xlabel="epoch", ylabel="RMSE - fp32's")
-            axis.set_ylim(-0.004, 0.012)
-            axis.legend(fontsize=7)
-    figure.suptitle("MascotMF held-out RMSE against fp32 storage (CPU, Numba, local[2])")
+            gap_axis, share_axis = axes[2 * row][column], axes[2 * row + 1][column]
+            mine = [r for r in runs if (r.dataset, r.rank) == (name, rank) and r.repeat == 0]
+            fp32 = {r.seed: np.array(r.validation_curve) for r in mine if r.storage == "fp32"}
+            labelled = set()
+            for r in mine:
+                if r.storage == "fp32" or r.seed not in fp32:
+                    continue
+                label = None if r.storage in labelled else r.storage
+                labelled.add(r.storage)
+                difference = np.array(r.validation_curve) - fp32[r.seed]
+                epochs = range(1, len(difference) + 1)
+                color = colors.get(r.storage)
+                gap_axis.plot(epochs, difference, color=color, lw=1, label=label)
+                if r.storage.startswith("mascot"):
+                    share_axis.plot(epochs, r.fp32_user_share, color=color, lw=1, label=label)
+                    share_axis.plot(epochs, r.fp32_item_share, color=color, lw=1, ls="--")
+            gap_axis.axhline(0.005, color="grey", ls="--", lw=0.8, label="+0.005")
+            gap_axis.axhline(0.0, color="black", lw=0.5)
+            gap_axis.set(title=f"{name}, rank {rank}", xlabel="epoch", ylabel="RMSE - fp32's")
+            gap_axis.set_ylim(-0.004, 0.012)
+            gap_axis.legend(fontsize=7)
+            share_axis.set(
+                title="users solid, items dashed",
+                xlabel="epoch",
+                ylabel="updates on FP32 rows",
+                ylim=(0, 1.02),
+            )
+            share_axis.legend(fontsize=7)
+    figure.suptitle("MascotMF against fp32 storage (CPU, Numba, local[2]), one line per seed")
     figure.tight_layout()
     figure.savefig(common.local_output(path, "the plot"), dpi=100)
     plt.close(figure)
@@ -395,6 +463,7 @@ def plot(runs: list[Run], path: str) -> None:
 
 def run(args) -> None:
     ranks = _ints(args.ranks, "--ranks")
+    seeds = _ints(args.seeds, "--seeds")
     storages = [s.strip() for s in args.storages.split(",") if s.strip()]
     if not storages or set(storages) - set(STORAGES):
         raise common.JobError(f"--storages takes fp32, fp16, mascot; got {args.storages!r}")
@@ -410,17 +479,22 @@ def run(args) -> None:
         runs: list[Run] = []
         for dataset in data:
             for rank in ranks:
-                for repeat in range(args.repeats):
-                    for storage in storages:
-                        job.phase(f"{dataset.name} rank {rank} {storage} repeat {repeat + 1}")
-                        runs.append(fit_once(dataset, rank, storage, repeat, args))
-                        last = runs[-1]
-                        common.logger.info(
-                            "%s rank %d %s repeat %d: epoch %.3fs, SGD work %.3fs, held-out "
-                            "RMSE %.4f",
-                            dataset.name, rank, storage, repeat + 1, last.epoch_seconds,
-                            last.compute_seconds, last.validation_rmse,
-                        )  # fmt: skip
+                for seed in seeds:
+                    for repeat in range(args.repeats):
+                        for storage in storages:
+                            job.phase(
+                                f"{dataset.name} rank {rank} seed {seed} {storage} "
+                                f"repeat {repeat + 1}"
+                            )
+                            runs.append(fit_once(dataset, rank, storage, repeat, seed, args))
+                            last = runs[-1]
+                            common.logger.info(
+                                "%s rank %d seed %d %s repeat %d: epoch %.3fs, SGD work %.3fs, "
+                                "held-out RMSE %.4f; %s",
+                                dataset.name, rank, seed, storage, repeat + 1,
+                                last.epoch_seconds, last.compute_seconds, last.validation_rmse,
+                                last.fp32_line,
+                            )  # fmt: skip
         kernels = [
             kernel_timing(dataset, rank, num_blocks, args.kernel_repeats)
             for dataset in data

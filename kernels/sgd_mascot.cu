@@ -28,7 +28,11 @@
 // `user_records` / `item_records` (rows record_offset[w] + j, j-th sampled rating of warp w; the
 // host computes the offsets from the same slicing), and mascot_group_sums adds them per group in
 // a fixed order. This keeps the statistics deterministic and needs no atomics (which the host shim
-// does not have) at the cost of a buffer of sampled-ratings x rank floats per side.
+// does not have) at the cost of a buffer of sampled-ratings x rank floats per side. Each sampled
+// update also records two scalars per side in `user_rounding` / `item_rounding` (rows
+// 2 record, 2 record + 1): |store_half(x) - x|^2 for the new value x = p + lr gp (what float16
+// rounding would change of it) and |lr gp|^2 (the update asked for), for the `rounding` switch
+// rule; the host adds them per group.
 //
 // Memory: every lane reads only the entries it owns and writes them back, so a lane always sees
 // its own previous update of a row; no shared memory, no barriers.
@@ -78,6 +82,33 @@ __device__ __forceinline__ void mascot_store_row(__half* __restrict__ half,
     }
 }
 
+// One sampled update of one side: its update vector g into `record`, and into `rounding` (lane 0)
+// |store_half(x) - x|^2 and |lr g|^2 for the new float32 value x = p + lr g.
+template <int DPL>
+__device__ __forceinline__ void mascot_record_update(float* __restrict__ record,
+                                                     float* __restrict__ rounding,
+                                                     const float (&g)[DPL], const float (&x)[DPL],
+                                                     float lr, int rank, int lane) {
+    float rounded = 0.0f;
+    float step = 0.0f;
+#pragma unroll
+    for (int c = 0; c < DPL; ++c) {
+        const int d = c * kWarpSize + lane;
+        if (d < rank) {
+            record[d] = g[c];
+            const float lost = __half2float(__float2half_rn(x[c])) - x[c];
+            rounded = fmaf(lost, lost, rounded);
+            step = fmaf(lr * g[c], lr * g[c], step);
+        }
+    }
+    rounded = mascot_warp_sum(rounded);
+    step = mascot_warp_sum(step);
+    if (lane == 0) {
+        rounding[0] = rounded;
+        rounding[1] = step;
+    }
+}
+
 template <int DPL>
 __device__ __forceinline__ void mascot_sgd_cell(
     const int* __restrict__ users, const int* __restrict__ items,
@@ -89,6 +120,7 @@ __device__ __forceinline__ void mascot_sgd_cell(
     const unsigned char* __restrict__ item_group_fp32, int rank, float lr, float reg, int collect,
     double sample_ratio, const long long* __restrict__ record_offset,
     float* __restrict__ user_records, float* __restrict__ item_records,
+    float* __restrict__ user_rounding, float* __restrict__ item_rounding,
     double* __restrict__ sse_out) {
     const int lane = threadIdx.x % kWarpSize;
     const long long warps_per_block = blockDim.x / kWarpSize;
@@ -130,17 +162,11 @@ __device__ __forceinline__ void mascot_sgd_cell(
         }
         mascot_store_row<DPL>(user_half, user_single, u_fp32, u_slot, rank, lane, p);
         mascot_store_row<DPL>(item_half, item_single, i_fp32, i_slot, rank, lane, q);
-        if (pos >= sampled_from) {  // warp-uniform
-            float* user_record = user_records + record * rank;
-            float* item_record = item_records + record * rank;
-#pragma unroll
-            for (int c = 0; c < DPL; ++c) {
-                const int d = c * kWarpSize + lane;
-                if (d < rank) {
-                    user_record[d] = gp[c];
-                    item_record[d] = gq[c];
-                }
-            }
+        if (pos >= sampled_from) {  // warp-uniform; one side, then the other: fewer live registers
+            mascot_record_update<DPL>(user_records + record * rank, user_rounding + 2 * record, gp,
+                                      p, lr, rank, lane);
+            mascot_record_update<DPL>(item_records + record * rank, item_rounding + 2 * record, gq,
+                                      q, lr, rank, lane);
             ++record;
         }
         sse += (double)error * (double)error;
@@ -162,12 +188,13 @@ __device__ __forceinline__ void mascot_sgd_cell(
         const unsigned char* __restrict__ item_group_fp32, int rank, float lr, float reg,         \
         int collect, double sample_ratio, const long long* __restrict__ record_offset,            \
         float* __restrict__ user_records, float* __restrict__ item_records,                       \
+        float* __restrict__ user_rounding, float* __restrict__ item_rounding,                     \
         double* __restrict__ sse_out) {                                                           \
         gpumf::mascot_sgd_cell<DPL>(users, items, ratings, n, user_half, user_single, user_slot,  \
                                     user_group, user_group_fp32, item_half, item_single,          \
                                     item_slot, item_group, item_group_fp32, rank, lr, reg,        \
                                     collect, sample_ratio, record_offset, user_records,           \
-                                    item_records, sse_out);                                       \
+                                    item_records, user_rounding, item_rounding, sse_out);         \
     }
 
 GPUMF_MASCOT_SGD_ENTRY(1)

@@ -141,6 +141,16 @@ SINGLE_TASK_IN_DRIVER_MAX_RATINGS = ConfKey(
     "Python worker is another process on the same machine; the driver skips starting it and "
     "shipping the ratings to it). 'auto': 1,000,000 with a local master, else 0; 0 turns it off.",
 )
+SGD_IN_DRIVER_MAX_RATINGS = ConfKey(
+    "spark.gpumf.sgd.inDriverMaxRatings",
+    "auto",
+    _parse_optional_count,
+    "Largest MascotMF or PrunedMF fit (training plus validation ratings) that runs in the "
+    "driver's own Python process: the ratings are collected once and every epoch runs the same "
+    "cells, blocks and order as on Spark, without a Spark job per sub-epoch (PrunedMF: with "
+    "numBlocks 0 or 1, as one block). Local master, classic session, NumPy backend only. 'auto': "
+    "1,000,000 with a local master, else 0; 0 turns it off.",
+)
 SGD_JVM_SHORTCUT = ConfKey(
     "spark.gpumf.sgd.jvmShortcut",
     "true",
@@ -148,13 +158,4 @@ SGD_JVM_SHORTCUT = ConfKey(
     "MascotMF/PrunedMF on a classic session: run each sub-epoch as one RDD job over the cached "
     "cells with the blocks broadcast (faster, same factors; see docs/benchmarks.md). false: the "
     "DataFrame dataflow that Spark Connect sessions always use.",
-)
-SGD_IN_DRIVER_MAX_RATINGS = ConfKey(
-    "spark.gpumf.sgd.inDriverMaxRatings",
-    "auto",
-    _parse_optional_count,
-    "Largest PrunedMF fit that runs in the driver's own Python process, as one DSGD block, "
-    "instead of one Spark job per sub-epoch: local master, classic session, NumPy backend and "
-    "numBlocks 0 or 1 only (numBlocks 0 then means one block). 'auto': 1,000,000 with a local "
-    "master, else 0; 0 turns it off.",
 )

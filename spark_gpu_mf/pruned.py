@@ -204,14 +204,6 @@ class PrunedMF(
     _cuda_max_rank = MAX_RANK
 
     def _job(self, spark: SparkSession, backend: BackendChoice) -> PrunedJob:
-        from spark_gpu_mf import conf
-        from spark_gpu_mf.spark import session
-
-        in_driver = conf.SGD_IN_DRIVER_MAX_RATINGS.get(spark)
-        if in_driver is None:
-            in_driver = 1_000_000 if session.is_local(spark) else 0
-        if session.is_connect(spark) or not session.is_local(spark) or backend.requested != "numpy":
-            in_driver = 0  # the driver never imports CuPy, and a Connect client is not the driver
         return PrunedJob(
             rank=self.getRank(),
             max_iter=self.getMaxIter(),
@@ -226,7 +218,7 @@ class PrunedMF(
             num_blocks=self.getNumBlocks(),
             seed=self.getSeed(),
             backend=backend,
-            in_driver_max_ratings=in_driver,
+            in_driver_max_ratings=self._in_driver_max_ratings(spark, backend),
         )
 
     def _train(self, spark: SparkSession, ratings: DataFrame, backend: BackendChoice) -> SGDResult:

@@ -163,6 +163,21 @@ class SGDEstimator(
                 f"{self.getRank()}; use backend='auto' or 'numpy' for larger ranks."
             )
 
+    @staticmethod
+    def _in_driver_max_ratings(spark: SparkSession, backend: BackendChoice) -> int:
+        """Largest fit whose epochs run in the driver (``spark.gpumf.sgd.inDriverMaxRatings``):
+        only next to a local master on a classic session (a Connect client is not the driver),
+        and only with the NumPy backend (the driver never imports CuPy)."""
+        from spark_gpu_mf import conf
+        from spark_gpu_mf.spark import session
+
+        if session.is_connect(spark) or not session.is_local(spark):
+            return 0
+        if backend.requested != "numpy":
+            return 0
+        limit = conf.SGD_IN_DRIVER_MAX_RATINGS.get(spark)
+        return 1_000_000 if limit is None else limit
+
     def _train(self, spark: SparkSession, ratings: DataFrame, backend: BackendChoice) -> SGDResult:
         """Run the trainer on ``ratings`` from :meth:`_ratings` with the settled ``backend``."""
         raise NotImplementedError

@@ -541,6 +541,19 @@ def test_training_plot_is_a_png_with_the_metrics_found(tmp_path):
     assert plots.metric_names(sgd) == ["trainRmse", "macFraction"]
     assert plots.step_unit(sgd) == "epoch" and plots.step_unit(summary) == "iteration"
     plots.plot_training_summary(sgd, str(tmp_path / "sgd.png"), "PrunedMF")
+    mascot = {
+        "algorithm": "mascot",
+        "iterations": [
+            {"iteration": e, "seconds": 0.1, "trainRmse": 1.0 / e, "learningRate": 0.01,
+             "fp32UserShare": 0.0 if e < 3 else 0.4, "fp32ItemShare": 0.1 * e}
+            for e in range(1, 5)
+        ],
+    }  # fmt: skip
+    names = plots.metric_names(mascot)
+    # the FP32 shares get a panel of their own: one quantity per axis
+    assert [n for n in names if plots.is_share_metric(n)] == ["fp32UserShare", "fp32ItemShare"]
+    assert not any(plots.is_error_metric(n) for n in names if plots.is_share_metric(n))
+    plots.plot_training_summary(mascot, str(tmp_path / "mascot.png"), "MascotMF")
     path = tmp_path / "curve.png"
     plots.plot_training_summary(summary, str(path), "ALS")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -116,6 +116,7 @@ def run_numba(users, items, ratings, user, item, *, lr, reg, collect, streams, r
     stats = {
         "user_sums": np.zeros((gu, rank)), "user_squares": np.zeros(gu),
         "item_sums": np.zeros((gi, rank)), "item_squares": np.zeros(gi),
+        "user_rounding": np.zeros((gu, 2)), "item_rounding": np.zeros((gi, 2)),
     }  # fmt: skip
     sse = cell_sgd(
         users, items, ratings,
@@ -123,6 +124,7 @@ def run_numba(users, items, ratings, user, item, *, lr, reg, collect, streams, r
         item["half"], item["single"], item["slot"], item["group"], item["group_fp32"],
         lr, reg, collect, streams, ratio,
         stats["user_sums"], stats["user_squares"], stats["item_sums"], stats["item_squares"],
+        stats["user_rounding"], stats["item_rounding"],
     )  # fmt: skip
     return sse, stats
 
@@ -189,6 +191,8 @@ def test_one_warp_runs_the_numba_update_in_order(module, rank, storage):
         assert all(np.all(stats_gpu[k] == 0) for k in stats_gpu)  # FP32 groups: not measured
     for name in ("user_sums", "item_sums", "user_squares", "item_squares"):
         assert_statistics_close(stats_gpu[name], stats[name])
+    for name in ("user_rounding", "item_rounding"):  # float16 rounding of the sampled updates
+        np.testing.assert_allclose(stats_gpu[name], stats[name], rtol=0.02, atol=1e-12)
     measured = 1 - user["group_fp32"]
     assert np.all(stats["user_squares"][measured == 0] == 0)
     if storage != "fp32":

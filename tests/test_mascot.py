@@ -37,7 +37,7 @@ from spark_gpu_mf.sgd import mascot_tasks
 from spark_gpu_mf.sgd.cells import Cell
 from spark_gpu_mf.sgd.mascot_groups import GroupPrecision, count_groups, is_check_epoch
 from spark_gpu_mf.sgd.mascot_numba import cell_sgd
-from spark_gpu_mf.sgd.mascot_train import learning_rate
+from spark_gpu_mf.sgd.mascot_train import fp32_line, learning_rate
 from spark_gpu_mf.sgd.stratified import assign_blocks, strata_order
 from spark_gpu_mf.spark.factors import collect_factors
 
@@ -92,6 +92,102 @@ def test_switching_is_relative_to_the_first_measurement_and_permanent():
     assert precision.fp32.tolist() == [True, False, False]
     assert np.isnan(precision.errors[9][0])
     assert GroupPrecision.create(2, start_fp32=True).check(5, sums[:2], squares[:2], 2.0).size == 0
+
+
+def _model_switching(checks, num_groups, threshold, rounding_threshold):
+    """A plain-Python model of g-switching: per check ``(epoch, sums, squares, rounding)``, the
+    paper's rule (``|S|^2 / N`` over its first measurement > ``threshold``) and ours (share of
+    the sampled updates float16 rounding changes > ``rounding_threshold``, when > 0). Returns the
+    epoch each group switched after (-1: never)."""
+    switched_at = [-1] * num_groups
+    baseline = [None] * num_groups
+    for epoch, sums, squares, rounding in checks:
+        switching = []
+        for group in range(num_groups):
+            if switched_at[group] >= 0:
+                continue  # FP32 groups are not measured again
+            if squares[group] > 0:
+                raw = float(sum(x * x for x in sums[group])) / float(squares[group])
+                if baseline[group] is None:
+                    baseline[group] = raw
+                elif baseline[group] > 0 and raw / baseline[group] > threshold:
+                    switching.append(group)
+            lost, step = rounding[group]
+            if rounding_threshold > 0 and step > 0 and lost / step > rounding_threshold:
+                switching.append(group)
+        for group in switching:
+            switched_at[group] = epoch
+    return switched_at
+
+
+def _noisy_checks(rng, num_groups, rank, epochs):
+    """Check-epoch statistics of groups with 0-3 sampled updates (the ratio of small, noisy
+    numbers the paper's estimate becomes on small data) and of groups with many, whose updates
+    grow more aligned and whose rounding share grows, both with noise."""
+    samples = rng.choice([0, 1, 2, 3, 40, 200], size=num_groups)
+    checks = []
+    for step, epoch in enumerate(epochs):
+        sums, squares, rounding = np.zeros((num_groups, rank)), np.zeros(num_groups), []
+        for group in range(num_groups):
+            mean = rng.normal(0, 1, rank) * 0.05 * step
+            updates = mean + rng.normal(0, 1, (samples[group], rank))
+            sums[group] = updates.sum(axis=0)
+            squares[group] = float((updates**2).sum())
+            size = squares[group] * 1e-6
+            rounding.append((size * min(1.0, 0.03 * step * rng.lognormal(0, 0.5)), size))
+        checks.append((epoch, sums, squares, np.array(rounding)))
+    return checks
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("rounding_threshold", [0.0, 0.1, 0.3])
+def test_switching_rules_match_a_plain_model_on_noisy_statistics(seed, rounding_threshold):
+    rng = np.random.default_rng(seed)
+    num_groups, rank = 24, 5
+    epochs = [e for e in range(30) if is_check_epoch(e, 5, 2, 30)]
+    checks = _noisy_checks(rng, num_groups, rank, epochs)
+    threshold = float(rng.choice([1.5, 3.0, 20.0]))
+    precision = GroupPrecision.create(num_groups, start_fp32=False)
+    for epoch, sums, squares, rounding in checks:
+        precision.check(epoch, sums, squares, threshold, rounding, rounding_threshold)
+    expected = _model_switching(checks, num_groups, threshold, rounding_threshold)
+    assert precision.switched_at.tolist() == expected
+    assert precision.fp32.tolist() == [e >= 0 for e in expected]
+    # the recorded shares are the model's for every group still measured
+    epoch, _, _, rounding = checks[0]
+    measured = rounding[:, 1] > 0
+    np.testing.assert_allclose(
+        precision.rounding[epoch][measured], rounding[measured, 0] / rounding[measured, 1]
+    )
+    assert np.isnan(precision.rounding[epoch][~measured]).all()
+
+
+def test_rounding_rule_switches_on_its_own_at_any_check():
+    precision = GroupPrecision.create(3, start_fp32=False)
+    sums, squares = np.ones((3, 2)), np.full(3, 2.0)
+    rounding = np.array([[0.6, 1.0], [0.1, 1.0], [0.0, 0.0]])  # group 2: nothing sampled
+    # the first check only sets the paper's baselines, but the absolute rule may switch
+    assert precision.check(5, sums, squares, 20.0, rounding, 0.5).tolist() == [0]
+    np.testing.assert_allclose(precision.rounding[5][:2], [0.6, 0.1])
+    assert precision.check(7, sums, squares, 20.0, rounding * [[1, 1], [6, 1], [1, 1]],
+                           0.5).tolist() == [1]  # fmt: skip
+    assert np.isnan(precision.rounding[7][0])  # FP32 now: not measured
+    # threshold 0 turns the rule off: the paper's rule alone decides
+    again = GroupPrecision.create(3, start_fp32=False)
+    assert again.check(5, sums, squares, 20.0, rounding, 0.0).size == 0
+    assert again.check(7, sums, squares, 20.0, rounding * 10, 0.0).size == 0
+
+
+def test_fp32_line_merges_epochs_with_equal_shares():
+    shares = [(0, 0)] * 3 + [(0.123, 0)] * 2 + [(0.4, 0.031)]
+    iterations = [
+        {"iteration": n + 1, "fp32UserShare": u, "fp32ItemShare": i}
+        for n, (u, i) in enumerate(shares)
+    ]
+    assert fp32_line(iterations) == (
+        "updates on fp32 rows (user/item %) by epoch: 1-3 0/0, 4-5 12/0, 6 40/3"
+    )
+    assert fp32_line([]).endswith("none")
 
 
 def test_learning_rate_schedule():
@@ -201,6 +297,7 @@ def test_cpu_kernel_matches_a_float64_reference(storage):
         user["half"], user["single"], user["slot"], user["group"], fp32_u8,
         item["half"], item["single"], item["slot"], item["group"], fp32_u8,
         0.03, 0.02, False, 1, 0.0, sums["u"], squares["u"], sums["i"], squares["i"],
+        np.zeros((3, 2)), np.zeros((3, 2)),
     )  # fmt: skip
     ref_sse = _reference_cell(users, items, ratings, P, Q, flags[group_u], flags[group_i], 0.03,
                               0.02)  # fmt: skip
@@ -231,30 +328,45 @@ def test_cpu_kernel_statistics_are_the_sampled_update_sums():
     users = rng.integers(0, 4, n).astype(np.int32)
     items = rng.integers(0, 3, n).astype(np.int32)
     ratings = rng.uniform(1, 5, n).astype(np.float32)
-    sums_u, squares_u = np.zeros((2, rank)), np.zeros(2)
-    sums_i, squares_i = np.zeros((2, rank)), np.zeros(2)
+    sums_u, squares_u, rounding_u = np.zeros((2, rank)), np.zeros(2), np.zeros((2, 2))
+    sums_i, squares_i, rounding_i = np.zeros((2, rank)), np.zeros(2), np.zeros((2, 2))
     fp32_u8 = flags.astype(np.uint8)
     cell_sgd(
         users, items, ratings,
         user["half"], user["single"], user["slot"], user["group"], fp32_u8,
         item["half"], item["single"], item["slot"], item["group"], fp32_u8,
-        0.05, 0.01, True, 1, 0.2, sums_u, squares_u, sums_i, squares_i,
+        0.05, 0.01, True, 1, 0.2, sums_u, squares_u, sums_i, squares_i, rounding_u, rounding_i,
     )  # fmt: skip
     expected_u, expected_i = np.zeros((2, rank)), np.zeros((2, rank))
+    expected_rounding_u, expected_rounding_i = np.zeros((2, 2)), np.zeros((2, 2))
     for t, (u, i, r) in enumerate(zip(users, items, ratings)):
         p, q = P[u].astype(np.float64), Q[i].astype(np.float64)
         e = float(r) - p @ q
         gp, gq = e * q - 0.01 * p, e * p - 0.01 * q
+        new_p, new_q = p + 0.05 * gp, q + 0.05 * gq
         if t >= n - 10:  # the last ceil(0.2 * 50) updates
             expected_u[group_u[u]] += gp
             expected_i[group_i[i]] += gq
-        P[u] = (p + 0.05 * gp).astype(np.float32 if flags[group_u[u]] else np.float16)
-        Q[i] = (q + 0.05 * gq).astype(np.float32 if flags[group_i[i]] else np.float16)
+            for expected, group, new, g in (
+                (expected_rounding_u, group_u[u], new_p, gp),
+                (expected_rounding_i, group_i[i], new_q, gq),
+            ):
+                lost = new.astype(np.float16).astype(np.float64) - new
+                expected[group] += (lost @ lost, 0.05**2 * (g @ g))
+        P[u] = new_p.astype(np.float32 if flags[group_u[u]] else np.float16)
+        Q[i] = new_q.astype(np.float32 if flags[group_i[i]] else np.float16)
     expected_u[1] = 0.0  # FP32 group
     expected_i[1] = 0.0
+    expected_rounding_u[1] = expected_rounding_i[1] = 0.0
     np.testing.assert_allclose(sums_u, expected_u, atol=2e-3)
     np.testing.assert_allclose(sums_i, expected_i, atol=2e-3)
     assert squares_u[1] == 0 and squares_u[0] > 0 and squares_i[0] > 0 and squares_i[1] == 0
+    # float16 rounding of the sampled updates: the share rounding changes, as a float64 model
+    # computes it from the same old values (float32 and float64 arithmetic move a value across a
+    # float16 rounding boundary only rarely, and then the squared error barely changes)
+    np.testing.assert_allclose(rounding_u, expected_rounding_u, rtol=0.05)
+    np.testing.assert_allclose(rounding_i, expected_rounding_i, rtol=0.05)
+    assert rounding_u[0, 0] > 0 and rounding_u[0, 1] > 0
 
 
 def test_overflow_raises_instead_of_leaving_infinities():
@@ -361,6 +473,86 @@ def test_switching_is_monotone_and_only_at_check_epochs(fit):
     assert summary.details["arithmetic"].startswith("fp32")
 
 
+def test_rounding_rule_on_spark_and_the_fp32_share_of_every_epoch(fit, sample):
+    paper = fit(**SWITCHING, storage="mascot").summary
+    both = fit(**SWITCHING, storage="mascot", roundingThreshold=1e-4).summary
+    checks = [e["iteration"] for e in both.iterations if e["checkEpoch"]]
+    history = both.details["userRoundingHistory"]
+    assert sorted(history) == checks  # measured at every check, the first one too
+    shares = [x for x in history[checks[0]] if x is not None]
+    assert shares and all(0 <= x <= 1.5 for x in shares)
+    for side in ("user", "item"):
+        groups = both.details[f"{side}Groups"]
+        # a group that exceeds the rounding threshold switches at that very check
+        for check in checks:
+            rounding = both.details[f"{side}RoundingHistory"][check]
+            for group, share in enumerate(rounding):
+                if share is not None and share > 1e-4:
+                    assert groups[group]["switchedAfterEpoch"] == check
+        name = side.capitalize()
+        assert len(both.details[f"fp32{name}Groups"]) >= len(paper.details[f"fp32{name}Groups"])
+    # the share of an epoch's updates on FP32 rows: the ratings of the rows whose group was FP32
+    # during the epoch (a group is a range of rating counts), over all ratings
+    _, arrays = sample
+    for summary in (paper, both):
+        for side, ids in zip(("user", "item"), arrays):
+            counts = np.unique(ids, return_counts=True)[1]
+            for entry in summary.iterations:
+                fp32_ratings = sum(
+                    counts[(counts >= g["minRatings"]) & (counts <= g["maxRatings"])].sum()
+                    for g in summary.details[f"{side}Groups"]
+                    if g["switchedAfterEpoch"] is not None
+                    and g["switchedAfterEpoch"] < entry["iteration"]
+                )  # fmt: skip
+                share = entry[f"fp32{side.capitalize()}Share"]
+                assert math.isclose(share, fp32_ratings / len(ids), abs_tol=1e-12)
+        assert summary.details["fp32PerEpoch"] == fp32_line(summary.iterations)
+    assert both.metric("fp32UserShare")[-1] > 0 or both.metric("fp32ItemShare")[-1] > 0
+
+
+def test_small_fits_run_in_the_driver_with_the_spark_roads_result(spark, sample):
+    """The driver road (collected ratings, cells in threads) builds the same blocks and cells
+    and visits them in the same order as the Spark road: identical factors and summary."""
+    _, (user, item, rating) = sample
+    import pandas as pd
+
+    held_out = np.random.default_rng(1).random(len(user)) < 0.2
+    frame = spark.createDataFrame(
+        pd.DataFrame({"user": user, "item": item, "rating": rating, "holdout": held_out})
+    )
+    params = {**SWITCHING, "storage": "mascot", "roundingThreshold": 1e-4,
+              "validationIndicatorCol": "holdout"}  # fmt: skip
+    key = "spark.gpumf.sgd.inDriverMaxRatings"
+    models = {}
+    try:
+        for setting in ("auto", "0"):
+            spark.conf.set(key, setting)
+            models[setting] = MascotMF(**params).fit(frame)
+        spark.conf.set(key, str(len(user) - 1))  # one rating too many: the Spark road
+        too_many = MascotMF(**{**params, "maxIter": 1}).fit(frame)
+    finally:
+        spark.conf.unset(key)
+    driver, on_spark = models["auto"], models["0"]
+    assert driver.summary.details["epochsIn"] == "driver"
+    assert on_spark.summary.details["epochsIn"] == too_many.summary.details["epochsIn"] == "spark"
+    for (ids_a, a), (ids_b, b) in zip(_factors(driver), _factors(on_spark)):
+        np.testing.assert_array_equal(ids_a, ids_b)
+        np.testing.assert_array_equal(a, b)
+    for name in ("trainRmse", "validationRmse", "fp32UserShare", "fp32ItemShare"):
+        assert driver.summary.metric(name) == on_spark.summary.metric(name), name
+    for name in (
+        "numRatings",
+        "numValidation",
+        "numValidationUnknown",
+        "userGroups",
+        "itemGroups",
+        "fp32PerEpoch",
+        "userRoundingHistory",
+        "itemErrorHistory",
+    ):
+        assert driver.summary.details[name] == on_spark.summary.details[name], name  # fmt: skip
+
+
 def test_mascot_without_switches_is_fp16_and_fp16_values_are_halves(fit):
     fp16 = fit(storage="fp16")
     never = fit(storage="mascot", errorThreshold=1e12, firstCheckEpoch=1)
@@ -464,7 +656,7 @@ def test_params_defaults_setters_and_errors(spark, sample):
             assert estimator.getOrDefault(name) == parameter.default, name
         setter = getattr(estimator, "set" + name[0].upper() + name[1:])
         assert setter(estimator.getOrDefault(name) if parameter.default is not None else "v")
-    assert (estimator.getRank(), estimator.getMaxIter(), estimator.getStepSize()) == (128, 50, 0.01)
+    assert (estimator.getRank(), estimator.getMaxIter(), estimator.getStepSize()) == (128, 50, 0.02)
     assert estimator.getStorage() == "mascot" and estimator.getErrorThreshold() == 20.0
     assert MascotMF().getSeed() == MascotMF().getSeed()  # fixed, not Python's salted hash()
     frame, _ = sample

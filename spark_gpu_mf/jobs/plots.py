@@ -1,11 +1,11 @@
 """The per-iteration plot of a training summary (a PNG the jobs write with ``--plot-out``).
 
 Panels: the error curves (``trainRmse``, ``validationRmse``, ...), then one panel per other
-quantity an estimator reports (PrunedMF's ``macFraction``, MascotMF's ``learningRate`` and its
-FP32 group counts, ``fp32UserGroups`` and ``fp32ItemGroups`` together), and the seconds per
-iteration. Every axis shows one quantity: a learning rate of 0.01 drawn on the axis of group
-counts up to 100 would be a flat line at zero. Time breakdowns (``...Seconds``) and flags stay
-in the metrics JSON.
+quantity an estimator reports (PrunedMF's ``macFraction``, MascotMF's ``learningRate``, its FP32
+group counts ``fp32UserGroups`` and ``fp32ItemGroups`` together, and the shares of each side's
+updates that ran on FP32 rows), and the seconds per iteration. Every axis shows one quantity: a
+learning rate of 0.01 drawn on the axis of group counts up to 100 would be a flat line at zero.
+Time breakdowns (``...Seconds``) and flags stay in the metrics JSON.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ def metric_names(summary: dict[str, Any]) -> list[str]:
 def step_unit(summary: dict[str, Any]) -> str:
     """What one entry of ``iterations`` is: an ALS iteration or an SGD epoch."""
     return "epoch" if summary.get("algorithm") in _SGD_ALGORITHMS else "iteration"
+
+
+def is_share_metric(name: str) -> bool:
+    return name.endswith("Share")
 
 
 def is_error_metric(name: str) -> bool:
@@ -103,6 +107,8 @@ def plot_training_summary(summary: dict[str, Any], path: str, title: str) -> Non
         axis.set_xlabel(unit)
         axis.set_ylabel(label)
         axis.set_title(f"{label} per {unit}")
+        if label == "share":
+            axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
         axis.legend()
     seconds_axis = axes[-1]

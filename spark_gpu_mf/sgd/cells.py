@@ -51,6 +51,7 @@ __all__ = [
     "sum_statistics",
     "unpack_arrays",
     "update_cells",
+    "visiting_order",
 ]
 
 TRAIN, VALIDATION = 0, 1
@@ -195,6 +196,16 @@ def cell_order(
     return canonical[rng.permutation(len(canonical))]
 
 
+def visiting_order(
+    kind: int, user_block: int, item_block: int, users, items, ratings, seed: int
+) -> np.ndarray:
+    """A cell's order: training cells get the seeded shuffle of :func:`cell_order`, validation
+    cells the canonical sorted order (they are only read)."""
+    if kind == TRAIN:
+        return cell_order(users, items, ratings, seed, (kind, user_block, item_block))
+    return np.lexsort((ratings, items, users))
+
+
 def build_cells(frame: pd.DataFrame, *, seed: int) -> pd.DataFrame:
     """``applyInPandas`` over one cell (group by kind and blocks): the cell as one row.
 
@@ -207,10 +218,7 @@ def build_cells(frame: pd.DataFrame, *, seed: int) -> pd.DataFrame:
     users = frame["ul"].to_numpy(np.int32)
     items = frame["il"].to_numpy(np.int32)
     ratings = frame["rating"].to_numpy(np.float32)
-    if kind == TRAIN:
-        order = cell_order(users, items, ratings, seed, (kind, user_block, item_block))
-    else:
-        order = np.lexsort((ratings, items, users))
+    order = visiting_order(kind, user_block, item_block, users, items, ratings, seed)
     return pd.DataFrame(
         {
             "kind": [kind],

@@ -97,8 +97,9 @@ def launch_cell(
     rating rows and row groups (``host_*``) give the order of the per-group reduction.
 
     Returns the sum of squared errors and, with ``collect``, the statistics of
-    ``mascot_numba.cell_sgd``: ``user_sums`` (groups x rank), ``user_squares`` (groups), and the
-    item ones, as float64 host arrays (FP32 groups are zero).
+    ``mascot_numba.cell_sgd``: ``user_sums`` (groups x rank), ``user_squares`` (groups),
+    ``user_rounding`` (groups x 2), and the item ones, as float64 host arrays (FP32 groups are
+    zero).
     """
     n = int(ratings.shape[0])
     rank = int(user["half"].shape[1])
@@ -112,10 +113,13 @@ def launch_cell(
         records = max(1, len(positions))
         user_records = xp.zeros((records, rank), dtype=xp.float32)
         item_records = xp.zeros((records, rank), dtype=xp.float32)
+        user_rounding = xp.zeros((records, 2), dtype=xp.float32)
+        item_rounding = xp.zeros((records, 2), dtype=xp.float32)
         record_offset = xp.asarray(offsets)
     else:
         positions = None
         user_records = item_records = xp.zeros((1, rank), dtype=xp.float32)
+        user_rounding = item_rounding = xp.zeros((1, 2), dtype=xp.float32)
         record_offset = xp.zeros(1, dtype=xp.int64)
     kernel = module.get_function(kernel_name(rank))
     kernel(
@@ -126,19 +130,21 @@ def launch_cell(
             user["half"], user["single"], user["slot"], user["group"], user["group_fp32"],
             item["half"], item["single"], item["slot"], item["group"], item["group_fp32"],
             np.int32(rank), np.float32(lr), np.float32(reg), np.int32(1 if collect else 0),
-            np.float64(sample_ratio), record_offset, user_records, item_records, sse,
+            np.float64(sample_ratio), record_offset, user_records, item_records,
+            user_rounding, item_rounding, sse,
         ),
     )  # fmt: skip
     total = float(sse.sum())
     if not collect:
         return total, None
     statistics = {}
-    for side, records, rows, row_group, flags in (
-        ("user", user_records, host_users, host_user_group, user["group_fp32"]),
-        ("item", item_records, host_items, host_item_group, item["group_fp32"]),
+    for side, records, rounding, rows, row_group, flags in (
+        ("user", user_records, user_rounding, host_users, host_user_group, user["group_fp32"]),
+        ("item", item_records, item_rounding, host_items, host_item_group, item["group_fp32"]),
     ):
         num_groups = int(flags.shape[0])
-        order, pointer = _group_plan(row_group[rows[positions]], num_groups)
+        record_groups = row_group[rows[positions]]
+        order, pointer = _group_plan(record_groups, num_groups)
         sums = xp.zeros((num_groups, rank), dtype=xp.float64)
         squares = xp.zeros((num_groups, rank), dtype=xp.float64)
         module.get_function("mascot_group_sums")(
@@ -149,7 +155,23 @@ def launch_cell(
         )  # fmt: skip
         statistics[f"{side}_sums"] = _host(xp, sums)
         statistics[f"{side}_squares"] = _host(xp, squares).sum(axis=1)
+        statistics[f"{side}_rounding"] = _rounding_sums(
+            _host(xp, rounding)[: len(positions)], record_groups, _host(xp, flags)
+        )
     return total, statistics
+
+
+def _rounding_sums(records: np.ndarray, groups: np.ndarray, group_fp32: np.ndarray) -> np.ndarray:
+    """float64 ``(groups, 2)`` sums of the per-update rounding records of FP16 groups, in record
+    order (two scalars per sampled update: small enough to add on the host)."""
+    num_groups = len(group_fp32)
+    sums = np.zeros((num_groups, 2))
+    for column in range(2):
+        sums[:, column] = np.bincount(
+            groups, weights=records[:, column].astype(np.float64), minlength=num_groups
+        )
+    sums[np.asarray(group_fp32, dtype=bool)] = 0.0
+    return sums
 
 
 def _host(xp, array) -> np.ndarray:

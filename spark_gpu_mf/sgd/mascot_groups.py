@@ -17,6 +17,16 @@ Systems" (ICDM 2021), as released by the authors (``preprocess_utils.h``, ``mf_m
 * **Switch.** A group's first measurement is its baseline (``err = 1``); later, a group with
   ``raw_G / baseline > threshold`` is widened to FP32 for good. Groups never go back to FP16 and
   FP32 groups are no longer measured.
+
+Ours, optional (``roundingThreshold`` > 0; docs/mascot.md section 5 has why and measurements):
+
+* **Rounding rule.** The same sampled updates also give, per FP16 group,
+  ``rounding_G = sum |store(x) - x|^2 / sum |lr g|^2`` over its sampled updates, with
+  ``x = p + lr g`` the float32 value float16 storage rounds: the share of the update that float16
+  rounding changes (about 1 once ``lr |g|`` is below half a float16 step: the update is lost). It
+  is an absolute measure, a ratio of sums over the whole group, so it needs no baseline and is
+  not a ratio of two noisy small numbers; a group with ``rounding_G > rounding_threshold`` is
+  widened to FP32 for good, at any check epoch (the first one too), besides the paper's rule.
 """
 
 from __future__ import annotations
@@ -72,12 +82,16 @@ class GroupPrecision:
         int32 per group: 0-based epoch after which the group switched, -1 if it has not.
     errors : dict
         0-based check epoch -> float64 per group ``raw_G / baseline`` (NaN where not measured).
+    rounding : dict
+        0-based check epoch -> float64 per group ``rounding_G`` (NaN where not measured), when
+        the rounding statistic was given.
     """
 
     fp32: np.ndarray
     baseline: np.ndarray
     switched_at: np.ndarray
     errors: dict[int, np.ndarray] = field(default_factory=dict)
+    rounding: dict[int, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def create(cls, num_groups: int, start_fp32: bool) -> GroupPrecision:
@@ -91,11 +105,21 @@ class GroupPrecision:
     def num_groups(self) -> int:
         return len(self.fp32)
 
-    def check(self, epoch: int, sums: np.ndarray, squares: np.ndarray, threshold: float):
-        """Apply the statistic of check epoch ``epoch``; return the groups that switch now.
+    def check(
+        self,
+        epoch: int,
+        sums: np.ndarray,
+        squares: np.ndarray,
+        threshold: float,
+        rounding: np.ndarray | None = None,
+        rounding_threshold: float = 0.0,
+    ):
+        """Apply the statistics of check epoch ``epoch``; return the groups that switch now.
 
         ``sums`` (groups x rank) and ``squares`` (groups) are ``S_G`` and ``N_G`` summed over
-        every cell of the epoch. Groups without a sampled update are not measured.
+        every cell of the epoch; ``rounding`` (groups x 2), if given, the summed
+        ``(|store(x) - x|^2, |lr g|^2)``. Groups without a sampled update are not measured. With
+        ``rounding_threshold > 0`` a group also switches when ``rounding_G`` exceeds it.
         """
         sums = np.asarray(sums, dtype=np.float64)
         squares = np.asarray(squares, dtype=np.float64)
@@ -109,7 +133,17 @@ class GroupPrecision:
         error[first] = 1.0
         error[compared] = raw[compared] / self.baseline[compared]
         self.errors[epoch] = error
-        switch = np.flatnonzero(compared & (error > threshold))
+        switching = compared & (error > threshold)
+        if rounding is not None:
+            rounding = np.asarray(rounding, dtype=np.float64)
+            steps = rounding[:, 1]
+            rounded = ~self.fp32 & (steps > 0)
+            share = np.full(self.num_groups, np.nan)
+            share[rounded] = rounding[rounded, 0] / steps[rounded]
+            self.rounding[epoch] = share
+            if rounding_threshold > 0:
+                switching |= rounded & (share > rounding_threshold)
+        switch = np.flatnonzero(switching)
         self.fp32[switch] = True
         self.switched_at[switch] = epoch
         return switch

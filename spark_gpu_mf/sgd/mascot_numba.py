@@ -20,7 +20,9 @@ Statistics for g-switching (``collect``): the cell is cut into ``streams`` conti
 streams (one, the whole cell, on the CPU; one per warp on the GPU) and the last
 ``ceil(sample_ratio * len)`` ratings of every stream are sampled. For a sampled rating whose user
 group is FP16, ``user_sums[group] += gp`` and ``user_squares[group] += |gp|^2`` (float64);
-likewise for items.
+likewise for items. The same sampled updates also give the float16 rounding statistic of the
+``rounding`` switch rule (``mascot_groups``): ``user_rounding[group] += (|store(x) - x|^2,
+|lr gp|^2)`` with ``x = p + lr gp`` the float32 result that storage rounds.
 
 Speed: compiled with ``fastmath={"reassoc", "contract"}`` so that LLVM vectorizes the dot product
 (a float32 sum in a machine-dependent but fixed order: the same machine gives the same bits) and
@@ -70,6 +72,8 @@ def cell_sgd(
     user_squares,
     item_sums,
     item_squares,
+    user_rounding,
+    item_rounding,
 ):
     """Run one cell's ratings in order, updating both blocks in place; returns the float64 sum of
     squared errors ``e^2`` (each error taken before its update).
@@ -91,6 +95,10 @@ def cell_sgd(
         Fraction of every stream, at its end, that is sampled.
     user_sums, user_squares, item_sums, item_squares : float64 arrays
         (groups, k) and (groups,) accumulators, added to.
+    user_rounding, item_rounding : float64 arrays
+        (groups, 2) accumulators, added to: per sampled update of a FP16 row,
+        ``|store(x) - x|^2`` (what float16 rounding changes of the new value ``x = p + lr g``)
+        and ``|lr g|^2`` (the update float32 arithmetic asked for).
     """
     k = user_half.shape[1]
     n = len(ratings)
@@ -169,18 +177,34 @@ def cell_sgd(
                 q[d] = q[d] + lr32 * gq_buffer[d]
             if user_sampled:
                 norm = 0.0
+                rounded = 0.0
+                step = 0.0
                 for d in range(k):
                     g = np.float64(gp_buffer[d])
                     user_sums[ug, d] += g
                     norm += g * g
+                    lost = np.float64(half_to_float(float_to_half(p[d]))) - np.float64(p[d])
+                    rounded += lost * lost
+                    moved = np.float64(lr32 * gp_buffer[d])
+                    step += moved * moved
                 user_squares[ug] += norm
+                user_rounding[ug, 0] += rounded
+                user_rounding[ug, 1] += step
             if item_sampled:
                 norm = 0.0
+                rounded = 0.0
+                step = 0.0
                 for d in range(k):
                     g = np.float64(gq_buffer[d])
                     item_sums[ig, d] += g
                     norm += g * g
+                    lost = np.float64(half_to_float(float_to_half(q[d]))) - np.float64(q[d])
+                    rounded += lost * lost
+                    moved = np.float64(lr32 * gq_buffer[d])
+                    step += moved * moved
                 item_squares[ig] += norm
+                item_rounding[ig, 0] += rounded
+                item_rounding[ig, 1] += step
         else:
             for d in range(k):
                 gp = e * q[d] - reg32 * p[d]

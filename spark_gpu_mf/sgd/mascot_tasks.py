@@ -129,7 +129,8 @@ def update_cell(
     ``user_group_fp32``/``item_group_fp32`` (uint8 per group), ``backend`` (the driver's
     ``BackendChoice``). Returns ``sse`` and ``count`` (training error of the cell, each rating's
     error taken before its update) and, when ``collect``, the g-switching sums ``user_sums``,
-    ``user_squares``, ``item_sums``, ``item_squares`` over the sampled updates of FP16 groups.
+    ``user_squares``, ``user_rounding`` and the item ones over the sampled updates of FP16
+    groups.
     """
     user = _storage(users, settings["user_group_fp32"])
     item = _storage(items, settings["item_group_fp32"])
@@ -149,6 +150,8 @@ def update_cell(
             "user_squares": np.zeros(num_user_groups if collect else 0),
             "item_sums": np.zeros((num_item_groups if collect else 0, rank)),
             "item_squares": np.zeros(num_item_groups if collect else 0),
+            "user_rounding": np.zeros((num_user_groups if collect else 0, 2)),
+            "item_rounding": np.zeros((num_item_groups if collect else 0, 2)),
         }
         sse = cell_sgd(
             cell.users, cell.items, cell.ratings,
@@ -157,6 +160,7 @@ def update_cell(
             settings["lr"], settings["reg"], collect, 1, settings["sample_ratio"],
             statistics["user_sums"], statistics["user_squares"],
             statistics["item_sums"], statistics["item_squares"],
+            statistics["user_rounding"], statistics["item_rounding"],
         )  # fmt: skip
     _check_finite(cell, users, items, settings.get("epoch"))
     result = {"sse": np.float64(sse), "count": np.float64(len(cell))}

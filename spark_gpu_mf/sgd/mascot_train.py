@@ -1,8 +1,9 @@
 """Driver side of MascotMF: groups, the epoch loop, g-switching, validation and the summary.
 
 The stratified runner (``sgd.stratified``) moves blocks and runs the per-cell update
-(``mascot_tasks.update_cell``) ``numBlocks`` tasks at a time; this module decides what each epoch
-runs with:
+(``mascot_tasks.update_cell``) ``numBlocks`` tasks at a time (for a small fit, up to
+``spark.gpumf.sgd.inDriverMaxRatings``, the same cells run in threads of the driver: a Spark job
+per sub-epoch would cost more than the SGD); this module decides what each epoch runs with:
 
 * ``lr = stepSize / (1 + decay * e^1.5)`` for 0-based epoch ``e``;
 * rows grouped by training rating count (``mascot_groups.count_groups``) per side; all groups
@@ -26,12 +27,18 @@ from pyspark.sql import DataFrame, SparkSession
 from spark_gpu_mf.sgd import mascot_tasks
 from spark_gpu_mf.sgd.common import SGDJob, SGDResult
 from spark_gpu_mf.sgd.mascot_groups import GroupPrecision, count_groups, is_check_epoch
-from spark_gpu_mf.sgd.stratified import BlockLayout, StratifiedRunner, build_strata, merged_ids
+from spark_gpu_mf.sgd.stratified import (
+    BlockLayout,
+    StratifiedRunner,
+    build_strata,
+    build_strata_on_driver,
+    merged_ids,
+)
 from spark_gpu_mf.spark import session as sessions
 from spark_gpu_mf.spark.factors import factors_dataframe
 from spark_gpu_mf.summary import TrainingSummary
 
-__all__ = ["MascotJob", "MascotResult", "learning_rate", "train"]
+__all__ = ["MascotJob", "MascotResult", "fp32_line", "learning_rate", "train"]
 
 logger = logging.getLogger("spark_gpu_mf")
 
@@ -51,6 +58,8 @@ class MascotJob(SGDJob):
     error_threshold: float
     first_check_epoch: int
     has_validation: bool = False
+    rounding_threshold: float = 0.0
+    in_driver_max_ratings: int = 0  # 0: always on Spark
 
 
 MascotResult = SGDResult
@@ -69,6 +78,12 @@ class _Side:
     precision: GroupPrecision
     group_rows: np.ndarray  # rows per group
     group_counts: tuple[np.ndarray, np.ndarray]  # (min, max) rating count per group
+    group_ratings: np.ndarray  # training ratings per group (the updates it gets per epoch)
+
+    def fp32_share(self) -> float:
+        """Share of an epoch's updates of this side that touch FP32 rows now."""
+        total = self.group_ratings.sum()
+        return float(self.group_ratings[self.precision.fp32].sum() / total) if total else 0.0
 
 
 def _side(name: str, layout: BlockLayout, num_groups: int, start_fp32: bool) -> _Side:
@@ -84,8 +99,9 @@ def _side(name: str, layout: BlockLayout, num_groups: int, start_fp32: bool) -> 
     high = np.zeros(actual, np.int64)
     np.minimum.at(low, groups, counts)
     np.maximum.at(high, groups, counts)
+    ratings = np.bincount(groups, weights=counts, minlength=actual)
     return _Side(name, layout, per_block, GroupPrecision.create(actual, start_fp32), rows,
-                 (low, high))  # fmt: skip
+                 (low, high), ratings)  # fmt: skip
 
 
 def train(spark: SparkSession, ratings: DataFrame, job: MascotJob) -> MascotResult:
@@ -95,10 +111,17 @@ def train(spark: SparkSession, ratings: DataFrame, job: MascotJob) -> MascotResu
     summary = TrainingSummary(algorithm="mascot")
     strata = runner = None
     try:
-        strata = build_strata(
-            spark, ratings, num_blocks=job.num_blocks, seed=job.seed,
-            has_validation=job.has_validation, label="MascotMF",
-        )  # fmt: skip
+        collected = _collect_if_small(spark, ratings, job.in_driver_max_ratings)
+        if collected is not None:
+            strata = build_strata_on_driver(
+                spark, collected, num_blocks=job.num_blocks, seed=job.seed,
+                has_validation=job.has_validation,
+            )  # fmt: skip
+        else:
+            strata = build_strata(
+                spark, ratings, num_blocks=job.num_blocks, seed=job.seed,
+                has_validation=job.has_validation, label="MascotMF",
+            )  # fmt: skip
         start_fp32 = job.storage == "fp32"
         sides = {
             "user": _side("user", strata.users, job.num_user_groups, start_fp32),
@@ -130,6 +153,7 @@ def train(spark: SparkSession, ratings: DataFrame, job: MascotJob) -> MascotResu
                 "numUserGroups": sides["user"].precision.num_groups,
                 "numItemGroups": sides["item"].precision.num_groups,
                 "backend": job.backend.requested,
+                "epochsIn": "spark" if collected is None else "driver",
                 "setupStrataSeconds": strata.setup_seconds,
             }
         )
@@ -143,6 +167,8 @@ def train(spark: SparkSession, ratings: DataFrame, job: MascotJob) -> MascotResu
         )  # fmt: skip
         _epochs(runner, job, sides, strata.num_validation > 0, summary)
         _describe_groups(sides, summary)
+        summary.details["fp32PerEpoch"] = fp32_line(summary.iterations)
+        logger.info("MascotMF: %s", summary.details["fp32PerEpoch"])
         user_df, item_df = (
             factors_dataframe(
                 spark,
@@ -159,6 +185,19 @@ def train(spark: SparkSession, ratings: DataFrame, job: MascotJob) -> MascotResu
         sessions.set_job_description(spark, None)
     summary.total_seconds = time.perf_counter() - started
     return MascotResult(user_df, item_df, summary)
+
+
+def _collect_if_small(spark: SparkSession, ratings: DataFrame, max_ratings: int):
+    """The validated ratings as an Arrow table when there are at most ``max_ratings`` (then the
+    fit runs in the driver), else None; one Spark job that reads at most ``max_ratings + 1``."""
+    if max_ratings <= 0:
+        return None
+    sessions.set_job_description(spark, "spark_gpu_mf MascotMF: collect a small rating set")
+    try:
+        table = ratings.limit(max_ratings + 1).toArrow()
+    finally:
+        sessions.set_job_description(spark, None)
+    return table if table.num_rows <= max_ratings else None
 
 
 def _dense_side(runner: StratifiedRunner, side: str, fp32: np.ndarray, rank: int) -> np.ndarray:
@@ -189,6 +228,7 @@ def _epochs(runner, job: MascotJob, sides, validate: bool, summary: TrainingSumm
             "user_group_fp32": _flags(sides["user"]),
             "item_group_fp32": _flags(sides["item"]),
         }
+        shares = {name: sides[name].fp32_share() for name in _SIDES}
         run = runner.run_epoch(epoch, settings, max_iter=job.max_iter)
         stats = run.statistics
         entry = {
@@ -200,9 +240,13 @@ def _epochs(runner, job: MascotJob, sides, validate: bool, summary: TrainingSumm
             "criticalComputeSeconds": sum(s.max_task_seconds for s in run.sub_epochs),
             "overheadSeconds": run.overhead_seconds,
             "checkEpoch": check,
+            "fp32UserShare": shares["user"],
+            "fp32ItemShare": shares["item"],
         }
         if check:
-            entry.update(_switch(runner, sides, stats, epoch, job.error_threshold))
+            entry.update(
+                _switch(runner, sides, stats, epoch, job.error_threshold, job.rounding_threshold)
+            )
         entry["fp32UserGroups"] = int(sides["user"].precision.fp32.sum())
         entry["fp32ItemGroups"] = int(sides["item"].precision.fp32.sum())
         entry["seconds"] = time.perf_counter() - epoch_started
@@ -230,17 +274,26 @@ def _epochs(runner, job: MascotJob, sides, validate: bool, summary: TrainingSumm
         )  # fmt: skip
 
 
-def _switch(runner: StratifiedRunner, sides, stats, epoch: int, threshold: float) -> dict:
+def _switch(
+    runner: StratifiedRunner, sides, stats, epoch: int, threshold: float, rounding_threshold: float
+) -> dict:
     """Apply one check epoch's statistics to both sides; re-store the blocks that changed."""
     entry = {}
     for name in _SIDES:
         side = sides[name]
         before = side.precision.fp32.copy()
         switched = side.precision.check(
-            epoch, stats[f"{name}_sums"], stats[f"{name}_squares"], threshold
-        )
+            epoch, stats[f"{name}_sums"], stats[f"{name}_squares"], threshold,
+            stats.get(f"{name}_rounding"), rounding_threshold,
+        )  # fmt: skip
         errors = side.precision.errors[epoch]
         entry[f"{name}ErrorMax"] = float(np.nanmax(errors)) if np.isfinite(errors).any() else None
+        rounding = side.precision.rounding.get(epoch)
+        entry[f"{name}RoundingMax"] = (
+            float(np.nanmax(rounding))
+            if rounding is not None and np.isfinite(rounding).any()
+            else None
+        )
         entry[f"switched{name.capitalize()}Groups"] = switched.tolist()
         if len(switched):
             runner.set_state(
@@ -280,3 +333,28 @@ def _describe_groups(sides, summary: TrainingSummary) -> None:
             int(epoch) + 1: [None if np.isnan(x) else float(x) for x in errors]
             for epoch, errors in precision.errors.items()
         }
+        summary.details[f"{name}RoundingHistory"] = {
+            int(epoch) + 1: [None if np.isnan(x) else float(x) for x in shares]
+            for epoch, shares in precision.rounding.items()
+        }
+
+
+def fp32_line(iterations: list[dict]) -> str:
+    """One line: the share of each side's updates that ran on FP32 rows, per epoch.
+
+    Epochs with the same shares are merged: ``"updates on fp32 rows (user/item %) by epoch:
+    1-17 0/0, 18-21 12/0, 22-50 40/3"``. A share is the training ratings of FP32 groups over all
+    training ratings, with the precision in effect during the epoch.
+    """
+    runs: list[list] = []
+    for entry in iterations:
+        shares = (round(100 * entry["fp32UserShare"]), round(100 * entry["fp32ItemShare"]))
+        if runs and runs[-1][2] == shares:
+            runs[-1][1] = entry["iteration"]
+        else:
+            runs.append([entry["iteration"], entry["iteration"], shares])
+    parts = [
+        f"{first}{'' if first == last else f'-{last}'} {user}/{item}"
+        for first, last, (user, item) in runs
+    ]
+    return "updates on fp32 rows (user/item %) by epoch: " + (", ".join(parts) or "none")

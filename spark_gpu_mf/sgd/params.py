@@ -26,6 +26,7 @@ __all__ = [
     "HasNumUserGroups",
     "HasRank",
     "HasRatingCol",
+    "HasRoundingThreshold",
     "HasSampleRatio",
     "HasStorage",
 ]
@@ -251,3 +252,25 @@ class HasFirstCheckEpoch(Params):
     def getFirstCheckEpoch(self) -> int:
         """Gets the value of firstCheckEpoch or its default value."""
         return self.getOrDefault(self.firstCheckEpoch)
+
+
+class HasRoundingThreshold(Params):
+    """Mixin for param roundingThreshold: our rounding switch rule (>= 0; 0 turns it off)."""
+
+    roundingThreshold: Param[float] = Param(
+        Params._dummy(),
+        "roundingThreshold",
+        "a FP16 group also switches to FP32 when float16 rounding changes more than this share "
+        "of its sampled updates (sum |store(p + lr g) - (p + lr g)|^2 / sum |lr g|^2 in a check "
+        "epoch; about 1 when updates fall below half a float16 step and are lost), besides the "
+        "paper's errorThreshold rule (>= 0; 0, the default, leaves the paper's rule alone)",
+        typeConverter=TypeConverters.toFloat,
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._setDefault(roundingThreshold=0.0)
+
+    def getRoundingThreshold(self) -> float:
+        """Gets the value of roundingThreshold or its default value."""
+        return self.getOrDefault(self.roundingThreshold)

@@ -12,7 +12,7 @@ authors' LIBMF fork:
 * with ``truncateFactors``, every row is zeroed from its first insignificant entry on at the end
   (``pruned_math.truncate_rows``), so the model predicts exactly what training fitted.
 
-Small fits run in the driver (``stratified.collect_strata``, one block) when
+Small fits run in the driver (``stratified.build_strata_on_driver``, one block) when
 ``spark.gpumf.sgd.inDriverMaxRatings`` allows it and ``numBlocks`` is 0 or 1: on 100K ratings a
 Spark job per sub-epoch costs more than the whole epoch's SGD.
 """
@@ -37,7 +37,7 @@ from spark_gpu_mf.sgd.pruned_tasks import ACCUMULATOR, FACTORS, initial_state, u
 from spark_gpu_mf.sgd.stratified import (
     StratifiedRunner,
     build_strata,
-    collect_strata,
+    build_strata_on_driver,
     default_num_blocks,
     merged_ids,
 )
@@ -90,7 +90,8 @@ def train(spark: SparkSession, ratings: DataFrame, job: PrunedJob) -> PrunedResu
         scaled = ratings.withColumn("rating", (F.col("rating") / F.lit(scale)).cast(T.FloatType()))
         if job.num_blocks <= 1 and 0 < count <= job.in_driver_max_ratings:
             sessions.set_job_description(spark, "spark_gpu_mf PrunedMF: collect ratings")
-            strata = collect_strata(spark, scaled, seed=job.seed)
+            table = scaled.select("user", "item", "rating").toArrow()
+            strata = build_strata_on_driver(spark, table, num_blocks=1, seed=job.seed)
         else:
             num_blocks = job.num_blocks or default_num_blocks(spark)
             strata = build_strata(

@@ -23,13 +23,13 @@ in ``docs/mascot.md`` and ``docs/benchmarks.md``)
   the messages alone (the cells side keeps its cached partitioning, so no rating moves), and the
   last one's messages (all blocks and every cell's statistics) come back to the driver as
   Arrow. Between epochs the estimator may change any state in plain NumPy.
-* **Small fits in the driver.** :func:`collect_strata` builds the same blocks and cells for
-  ``b = 1`` from ratings collected to the driver (one Spark job), and the runner then runs every
-  epoch in this process: the per-sub-epoch Spark job (~0.1 s, most of an epoch on 100K ratings)
-  disappears, and the factors are those of the Spark road with one block.
 * **Classic sessions** take a measured-faster road to the same factors unless
   ``spark.gpumf.sgd.jvmShortcut`` is false: one RDD job per sub-epoch over the same cells, the
   blocks in broadcasts (``jvm_epochs``).
+* **Small fits** may skip Spark after collecting the ratings: :func:`build_strata_on_driver`
+  makes the same blocks and cells in the driver, and the runner then runs every sub-epoch's cells
+  in threads of the driver (the estimator decides when; MascotMF up to
+  ``spark.gpumf.sgd.inDriverMaxRatings``). Same factors, no job per sub-epoch.
 * **Determinism.** Rows are assigned to blocks by (count, id), cells are sorted canonically and
   shuffled with a seed derived from ``(seed, kind, user block, item block)``, the order of strata
   in epoch ``e`` is a permutation seeded by ``(seed, e)``, and statistics are summed in cell order.
@@ -68,11 +68,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
@@ -111,7 +111,7 @@ __all__ = [
     "SubEpochRun",
     "assign_blocks",
     "build_strata",
-    "collect_strata",
+    "build_strata_on_driver",
     "default_num_blocks",
     "strata_order",
 ]
@@ -220,15 +220,17 @@ class Strata:
     num_blocks : int
     seed : int
     users, items : BlockLayout
-    cells : pyspark.sql.DataFrame or None
+    cells : pyspark.sql.DataFrame
         Cached, one row per non-empty cell: ``pkey, stratum`` (``(item block - user block) mod
         b``) and the ``cells.BUILT_CELL_SCHEMA`` columns, hash-partitioned on ``pkey`` so that
-        the cells of user block ``p`` are in partition ``p``. None for strata collected to the
-        driver (:func:`collect_strata`), whose cells are in ``driver_cells``.
+        the cells of user block ``p`` are in partition ``p``.
     train_sizes, validation_sizes : numpy.ndarray
         int64 ``(b, b)``: ratings per cell.
     num_validation_unknown : int
         Validation ratings left out because their user or item has no training rating.
+    local_cells : dict or None
+        Strata built on the driver (:func:`build_strata_on_driver`): ``cells`` is None and
+        this maps ``TRAIN``/``VALIDATION`` to the cells, sorted by (user block, item block).
     """
 
     spark: SparkSession
@@ -236,17 +238,17 @@ class Strata:
     seed: int
     users: BlockLayout
     items: BlockLayout
-    cells: DataFrame
+    cells: DataFrame | None
     train_sizes: np.ndarray
     validation_sizes: np.ndarray
     num_validation_unknown: int = 0
     setup_seconds: float = 0.0
-    driver_cells: dict[int, list[cells_module.Cell]] | None = None
+    local_cells: dict[int, list[cells_module.Cell]] | None = None
 
     @property
     def in_driver(self) -> bool:
-        """Whether the cells live in this process (:func:`collect_strata`), not in Spark."""
-        return self.driver_cells is not None
+        """Whether the cells live in this process (:func:`build_strata_on_driver`)."""
+        return self.local_cells is not None
 
     @property
     def num_ratings(self) -> int:
@@ -414,63 +416,75 @@ def build_strata(
     )
 
 
-def collect_strata(
-    spark: SparkSession, ratings: DataFrame, *, seed: int, has_validation: bool = False
+def build_strata_on_driver(
+    spark: SparkSession,
+    table: pa.Table,
+    *,
+    num_blocks: int,
+    seed: int,
+    has_validation: bool = False,
 ) -> Strata:
-    """:func:`build_strata`'s strata for one block, built in the driver from collected ratings.
+    """The strata :func:`build_strata` makes, from ratings already collected on the driver.
 
-    The same layout and the same cells (same visiting order) as ``build_strata(num_blocks=1)``,
-    so a runner over them computes the same factors; it runs them in this process. For small
-    fits in local mode, where a Spark job per sub-epoch costs more than the epoch's SGD.
+    For small fits: no Spark job at all, and the same blocks and cells (same layout, same
+    visiting order), so a :class:`StratifiedRunner` over them computes the same factors as over
+    the cached cells. ``table``: ``user int, item int, rating float[, is_validation bool]``.
     """
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
     started = time.perf_counter()
-    columns = ["user", "item", "rating"] + (["is_validation"] if has_validation else [])
-    table = ratings.select(*columns).toArrow()
     user = table.column("user").to_numpy().astype(np.int32)
     item = table.column("item").to_numpy().astype(np.int32)
     rating = table.column("rating").to_numpy().astype(np.float32)
-    validation = (
-        table.column("is_validation").to_numpy(zero_copy_only=False).astype(bool)
-        if has_validation
-        else np.zeros(len(user), bool)
-    )
-    training = ~validation
-    if not training.any():
-        raise illegal_argument(f"requirement failed: No ratings available from {ratings}")
+    if has_validation:
+        is_validation = table.column("is_validation").to_numpy(zero_copy_only=False).astype(bool)
+    else:
+        is_validation = np.zeros(len(user), bool)
+    train = ~is_validation
+    if not train.any():
+        raise illegal_argument("requirement failed: No ratings available from the training set")
     layouts = []
     for name, ids in (("user", user), ("item", item)):
-        known, counts = np.unique(ids[training], return_counts=True)
-        layouts.append(assign_blocks(name, known, counts, 1))
+        known, counts = np.unique(ids[train], return_counts=True)
+        layouts.append(assign_blocks(name, known, counts, num_blocks))
     users, items = layouts
-    _, user_row = users.locate(user)
-    _, item_row = items.locate(item)
-    cells: dict[int, list[cells_module.Cell]] = {TRAIN: [], VALIDATION: []}
-    sizes = np.zeros((2, 1, 1), np.int64)
-    known = (user_row >= 0) & (item_row >= 0)
-    for kind, rows in ((TRAIN, training), (VALIDATION, validation & known)):
-        if not rows.any():
-            continue
-        frame = pd.DataFrame(
-            {"kind": kind, "ub": 0, "ul": user_row[rows], "ib": 0, "il": item_row[rows],
-             "rating": rating[rows]}
-        )  # fmt: skip
-        (cell,) = cells_module.cells_of_table(
-            pa.Table.from_pandas(cells_module.build_cells(frame, seed=seed), preserve_index=False)
+    ub, ul = users.locate(user)
+    ib, il = items.locate(item)
+    kind = np.where(is_validation, VALIDATION, TRAIN)
+    placed = (ub >= 0) & (ib >= 0)
+    b = num_blocks
+    key = (kind * b + ub) * b + ib
+    order = np.argsort(np.where(placed, key, -1), kind="stable")[int((~placed).sum()) :]
+    key_sorted = key[order]
+    starts = np.flatnonzero(np.r_[True, key_sorted[1:] != key_sorted[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    local: dict[int, list[cells_module.Cell]] = {TRAIN: [], VALIDATION: []}
+    sizes = np.zeros((2, b, b), np.int64)
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        rows = order[start:end]
+        cell_kind, user_block, item_block = int(kind[rows[0]]), int(ub[rows[0]]), int(ib[rows[0]])
+        users_of, items_of, ratings_of = ul[rows], il[rows], rating[rows]
+        visit = cells_module.visiting_order(
+            cell_kind, user_block, item_block, users_of, items_of, ratings_of, seed
         )
-        cells[kind].append(cell)
-        sizes[kind, 0, 0] = len(cell)
+        local[cell_kind].append(
+            cells_module.Cell(
+                user_block, item_block, users_of[visit], items_of[visit], ratings_of[visit]
+            )
+        )
+        sizes[cell_kind, user_block, item_block] = len(rows)
     return Strata(
         spark=spark,
-        num_blocks=1,
+        num_blocks=num_blocks,
         seed=seed,
         users=users,
         items=items,
         cells=None,
         train_sizes=sizes[TRAIN],
         validation_sizes=sizes[VALIDATION],
-        num_validation_unknown=int(validation.sum() - sizes[VALIDATION].sum()),
+        num_validation_unknown=int((is_validation & ~placed).sum()),
         setup_seconds=time.perf_counter() - started,
-        driver_cells=cells,
+        local_cells=local,
     )
 
 
@@ -541,8 +555,15 @@ class StratifiedRunner:
         self._packed: dict[tuple[str, int], bytes] = {}
         self._local_cells: dict[int, list[cells_module.Cell]] = {}
         self._jvm: BroadcastEpochs | None = None
+        # Strata built on the driver run here too: cells in threads, one per task slot (the
+        # kernels release the GIL), no Spark job.
+        self._on_driver = strata.local_cells is not None
+        self._pool = ThreadPoolExecutor(max_workers=b) if self._on_driver else None
+        if self._on_driver:
+            self._local_cells = dict(strata.local_cells)
+            self._train_cells = {(c.user_block, c.item_block): c for c in strata.local_cells[TRAIN]}
         self._use_jvm = (
-            not strata.in_driver
+            not self._on_driver
             and not sessions.is_connect(self.spark)
             and conf.SGD_JVM_SHORTCUT.get(self.spark)
         )
@@ -631,8 +652,8 @@ class StratifiedRunner:
         ]
         if not steps:
             return EpochRun(epoch, {}, time.perf_counter() - started, [])
-        if self.strata.in_driver:
-            statistics, sub_epochs = self._run_epoch_in_driver(epoch, steps, settings)
+        if self._on_driver:
+            statistics, sub_epochs = self._run_driver_epoch(epoch, steps, settings)
             return EpochRun(epoch, statistics, time.perf_counter() - started, sub_epochs)
         if self._use_jvm:
             statistics, sub_epochs = self._run_jvm_epoch(epoch, steps, settings, max_iter)
@@ -665,31 +686,34 @@ class StratifiedRunner:
         statistics, sub_epochs = self._absorb(table, steps)
         return EpochRun(epoch, statistics, time.perf_counter() - started, sub_epochs)
 
-    def _run_epoch_in_driver(self, epoch: int, steps, settings):
-        """Strata from :func:`collect_strata`: the update runs here, on the runner's own state."""
+    def _run_driver_epoch(self, epoch: int, steps, settings):
+        """Strata built on the driver: each sub-epoch's cells in threads on the runner's own
+        blocks (in place), statistics summed in cell order as on Spark."""
         results, sub_epochs = [], []
         for sub_epoch, stratum in steps:
             task_settings = cells_module.settings_for(
                 settings, epoch=epoch, sub_epoch=sub_epoch, stratum=stratum
             )
-            seconds = []
-            b = self.strata.num_blocks
-            for cell in self.strata.driver_cells[TRAIN]:
-                if (cell.item_block - cell.user_block) % b != stratum:
-                    continue
-                users = self._state["user"][cell.user_block]
-                items = self._state["item"][cell.item_block]
-                cell_started = time.perf_counter()
-                stats = self.update(cell, users, items, task_settings)
-                seconds.append(time.perf_counter() - cell_started)
-                self.set_block("user", cell.user_block, users)
-                self.set_block("item", cell.item_block, items)
-                results.append(((cell.user_block, cell.item_block), stats))
-            sub_epochs.append(
-                SubEpochRun(stratum, len(seconds), max(seconds, default=0.0), sum(seconds))
-            )
+
+            def run_cell(pair, task_settings=task_settings):
+                started = time.perf_counter()
+                user_block, item_block = pair
+                statistics = self.update(
+                    self._train_cells[pair],
+                    self._state["user"][user_block],
+                    self._state["item"][item_block],
+                    task_settings,
+                )
+                return pair, statistics, time.perf_counter() - started
+
+            pairs = self._strata_cells[stratum]
+            done = list(self._pool.map(run_cell, pairs))
+            results += [(pair, statistics) for pair, statistics, _ in done]
+            seconds = [elapsed for _, _, elapsed in done]
+            sub_epochs.append(SubEpochRun(stratum, len(pairs), max(seconds), sum(seconds)))
+        self._packed.clear()
         results.sort(key=lambda item: item[0])
-        return sum_statistics([stats for _, stats in results]), sub_epochs
+        return sum_statistics([statistics for _, statistics in results]), sub_epochs
 
     def _run_jvm_epoch(self, epoch: int, steps, settings, max_iter: int):
         """The classic-session shortcut (``jvm_epochs``): one RDD job per sub-epoch."""
@@ -777,12 +801,10 @@ class StratifiedRunner:
         if not (sizes > 0).any():
             return {}, 0.0
         if on_driver is None:
-            on_driver = int(sizes.sum()) <= LOCAL_EVALUATION_RATINGS
+            on_driver = self._on_driver or int(sizes.sum()) <= LOCAL_EVALUATION_RATINGS
         settings = dict(settings or {})
-        if on_driver or self.strata.in_driver:
+        if on_driver:
             cells = self._local_cells.get(kind)
-            if self.strata.in_driver:
-                cells = self.strata.driver_cells[kind]
             if cells is None:
                 self._describe(
                     f"collect {'validation' if kind == VALIDATION else 'training'} cells"
@@ -830,6 +852,9 @@ class StratifiedRunner:
         if self._jvm is not None:
             self._jvm.close()
             self._jvm = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         self._packed.clear()
         self._local_cells.clear()
 
