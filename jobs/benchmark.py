@@ -51,17 +51,13 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
 
-from spark_gpu_mf.conf import (
-    BROADCAST_THRESHOLD,
-    SINGLE_TASK_IN_DRIVER_MAX_RATINGS,
-    SINGLE_TASK_MAX_RATINGS,
-    TRAINING_RMSE,
-)
+from spark_gpu_mf.conf import SINGLE_TASK_IN_DRIVER_MAX_RATINGS, TRAINING_RMSE
+from spark_gpu_mf.jobs.benchmarking import DATAFLOW_CONFS, session_confs
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -80,15 +76,6 @@ FIRST_FIT_RUNS = {
 FIRST_FIT_MARK = "first-fit result: "
 FIRST_FIT_LAUNCHED = "GPUMF_FIRST_FIT_LAUNCHED"
 
-# The confs that make our ALS take each dataflow. The dataflow rewrite may rename or replace
-# these keys: this mapping is the one place to change. "auto" sets nothing (the size thresholds
-# decide, as for users).
-DATAFLOW_CONFS = {
-    "auto": {},
-    "single": {SINGLE_TASK_MAX_RATINGS.key: str(2**31 - 1)},
-    "broadcast": {SINGLE_TASK_MAX_RATINGS.key: "0", BROADCAST_THRESHOLD.key: "1t"},
-    "messages": {SINGLE_TASK_MAX_RATINGS.key: "0", BROADCAST_THRESHOLD.key: "0"},
-}
 ALL_DATAFLOWS = ("single", "broadcast", "messages")
 TRAINING_RMSE_CONFS = {TRAINING_RMSE.key: "true"}
 
@@ -513,22 +500,6 @@ def fit_spark(df, args, implicit: bool, seed: int):
         seed=seed,
     )
     return _timed(lambda: est.fit(df))
-
-
-@contextmanager
-def session_confs(spark, confs: dict):
-    """Set ``confs`` on ``spark`` for the block, then put back what was there before."""
-    previous = {key: spark.conf.get(key, None) for key in confs}
-    for key, value in confs.items():
-        spark.conf.set(key, value)
-    try:
-        yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                spark.conf.unset(key)
-            else:
-                spark.conf.set(key, value)
 
 
 def fit_ours(

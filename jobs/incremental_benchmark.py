@@ -26,13 +26,12 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 
 import numpy as np
 
 from spark_gpu_mf import ALS, datasets
-from spark_gpu_mf.conf import BROADCAST_THRESHOLD, SINGLE_TASK_MAX_RATINGS
 from spark_gpu_mf.jobs import common
+from spark_gpu_mf.jobs.benchmarking import DATAFLOW_CONFS, session_confs
 from spark_gpu_mf.jobs.common import SparkJob
 from spark_gpu_mf.jobs.metrics import rating_metrics
 
@@ -40,12 +39,6 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 JOB = "incremental_benchmark"
-DATAFLOW_CONFS = {
-    "auto": {},
-    "single": {SINGLE_TASK_MAX_RATINGS.key: str(2**31 - 1)},
-    "broadcast": {SINGLE_TASK_MAX_RATINGS.key: "0", BROADCAST_THRESHOLD.key: "1t"},
-    "messages": {SINGLE_TASK_MAX_RATINGS.key: "0", BROADCAST_THRESHOLD.key: "0"},
-}
 
 EPILOG = """\
 examples:
@@ -92,19 +85,6 @@ def build_parser():
     return parser  # fmt: skip
 
 
-@contextmanager
-def dataflow_confs(job: SparkJob, name: str):
-    spark = job.spark
-    before = {key: spark.conf.get(key, None) for key in DATAFLOW_CONFS[name]}
-    for key, value in DATAFLOW_CONFS[name].items():
-        spark.conf.set(key, value)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            spark.conf.unset(key) if value is None else spark.conf.set(key, value)
-
-
 def _timed(fn):
     started = time.perf_counter()
     result = fn()
@@ -146,7 +126,7 @@ def split(args):
 
 def run_dataflow(job: SparkJob, args, frames, dataflow: str, warm_iters) -> dict:
     log = common.logger.info
-    with dataflow_confs(job, dataflow):
+    with session_confs(job.spark, DATAFLOW_CONFS[dataflow]):
         job.phase(f"{dataflow}: yesterday's model")
         yesterday, yesterday_s = _fit(args, frames["yesterday"], args.max_iter)
         if args.initial_model == "saved":

@@ -12,20 +12,25 @@ way:
 * held-out RMSE over the test ratings whose user and item were trained (``coldStartStrategy
   ="drop"``), from collected factors, in float64;
 * Markdown tables and PNG plots in which every axis shows one quantity (two quantities of
-  different scales on one axis hide one of them).
+  different scales on one axis hide one of them);
+* the confs that make our ALS take each dataflow (:data:`DATAFLOW_CONFS`, set for a block by
+  :func:`session_confs`), for ``jobs/benchmark.py`` and ``jobs/incremental_benchmark.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from spark_gpu_mf.conf import BROADCAST_THRESHOLD, SINGLE_TASK_MAX_RATINGS
 from spark_gpu_mf.jobs.common import JobError, local_output
 
 __all__ = [
+    "DATAFLOW_CONFS",
     "DATASETS",
     "Panel",
     "RatingData",
@@ -34,8 +39,34 @@ __all__ = [
     "markdown_table",
     "model_factors",
     "parse_dataset_names",
+    "session_confs",
     "write_plot",
 ]
+
+# The confs that make our ALS take each dataflow; "auto" sets nothing (the size thresholds
+# decide, as for users). The one place to change when the dataflow confs change.
+DATAFLOW_CONFS = {
+    "auto": {},
+    "single": {SINGLE_TASK_MAX_RATINGS.key: str(2**31 - 1)},
+    "broadcast": {SINGLE_TASK_MAX_RATINGS.key: "0", BROADCAST_THRESHOLD.key: "1t"},
+    "messages": {SINGLE_TASK_MAX_RATINGS.key: "0", BROADCAST_THRESHOLD.key: "0"},
+}
+
+
+@contextmanager
+def session_confs(spark, confs: dict) -> Iterator[None]:
+    """Set ``confs`` on ``spark`` for the block, then put back what was there before."""
+    previous = {key: spark.conf.get(key, None) for key in confs}
+    for key, value in confs.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
 
 DATASETS = ("generated", "sample", "ml-100k")
 
