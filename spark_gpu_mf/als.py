@@ -372,6 +372,7 @@ class ALS(
             broadcast_threshold=conf.BROADCAST_THRESHOLD.get(spark),
             blas_threads=conf.BLAS_THREADS.get(spark),
             training_rmse=conf.TRAINING_RMSE.get(spark),
+            adaptive_execution=conf.ALS_ADAPTIVE_EXECUTION.get(spark),
             fail_first_attempt=conf.FAIL_FIRST_ATTEMPT.get(spark),
             single_task_max_ratings=_single_task_max_ratings(spark),
             in_driver_max_ratings=_single_task_in_driver_max_ratings(spark),

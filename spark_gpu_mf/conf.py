@@ -103,6 +103,20 @@ TASK_GPU_AMOUNT = ConfKey(
     "GPUs per task (a fraction shares a GPU between tasks); backend='cupy' on a cluster needs "
     "it > 0.",
 )
+# Spark's own key for adaptive query execution, which ALS's distributed dataflow turns off for
+# its own queries while it fits unless ALS_ADAPTIVE_EXECUTION says otherwise.
+SQL_ADAPTIVE_ENABLED = "spark.sql.adaptive.enabled"
+ALS_ADAPTIVE_EXECUTION = ConfKey(
+    "spark.gpumf.als.adaptiveExecution",
+    "false",
+    parse_bool,
+    "Whether ALS's distributed dataflows (broadcast, messages) run their queries with Spark's "
+    "adaptive query execution. false (default): the fit sets spark.sql.adaptive.enabled=false on "
+    "its session while it runs and restores it after, because AQE plans every shuffle of an "
+    "iteration as a job of its own and re-plans between them, with nothing to adapt: the "
+    "partitioning is ALS's own. Queries other threads run on the same session during the fit "
+    "see the change too.",
+)
 # Spark sets it; on Spark Connect it names the application that outlives a session's calls.
 APP_ID = ConfKey("spark.app.id", "", str, "The Spark application id (set by Spark, read only).")
 FAIL_FIRST_ATTEMPT = ConfKey(

@@ -33,6 +33,41 @@ def test_half_iterations_shuffle_only_the_messages(spark, monkeypatch):
         assert "REPARTITION_BY_NUM" in plan
 
 
+@pytest.mark.parametrize("keep_adaptive", [False, True], ids=["default", "adaptiveExecution"])
+def test_the_distributed_fit_runs_without_aqe_and_restores_the_session(spark, monkeypatch,
+                                                                       keep_adaptive):
+    """AQE is off while the exchange plans its half-iterations (unless
+    ``spark.gpumf.als.adaptiveExecution`` keeps it), and the session's own setting is back
+    afterwards, whether it was set or not."""
+    key = "spark.sql.adaptive.enabled"
+    seen = []
+    original = als_train._Exchange.solve
+
+    def spy(self, side, iteration):
+        original(self, side, iteration)
+        plan = self.outbox[side]._jdf.queryExecution().executedPlan().toString()
+        seen.append((spark.conf.get(key), plan.startswith("AdaptiveSparkPlan")))
+
+    monkeypatch.setattr(als_train._Exchange, "solve", spy)
+    ratings = datasets.generate_dataframe(spark, 2000, seed=3)
+    spark.conf.set("spark.gpumf.als.adaptiveExecution", str(keep_adaptive).lower())
+    try:
+        for before in ("true", None):
+            if before is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, before)
+            unset_value = spark.conf.get(key, None)
+            with dataflow_confs(spark, "messages"):
+                ALS(rank=3, maxIter=1, numUserBlocks=2, numItemBlocks=2).fit(ratings)
+            assert spark.conf.get(key, None) == (before if before is not None else unset_value)
+    finally:
+        spark.conf.unset("spark.gpumf.als.adaptiveExecution")
+        spark.conf.unset(key)
+    assert len(seen) == 4
+    assert all(s == (str(keep_adaptive).lower(), keep_adaptive) for s in seen), seen
+
+
 @pytest.mark.parametrize("name", ["broadcast", "messages"])
 def test_every_iteration_costs_the_same_tasks(spark, name):
     """Each iteration reads the last one's cached outboxes and nothing older: the tasks Spark

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
@@ -93,6 +94,8 @@ class AlsJob:
     broadcast_threshold: int = conf.parse_bytes(conf.BROADCAST_THRESHOLD.default)
     blas_threads: int = 0
     training_rmse: bool = False
+    # spark.gpumf.als.adaptiveExecution: false runs the distributed dataflow with AQE off.
+    adaptive_execution: bool = False
     fail_first_attempt: bool = False
     single_task_max_ratings: int = 0
     # Single-task fits up to this size run in the driver's Python process (local mode only).
@@ -352,10 +355,19 @@ class _Trainer:
         if num_ratings <= job.single_task_max_ratings:
             trained = self._run_single_task(user_seed, item_seed, started, num_ratings)
         if trained is None:
-            trained = self._run_distributed(user_seed, item_seed, started)
+            with self._without_adaptive_execution():
+                trained = self._run_distributed(user_seed, item_seed, started)
         self.summary.total_seconds = time.perf_counter() - started
         self.describe(None)
         return TrainResult(*trained, self.summary, self.cached)
+
+    def _without_adaptive_execution(self):
+        """AQE off for the distributed dataflow's queries, unless the conf keeps it: their
+        partitioning is ALS's own, and AQE would run each shuffle of an iteration as a job of
+        its own with a re-planning between them (docs/benchmarks.md)."""
+        if self.job.adaptive_execution:
+            return nullcontext()
+        return session.runtime_conf(self.spark, conf.SQL_ADAPTIVE_ENABLED, "false")
 
     def _run_single_task(self, user_seed: int, item_seed: int, started: float, num_ratings: int):
         """``(user factors, item factors)`` from one task, or ``None`` when a side has more

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
@@ -87,6 +88,21 @@ def conf_value(spark: SparkSession, key: str, default: Optional[str] = None) -> 
         return spark.conf.get(key, default)
     except Exception:  # noqa: BLE001 - Connect refuses some static keys it does not know
         return default
+
+
+@contextmanager
+def runtime_conf(spark: SparkSession, key: str, value: str) -> Iterator[None]:
+    """Set runtime conf ``key`` to ``value`` for the block, then put back what was there (unset
+    it when it was unset), on both kinds of session."""
+    previous = spark.conf.get(key, None)
+    spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        if previous is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, previous)
 
 
 def set_job_description(spark: SparkSession, text: Optional[str]) -> None:
