@@ -218,7 +218,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--first-fit-child", choices=tuple(FIRST_FIT_RUNS), help=argparse.SUPPRESS
     )  # one fresh process of --first-fit
     parser.add_argument("--quiet", action="store_true", help="print only the final tables")
+    parser.add_argument(
+        "--conf",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Spark or spark.gpumf.* setting of the session (repeatable), e.g. "
+        "spark.gpumf.als.adaptiveExecution=true to time a fit with AQE on",
+    )
     args = parser.parse_args(argv)
+    settings = [setting.partition("=") for setting in args.conf]
+    if any(not sep or not key.strip() for key, sep, _ in settings):
+        parser.error(f"--conf needs KEY=VALUE, got {args.conf}")
+    args.conf = [(key.strip(), value.strip()) for key, _, value in settings]
     if args.datasets is None:
         args.datasets = "100k" if args.first_fit or args.first_fit_child else "sample,1m,10m"
     args.dataflows = list(ALL_DATAFLOWS) if args.dataflow == "all" else [args.dataflow]
@@ -300,6 +312,8 @@ def make_session(args, master: str, cores: int | None = None):
         .config("spark.python.worker.reuse", "true")
         .config("spark.sql.shuffle.partitions", "4")
     )
+    for key, value in args.conf:
+        builder = builder.config(key, value)
     if args.cluster == "standalone":
         builder = (
             builder.config("spark.executor.memory", args.executor_memory)

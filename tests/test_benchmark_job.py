@@ -193,3 +193,12 @@ def test_first_fit_runs_each_estimator_in_a_fresh_process(tmp_path):
     assert "ours (in a task)" not in runs  # a third process, only with --first-fit-in-task
     assert report["firstFit"]["ours"]["speedup"] > 0
     assert runs["ours"][0]["params"]["rank"] == runs["spark"][0]["params"]["rank"] == 10
+
+
+def test_conf_settings_are_parsed_and_refused_without_a_value():
+    args = benchmark.parse_args(["--conf", "spark.gpumf.als.adaptiveExecution = true",
+                                 "--conf", "spark.sql.shuffle.partitions=3"])  # fmt: skip
+    assert args.conf == [("spark.gpumf.als.adaptiveExecution", "true"),
+                         ("spark.sql.shuffle.partitions", "3")]  # fmt: skip
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--conf", "spark.sql.shuffle.partitions"])
