@@ -396,7 +396,9 @@ def generated(name: str, implicit: bool, seed: int):
 def training_frame(spark, data: Dataset):
     from spark_gpu_mf import datasets
 
-    df = datasets.to_dataframe(spark, data.train, via="arrow").cache()
+    # "auto": Arrow batches from the driver up to 20M ratings, a Parquet file above (tasks that
+    # carry Arrow batches would exceed spark.rpc.message.maxSize on a cluster).
+    df = datasets.to_dataframe(spark, data.train, via="auto").cache()
     df.count()
     return df
 
