@@ -286,6 +286,17 @@ def warm_outbox(
     ).table()
 
 
+def _views(column) -> list:
+    """A binary column's values as zero-copy Arrow buffers (None for nulls)."""
+    return [value.as_buffer() if value.is_valid else None for value in column]
+
+
+def _aligned(array: np.ndarray) -> np.ndarray:
+    """``array``, copied only when its Arrow buffer is not aligned for its dtype (Arrow packs
+    binary values back to back)."""
+    return array if array.flags.aligned else array.copy()
+
+
 class _Inbox:
     """A partition's messages, indexed for its blocks."""
 
@@ -294,8 +305,9 @@ class _Inbox:
         kinds = messages.column("kind").to_numpy()
         dsts = messages.column("dst").to_numpy()
         srcs = messages.column("src").to_numpy()
-        ids = messages.column("ids").to_pylist()
-        payloads = messages.column("payload").to_pylist()
+        # Views into the Arrow buffers: the inbox's payloads are most of a task's memory.
+        ids = _views(messages.column("ids"))
+        payloads = _views(messages.column("payload"))
         self.factors: Dict[tuple, bytes] = {}
         self.whole: Dict[int, tuple] = {}
         self.grams: Dict[int, bytes] = {}
@@ -310,8 +322,8 @@ class _Inbox:
             elif kind == OWN:
                 self.own[int(dst)] = payload
 
-    def matrix(self, payload: bytes) -> np.ndarray:
-        return from_bytes(payload, np.float32).reshape(-1, self.rank)
+    def matrix(self, payload) -> np.ndarray:
+        return _aligned(from_bytes(payload, np.float32)).reshape(-1, self.rank)
 
     def yty(self, num_gram_parts: int) -> Optional[np.ndarray]:
         if not num_gram_parts:
@@ -320,13 +332,13 @@ class _Inbox:
             raise InconsistentBlocksError()
         return sum_in_block_order(
             {
-                src: from_bytes(g, np.float64).reshape(self.rank, self.rank)
+                src: _aligned(from_bytes(g, np.float64)).reshape(self.rank, self.rank)
                 for src, g in self.grams.items()
             }
         )
 
     def whole_source(self, num_blocks: int, yty) -> SourceFactors:
-        ids = {b: from_bytes(i, np.int32) for b, (i, _) in self.whole.items()}
+        ids = {b: _aligned(from_bytes(i, np.int32)) for b, (i, _) in self.whole.items()}
         factors = {b: self.matrix(p) for b, (_, p) in self.whole.items()}
         return layout(ids, factors, num_blocks, yty)
 
