@@ -137,11 +137,16 @@ class _InTask:
         if not self.training_rmse:
             return {}
         source = self._source(ITEMS, gram=False).factors
-        sse, count = 0.0, 0
-        for b, reader in self.readers[USERS].items():
+        readers = self.readers[USERS]
+
+        def block_error(b):  # the compiled pass releases the GIL: blocks run in the threads
+            reader = readers[b]
             own = self.factors[USERS][b]
-            sse += squared_error(reader.indptr, reader.indices, reader.ratings, own, source)
-            count += len(reader.ratings)
+            return squared_error(reader.indptr, reader.indices, reader.ratings, own, source)
+
+        # Summed in block order, so the RMSE does not depend on which thread finished first.
+        sse = sum(self.pool.map(block_error, sorted(readers)))
+        count = sum(len(reader.ratings) for reader in readers.values())
         return {"trainRmse": rmse(sse, count)}
 
 

@@ -691,7 +691,8 @@ class _Exchange:
                     "ALS checkpointing is off: no checkpoint directory is set "
                     "(SparkContext.setCheckpointDir or spark.checkpoint.dir), so "
                     "checkpointInterval=%d is ignored and the lineage grows with every "
-                    "iteration.",
+                    "iteration; after about 8 iterations so does the driver's memory, quickly "
+                    "(Spark's plan graph of each iteration's query; docs/benchmarks.md).",
                     interval,
                 )
 
