@@ -68,6 +68,28 @@ def test_the_distributed_fit_runs_without_aqe_and_restores_the_session(spark, mo
     assert all(s == (str(keep_adaptive).lower(), keep_adaptive) for s in seen), seen
 
 
+def test_each_iterations_query_plan_graph_stays_the_same_size(spark):
+    """Spark's SQL listener keeps a plan graph per query: the exchange's per-iteration query must
+    not reach back through earlier iterations (it once grew 2.6x per iteration and filled the
+    driver's heap after ~12 iterations)."""
+    store = spark._jsparkSession.sharedState().statusStore()
+    ratings = datasets.generate_dataframe(spark, 3000, seed=4).cache()
+    ratings.count()
+    before = store.executionsList().size()
+    with dataflow_confs(spark, "messages"):
+        ALS(rank=3, maxIter=7, numUserBlocks=3, numItemBlocks=3, seed=2).fit(ratings)
+    executions = store.executionsList()
+    sizes = {}
+    for index in range(before, executions.size()):
+        execution = executions.apply(index)
+        description = execution.description() or ""
+        if "ALS: iteration " in description:
+            iteration = int(description.split("iteration ")[1].split("/")[0])
+            sizes[iteration] = store.planGraph(execution.executionId()).allNodes().size()
+    assert sorted(sizes) == list(range(1, 8)), sizes
+    assert len(set(sizes[i] for i in range(2, 8))) == 1, sizes
+
+
 @pytest.mark.parametrize("name", ["broadcast", "messages"])
 def test_every_iteration_costs_the_same_tasks(spark, name):
     """Each iteration reads the last one's cached outboxes and nothing older: the tasks Spark

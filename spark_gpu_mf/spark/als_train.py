@@ -278,7 +278,7 @@ class _Trainer:
 
         Each half-iteration reads the other side's and its own last outbox, so the plan of
         iteration t would hold the whole history; Spark would re-analyze it in every later
-        query. Reading the persisted rows through ``queryExecution.toRdd`` keeps the RDD lineage
+        query. Reading the persisted rows through the physical plan's RDD keeps the RDD lineage
         (recomputable if an executor is lost) while the plan stays a single scan. Every consumer
         of an outbox streams its rows into a shuffle, Arrow or Parquet, so reused row buffers
         are safe. A Connect session has no such handle; there the rows are local-checkpointed
@@ -291,7 +291,11 @@ class _Trainer:
             self.unpersist(persisted)
             return flat
         jdf = persisted._jdf
-        rows = jdf.queryExecution().toRdd()
+        # The physical plan's own RDD, not ``toRdd``: its SQLExecutionRDD wrapper made Spark's
+        # SQL listener expand every earlier iteration into each iteration's plan graph (2.6x
+        # larger per iteration, the driver's heap full after ~12 iterations: docs/benchmarks.md).
+        # Every consumer is a query of this session, which sets its SQL conf on the tasks.
+        rows = jdf.queryExecution().executedPlan().execute()
         flat = DataFrame(
             self.spark._jsparkSession.internalCreateDataFrame(rows, jdf.schema(), False),
             self.spark,
@@ -691,8 +695,7 @@ class _Exchange:
                     "ALS checkpointing is off: no checkpoint directory is set "
                     "(SparkContext.setCheckpointDir or spark.checkpoint.dir), so "
                     "checkpointInterval=%d is ignored and the lineage grows with every "
-                    "iteration; after about 8 iterations so does the driver's memory, quickly "
-                    "(Spark's plan graph of each iteration's query; docs/benchmarks.md).",
+                    "iteration.",
                     interval,
                 )
 
