@@ -57,7 +57,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from spark_gpu_mf.conf import SINGLE_TASK_IN_DRIVER_MAX_RATINGS, TRAINING_RMSE
-from spark_gpu_mf.jobs.benchmarking import DATAFLOW_CONFS, session_confs
+from spark_gpu_mf.jobs.benchmarking import DATAFLOW_CONFS
+from spark_gpu_mf.spark.session import runtime_confs
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -542,7 +543,7 @@ def fit_ours(
         **variant_params(variant),
     )
     confs = {**DATAFLOW_CONFS[dataflow], **(TRAINING_RMSE_CONFS if training_rmse else {})}
-    with session_confs(df.sparkSession, confs):
+    with runtime_confs(df.sparkSession, confs):
         return _timed(lambda: est.fit(df))
 
 

@@ -31,9 +31,10 @@ import numpy as np
 
 from spark_gpu_mf import ALS, datasets
 from spark_gpu_mf.jobs import common
-from spark_gpu_mf.jobs.benchmarking import DATAFLOW_CONFS, session_confs
+from spark_gpu_mf.jobs.benchmarking import DATAFLOW_CONFS
 from spark_gpu_mf.jobs.common import SparkJob
 from spark_gpu_mf.jobs.metrics import rating_metrics
+from spark_gpu_mf.spark.session import runtime_confs
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -126,7 +127,7 @@ def split(args):
 
 def run_dataflow(job: SparkJob, args, frames, dataflow: str, warm_iters) -> dict:
     log = common.logger.info
-    with session_confs(job.spark, DATAFLOW_CONFS[dataflow]):
+    with runtime_confs(job.spark, DATAFLOW_CONFS[dataflow]):
         job.phase(f"{dataflow}: yesterday's model")
         yesterday, yesterday_s = _fit(args, frames["yesterday"], args.max_iter)
         if args.initial_model == "saved":

@@ -805,17 +805,10 @@ def _create_from_arrow(spark: SparkSession, table, schema, num_partitions: int |
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(max(1, -(-len(table) // batches))),
         "spark.sql.execution.arrow.localRelationThreshold": "0",
     }
-    previous = {key: spark.conf.get(key, None) for key in temporary}
-    for key, value in temporary.items():
-        spark.conf.set(key, value)
-    try:
+    from spark_gpu_mf.spark.session import runtime_confs
+
+    with runtime_confs(spark, temporary):
         return spark.createDataFrame(table, schema=schema)
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                spark.conf.unset(key)
-            else:
-                spark.conf.set(key, value)
 
 
 def generate_dataframe(

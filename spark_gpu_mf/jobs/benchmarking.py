@@ -14,13 +14,13 @@ way:
 * Markdown tables and PNG plots in which every axis shows one quantity (two quantities of
   different scales on one axis hide one of them);
 * the confs that make our ALS take each dataflow (:data:`DATAFLOW_CONFS`, set for a block by
-  :func:`session_confs`), for ``jobs/benchmark.py`` and ``jobs/incremental_benchmark.py``.
+  ``spark_gpu_mf.spark.session.runtime_confs``), for ``jobs/benchmark.py`` and
+  ``jobs/incremental_benchmark.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,6 @@ __all__ = [
     "markdown_table",
     "model_factors",
     "parse_dataset_names",
-    "session_confs",
     "write_plot",
 ]
 
@@ -52,21 +51,6 @@ DATAFLOW_CONFS = {
     "messages": {SINGLE_TASK_MAX_RATINGS.key: "0", BROADCAST_THRESHOLD.key: "0"},
 }
 
-
-@contextmanager
-def session_confs(spark, confs: dict) -> Iterator[None]:
-    """Set ``confs`` on ``spark`` for the block, then put back what was there before."""
-    previous = {key: spark.conf.get(key, None) for key in confs}
-    for key, value in confs.items():
-        spark.conf.set(key, value)
-    try:
-        yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                spark.conf.unset(key)
-            else:
-                spark.conf.set(key, value)
 
 DATASETS = ("generated", "sample", "ml-100k")
 

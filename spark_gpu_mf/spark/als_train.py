@@ -371,7 +371,7 @@ class _Trainer:
         its own with a re-planning between them (docs/benchmarks.md)."""
         if self.job.adaptive_execution:
             return nullcontext()
-        return session.runtime_conf(self.spark, conf.SQL_ADAPTIVE_ENABLED, "false")
+        return session.runtime_confs(self.spark, {conf.SQL_ADAPTIVE_ENABLED: "false"})
 
     def _run_single_task(self, user_seed: int, item_seed: int, started: float, num_ratings: int):
         """``(user factors, item factors)`` from one task, or ``None`` when a side has more

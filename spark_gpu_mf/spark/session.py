@@ -91,18 +91,20 @@ def conf_value(spark: SparkSession, key: str, default: Optional[str] = None) -> 
 
 
 @contextmanager
-def runtime_conf(spark: SparkSession, key: str, value: str) -> Iterator[None]:
-    """Set runtime conf ``key`` to ``value`` for the block, then put back what was there (unset
-    it when it was unset), on both kinds of session."""
-    previous = spark.conf.get(key, None)
-    spark.conf.set(key, value)
+def runtime_confs(spark: SparkSession, confs: dict) -> Iterator[None]:
+    """Set the runtime confs ``{key: value}`` for the block, then put back what was there (unset
+    what was unset), on both kinds of session."""
+    previous = {key: spark.conf.get(key, None) for key in confs}
+    for key, value in confs.items():
+        spark.conf.set(key, value)
     try:
         yield
     finally:
-        if previous is None:
-            spark.conf.unset(key)
-        else:
-            spark.conf.set(key, previous)
+        for key, value in previous.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
 
 
 def set_job_description(spark: SparkSession, text: Optional[str]) -> None:
