@@ -177,9 +177,10 @@ def test_every_dataflow_reports_the_same_training_rmse_and_summary(spark, params
         assert set(summary.details["phaseSeconds"]) == {"hermitian", "solve"}
 
 
-def test_whole_block_routes_send_each_block_once_per_partition_of_the_other_side():
+def test_each_block_sends_one_message_per_partition_of_the_other_side():
     """The broadcast dataflow's messages: every solved block reaches each partition of the other
-    side once, whole; the message dataflow's: each block gets exactly the rows it needs."""
+    side once, whole; the message dataflow's: each partition gets, once, exactly the rows that
+    its blocks need (the union over its blocks), with their ids."""
     import numpy as np
     import pyarrow as pa
 
@@ -207,13 +208,25 @@ def test_whole_block_routes_send_each_block_once_per_partition_of_the_other_side
             assert all(r["dst"] == als_tasks.EVERY_BLOCK for r in factors)
             assert {r["pkey"] for r in factors} == {11, 12}
         else:
+            assert all(r["dst"] == als_tasks.EVERY_BLOCK for r in factors)
             for row in rows:
                 block = Block.from_row(row)
-                sent = {r["dst"]: len(r["payload"]) // 8 for r in factors
+                sent = {r["pkey"]: np.frombuffer(r["ids"], np.int32) for r in factors
                         if r["src"] == block.block}  # fmt: skip
-                needed = {o: len(block.rows_needed_by(o)) for o in range(3)
-                          if len(block.rows_needed_by(o))}  # fmt: skip
-                assert sent == needed
+                assert len(sent) == len([r for r in factors if r["src"] == block.block])
+                # Other blocks 0 and 2 live in the partition keyed 11, block 1 in 12.
+                needed = {
+                    key: np.unique(np.concatenate(
+                        [block.ids[block.rows_needed_by(o)] for o in others]))
+                    for key, others in ((11, (0, 2)), (12, (1,)))
+                }  # fmt: skip
+                needed = {key: ids for key, ids in needed.items() if len(ids)}
+                assert sent.keys() == needed.keys()
+                for key, ids in needed.items():
+                    np.testing.assert_array_equal(sent[key], ids)
+                    payload = [r["payload"] for r in factors
+                               if r["src"] == block.block and r["pkey"] == key][0]  # fmt: skip
+                    assert len(payload) == len(ids) * 2 * 4
 
 
 def test_a_side_too_wide_for_one_task_falls_back_to_the_distributed_dataflow(spark):

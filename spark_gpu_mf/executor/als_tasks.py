@@ -5,19 +5,20 @@ cached blocks with its *inbox*, the messages the other side's last solve sent it
 block writes its *outbox* rows, which Spark's shuffle delivers to the other side's partitions for
 the next half-iteration. A message row is ``(pkey, dst, src, kind, ids, payload)``:
 
-* ``FACTORS``: float32 factor rows of block ``src``. Routed per destination block (``dst``, the
-  rows that block needs, in its ``needed_ids`` order: Spark's OutBlock), or, with
-  ``Route.whole_blocks``, all of them once per destination partition (``dst = -1``, ``ids`` set):
-  the broadcast dataflow, which every partition reads whole.
+* ``FACTORS``: float32 factor rows of block ``src`` with their ids, once per destination
+  partition (``dst = -1``): the rows that any block of that partition needs (Spark's OutBlock,
+  merged over the partition's blocks, so a row several of them need travels once), or, with
+  ``Route.whole_blocks``, all of them: the broadcast dataflow, which every partition reads whole.
 * ``GRAM``: float64 ``Y^T Y`` of block ``src`` (implicit feedback), once per partition.
 * ``OWN``: all factors of block ``src`` (``ids`` its ids), kept by its own partition: the CG warm
   start and, at the end, the model.
 * ``STATS``: float64 ``[seconds, hermitian, solve, squared error, ratings]`` of block ``src``, read
   by the driver (one small collect per iteration) for progress lines and the training RMSE.
 
-Blocks decoded once stay in the Python worker (``_BLOCKS``), keyed by the fit and block, with the
-lookups of a whole-block source: Spark reuses Python workers, so later half-iterations skip the
-work; a task on another worker, or a retry, rebuilds them from the cached rows it was given.
+Blocks decoded once stay in the Python worker (``_BLOCKS``), keyed by the fit and block, with
+their rows in the partition's source matrix: Spark reuses Python workers, so later
+half-iterations skip the work; a task on another worker, or a retry, rebuilds them from the
+cached rows it was given.
 Everything here is a module-level function of plain values: it pickles small and is tested
 without Spark.
 """
@@ -71,7 +72,8 @@ class Route:
     """Where a side's solved blocks send their factors: the other side's partitions.
 
     ``other_keys[p]`` is the partition key of the other side's partition ``p``; its block ``o``
-    lives in partition ``o mod len(other_keys)``.
+    lives in partition ``o mod len(other_keys)``. ``whole_blocks``: every partition gets every
+    row, else only the rows its blocks need.
     """
 
     other_keys: Tuple[int, ...]
@@ -79,6 +81,23 @@ class Route:
 
     def key_of(self, other_block: int) -> int:
         return self.other_keys[other_block % len(self.other_keys)]
+
+    def rows_by_key(self, block: Block) -> Dict[int, Optional[np.ndarray]]:
+        """``{partition key: the sorted local rows of block sent there}``, None for all rows.
+
+        A partition holds ``numBlocks / partitions`` blocks of the other side, and a row that
+        several of them need is sent to it once: with Spark's 10 blocks on 2 cores, the users'
+        factors cross the shuffle once per item partition instead of about five times.
+        """
+        if self.whole_blocks:
+            return {key: None for key in self.other_keys}
+        needed: Dict[int, np.ndarray] = {}
+        for other in range(len(block.out_offsets) - 1):
+            rows = block.rows_needed_by(other)
+            if len(rows):
+                mask = needed.setdefault(self.key_of(other), np.zeros(len(block.ids), bool))
+                mask[rows] = True
+        return {key: None if mask.all() else np.flatnonzero(mask) for key, mask in needed.items()}
 
 
 @dataclass(frozen=True)
@@ -176,7 +195,8 @@ def gram_in_block_order(factors_by_block) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- worker-side block cache
-# {(fit, side, block): (Block, indices into a whole-block source or None)}; one fit at a time.
+# {(fit, side, block): [Block, (source offsets, indices into that source) or None]}; one fit at
+# a time.
 _BLOCKS: Dict[tuple, list] = {}
 
 
@@ -195,12 +215,16 @@ def _decoded(fit: str, side: str, blocks, index: int) -> list:
 
 
 def _remapped_indices(entry: list, source: SourceFactors) -> np.ndarray:
-    """The block's ``indices`` as rows of the whole source matrix, found once per worker."""
+    """The block's ``indices`` as rows of its partition's source matrix, found once per worker.
+
+    The partition's source rows are the same every half-iteration (a function of the blocks),
+    so the lookup is reused while the source's layout is the one it was made for.
+    """
     block = entry[0]
-    if entry[1] is None:
+    if entry[1] is None or not np.array_equal(entry[1][0], source.offsets):
         positions = source.positions(block.needed_ids, block.needed_counts)
-        entry[1] = positions[block.indices].astype(np.int32)
-    return entry[1]
+        entry[1] = (source.offsets, positions[block.indices].astype(np.int32))
+    return entry[1][1]
 
 
 # ---------------------------------------------------------------- outbox rows
@@ -220,16 +244,14 @@ def _send(
     out: _Outbox, block: Block, factors: np.ndarray, own_key: int, route: Route, implicit: bool
 ) -> None:
     """A solved block's messages to the other side, and its own factors."""
-    if route.whole_blocks:
-        payload, ids = to_bytes(factors), to_bytes(block.ids)
-        for key in route.other_keys:
-            out.add(key, EVERY_BLOCK, block.block, FACTORS, ids, payload)
-    else:
-        for other in range(len(block.out_offsets) - 1):
-            needed = block.rows_needed_by(other)
-            if len(needed):
-                out.add(route.key_of(other), other, block.block, FACTORS, None,
-                        to_bytes(factors[needed]))  # fmt: skip
+    whole = None
+    for key, rows in route.rows_by_key(block).items():
+        if rows is None:
+            whole = whole or (to_bytes(block.ids), to_bytes(factors))
+            out.add(key, EVERY_BLOCK, block.block, FACTORS, *whole)
+        else:
+            out.add(key, EVERY_BLOCK, block.block, FACTORS,
+                    to_bytes(block.ids[rows]), to_bytes(factors[rows]))  # fmt: skip
     if implicit:
         gram = to_bytes(block_gram(factors))
         for key in route.other_keys:
@@ -308,15 +330,12 @@ class _Inbox:
         # Views into the Arrow buffers: the inbox's payloads are most of a task's memory.
         ids = _views(messages.column("ids"))
         payloads = _views(messages.column("payload"))
-        self.factors: Dict[tuple, bytes] = {}
-        self.whole: Dict[int, tuple] = {}
+        self.sources: Dict[int, tuple] = {}
         self.grams: Dict[int, bytes] = {}
         self.own: Dict[int, bytes] = {}
         for kind, dst, src, i, payload in zip(kinds, dsts, srcs, ids, payloads):
-            if kind == FACTORS and dst == EVERY_BLOCK:
-                self.whole[int(src)] = (i, payload)
-            elif kind == FACTORS:
-                self.factors[(int(dst), int(src))] = payload
+            if kind == FACTORS:
+                self.sources[int(src)] = (i, payload)
             elif kind == GRAM:
                 self.grams[int(src)] = payload
             elif kind == OWN:
@@ -337,24 +356,11 @@ class _Inbox:
             }
         )
 
-    def whole_source(self, num_blocks: int, yty) -> SourceFactors:
-        ids = {b: _aligned(from_bytes(i, np.int32)) for b, (i, _) in self.whole.items()}
-        factors = {b: self.matrix(p) for b, (_, p) in self.whole.items()}
+    def source(self, num_blocks: int, yty) -> SourceFactors:
+        """Every source row the partition received, in one matrix in block order."""
+        ids = {b: _aligned(from_bytes(i, np.int32)) for b, (i, _) in self.sources.items()}
+        factors = {b: self.matrix(p) for b, (_, p) in self.sources.items()}
         return layout(ids, factors, num_blocks, yty)
-
-    def rows_for(self, block: Block) -> np.ndarray:
-        """Source rows of ``block`` in its ``needed_ids`` order, from per-block messages."""
-        expected = np.flatnonzero(block.needed_counts)
-        parts = []
-        for src in expected:
-            payload = self.factors.get((block.block, int(src)))
-            if payload is None:
-                raise InconsistentBlocksError()
-            part = self.matrix(payload)
-            if len(part) != block.needed_counts[src]:
-                raise InconsistentBlocksError()
-            parts.append(part)
-        return np.concatenate(parts) if parts else np.zeros((0, self.rank), np.float32)
 
     def previous(self, block: Block) -> Optional[np.ndarray]:
         payload = self.own.get(block.block)
@@ -384,22 +390,17 @@ def solve_inbox(
         return out.table()
     rank = settings.config.rank
     inbox = _Inbox(messages, rank)
-    yty = inbox.yty(num_gram_parts)
-    whole = inbox.whole_source(num_source_blocks, yty) if route.whole_blocks else None
+    source = inbox.source(num_source_blocks, inbox.yty(num_gram_parts))
+    src = source.factors
     pkeys = blocks.column("pkey").to_pylist()
     for index, own_key in enumerate(pkeys):
         started = time.perf_counter()
         entry = _decoded(fit, side, blocks, index)
         block = entry[0]
-        if whole is not None:
-            src, indices = whole.factors, _remapped_indices(entry, whole)
-        else:
-            src, indices = inbox.rows_for(block), block.indices
-            if len(src) != len(block.needed_ids):
-                raise InconsistentBlocksError()
+        indices = _remapped_indices(entry, source)
         take_phase_seconds()
         previous = inbox.previous(block) if settings.config.warm_start else None
-        factors = solve_block(block, indices, src, previous, settings, yty)
+        factors = solve_block(block, indices, src, previous, settings, source.yty)
         phases = take_phase_seconds()
         sse = (
             squared_error(block.indptr, indices, block.ratings, factors, src)
