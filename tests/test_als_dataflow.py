@@ -265,17 +265,23 @@ def _batch_summary(batches):
 
 
 def test_both_arrow_roads_into_a_task_give_it_the_same_batches(spark, monkeypatch):
-    """``map_in_arrow_rows`` feeds a mapInArrow body from ``toArrowBatchRdd`` in classic Spark
-    and through ``mapInArrow`` where that is missing: the same rows in the same batches."""
+    """``map_in_arrow_rows`` and ``map_in_arrow`` feed a mapInArrow body from
+    ``toArrowBatchRdd`` in classic Spark and through ``mapInArrow`` where that is missing: the
+    same rows in the same batches, and the same DataFrame."""
     from spark_gpu_mf.spark import arrow_input
 
     ratings = datasets.generate_dataframe(spark, 25_000, seed=5).repartition(3).coalesce(1)
+    schema = "rows long, user_sum long"
     assert arrow_input.arrow_batch_rdd(ratings) is not None  # the fast road is open here
-    fast = arrow_input.map_in_arrow_rows(ratings, _batch_summary, "rows long, user_sum long")
+    fast = arrow_input.map_in_arrow_rows(ratings, _batch_summary, schema)
+    fast_frame = arrow_input.map_in_arrow(ratings, _batch_summary, schema)
     monkeypatch.setattr(arrow_input, "arrow_batch_rdd", lambda df: None)
-    slow = arrow_input.map_in_arrow_rows(ratings, _batch_summary, "rows long, user_sum long")
+    slow = arrow_input.map_in_arrow_rows(ratings, _batch_summary, schema)
+    slow_frame = arrow_input.map_in_arrow(ratings, _batch_summary, schema)
     assert fast == slow
     assert sum(r["rows"] for r in fast) == 25_000 and len(fast) > 1
+    assert fast_frame.schema == slow_frame.schema
+    assert [r.asDict() for r in fast_frame.collect()] == slow
 
 
 def test_a_single_task_fit_is_the_same_whichever_road_its_input_takes(spark, monkeypatch):

@@ -150,46 +150,60 @@ def build_blocks(keys, others, ratings, num_blocks, num_other_blocks) -> list:
 
 
 
-PACKED_SCHEMA = "pkey int, keys binary, others binary, ratings binary"
+PACKED_SCHEMA = "side int, pkey int, keys binary, others binary, ratings binary"
+
+
+@dataclass(frozen=True)
+class PackedSide:
+    """How ``pack_ratings`` keys one side: its id column, the other side's, its block count,
+    and the keys of its partitions (block ``b`` goes to partition ``b mod len(...)``)."""
+
+    key_col: str
+    other_col: str
+    num_blocks: int
+    partition_keys: Sequence[int]
 
 
 def pack_ratings(
-    batches: Iterator[pa.RecordBatch],
-    key_col: str,
-    other_col: str,
-    num_blocks: int,
-    partition_keys: Sequence[int],
+    batches: Iterator[pa.RecordBatch], sides: Sequence[PackedSide]
 ) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: each Arrow batch of ratings as one row per partition key.
+    """mapInArrow body: each Arrow batch of ratings as one row per side and partition key.
 
     The row holds the batch's ratings of that key's blocks as three packed arrays, so the
     shuffle that brings a partition's ratings together moves a few large binary values instead
-    of one row per rating (which Spark hashes, serializes and, for the grouping, sorts). Block
-    ``b`` goes to partition ``b mod len(partition_keys)``, keyed ``partition_keys[...]``.
+    of one row per rating (which Spark hashes, serializes and, for the grouping, sorts). Both
+    sides are packed from one read of the ratings (``side`` is the index into ``sides``):
+    moving ratings from the JVM into Python costs more than packing them.
     """
-    num_partitions = len(partition_keys)
-    pkeys = np.asarray(partition_keys, np.int32)
     for batch in batches:
-        keys = batch.column(key_col).to_numpy(zero_copy_only=False).astype(np.int32)
-        others = batch.column(other_col).to_numpy(zero_copy_only=False).astype(np.int32)
-        ratings = batch.column("rating").to_numpy(zero_copy_only=False).astype(np.float32)
-        partition = np.mod(np.mod(keys, num_blocks), num_partitions)
-        order, sorted_partition = stable_argsort(partition, num_partitions)
-        bounds = np.flatnonzero(np.diff(sorted_partition)) + 1
-        out = {"pkey": [], "keys": [], "others": [], "ratings": []}
-        for part in np.split(order, bounds):
-            if len(part) == 0:
-                continue
-            out["pkey"].append(int(pkeys[partition[part[0]]]))
-            out["keys"].append(to_bytes(keys[part]))
-            out["others"].append(to_bytes(others[part]))
-            out["ratings"].append(to_bytes(ratings[part]))
+        columns = {
+            name: batch.column(name).to_numpy(zero_copy_only=False).astype(dtype)
+            for name, dtype in ((sides[0].key_col, np.int32), (sides[0].other_col, np.int32),
+                                ("rating", np.float32))
+        }  # fmt: skip
+        out = {"side": [], "pkey": [], "keys": [], "others": [], "ratings": []}
+        for index, side in enumerate(sides):
+            keys, others = columns[side.key_col], columns[side.other_col]
+            num_partitions = len(side.partition_keys)
+            pkeys = np.asarray(side.partition_keys, np.int32)
+            partition = np.mod(np.mod(keys, side.num_blocks), num_partitions)
+            order, sorted_partition = stable_argsort(partition, num_partitions)
+            bounds = np.flatnonzero(np.diff(sorted_partition)) + 1
+            for part in np.split(order, bounds):
+                if len(part) == 0:
+                    continue
+                out["side"].append(index)
+                out["pkey"].append(int(pkeys[partition[part[0]]]))
+                out["keys"].append(to_bytes(keys[part]))
+                out["others"].append(to_bytes(others[part]))
+                out["ratings"].append(to_bytes(columns["rating"][part]))
         yield pa.RecordBatch.from_pydict(out, schema=_PACKED_ARROW)
 
 
 _PACKED_ARROW = pa.schema(
-    [("pkey", pa.int32()), ("keys", pa.binary()), ("others", pa.binary()), ("ratings", pa.binary())]
-)
+    [("side", pa.int32()), ("pkey", pa.int32()), ("keys", pa.binary()), ("others", pa.binary()),
+     ("ratings", pa.binary())]
+)  # fmt: skip
 
 
 def build_packed_blocks(table: pa.Table, num_blocks: int, num_other_blocks: int) -> pa.Table:

@@ -53,12 +53,13 @@ from spark_gpu_mf.executor.binding import bind, bind_pair
 from spark_gpu_mf.executor.blocks import (
     BLOCK_SCHEMA,
     PACKED_SCHEMA,
+    PackedSide,
     build_packed_blocks,
     pack_ratings,
 )
 from spark_gpu_mf.executor.runtime import BackendChoice
 from spark_gpu_mf.spark import session
-from spark_gpu_mf.spark.arrow_input import map_in_arrow_rows
+from spark_gpu_mf.spark.arrow_input import map_in_arrow, map_in_arrow_rows
 from spark_gpu_mf.spark.factors import (
     FACTORS_SCHEMA,
     collect_factors_of_sides,
@@ -477,27 +478,30 @@ class _Trainer:
             USERS: ("user", "item", job.num_user_blocks, job.num_item_blocks, user_seed),
             ITEMS: ("item", "user", job.num_item_blocks, job.num_user_blocks, item_seed),
         }
-        frames = {}
-        for name, (key, other, num_blocks, num_other, _) in specs.items():
-            num_partitions = min(num_blocks, parallelism)
-            # Ratings travel packed, one row per (input batch, partition key), not per rating.
-            packed = (
-                self.ratings.select(key, other, "rating")
-                .mapInArrow(
-                    bind(
-                        pack_ratings,
-                        key_col=key,
-                        other_col=other,
-                        num_blocks=num_blocks,
-                        partition_keys=partition_keys(num_partitions),
-                    ),
-                    PACKED_SCHEMA,
-                )
-                .repartition(num_partitions, "pkey")
+        packing = [
+            PackedSide(key, other, num_blocks, partition_keys(min(num_blocks, parallelism)))
+            for key, other, num_blocks, _, _ in specs.values()
+        ]
+        # Both sides' packed ratings from one read of the ratings, kept until the blocks are.
+        packed = self.persist(
+            map_in_arrow(
+                self.ratings.select("user", "item", "rating"),
+                bind(pack_ratings, sides=packing),
+                PACKED_SCHEMA,
             )
-            blocks = packed.groupBy("pkey").applyInArrow(
-                bind(build_packed_blocks, num_blocks=num_blocks, num_other_blocks=num_other),
-                BLOCK_SCHEMA,
+        )
+        frames = {}
+        for index, (name, (_, _, num_blocks, num_other, _)) in enumerate(specs.items()):
+            num_partitions = len(packing[index].partition_keys)
+            blocks = (
+                packed.filter(F.col("side") == index)
+                .drop("side")
+                .repartition(num_partitions, "pkey")
+                .groupBy("pkey")
+                .applyInArrow(
+                    bind(build_packed_blocks, num_blocks=num_blocks, num_other_blocks=num_other),
+                    BLOCK_SCHEMA,
+                )
             )
             # Placed by a partitioning Spark knows (hash of pkey), so that each half-iteration's
             # cogroup shuffles only the messages, never the blocks.
@@ -514,6 +518,7 @@ class _Trainer:
             )
             .collect()
         )
+        self.unpersist(packed)
         sides = {}
         for name, (_, _, num_blocks, _, seed) in specs.items():
             rows = [r for r in meta if r.side == name]

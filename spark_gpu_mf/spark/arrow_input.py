@@ -3,8 +3,9 @@
 ``mapInArrow`` feeds its Python worker through a row-at-a-time writer: 8M cached ratings took
 2.0-4.1 s to reach one task that way, against 0.5-0.7 s as the Arrow batches Spark makes for
 ``toArrow``/``toPandas`` (``Dataset.toArrowBatchRdd``), measured side by side (docs/benchmarks.md).
-The single-task fit reads its whole input in one task, so it takes the second road when the
-session offers it (classic Spark; Spark Connect has no JVM handle) and ``mapInArrow`` otherwise.
+The single-task fit reads its whole input in one task, and the distributed dataflows pack every
+rating for the block build, so both take the second road when the session offers it (classic
+Spark; Spark Connect has no JVM handle) and ``mapInArrow`` otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pyspark.rdd import RDD
 from pyspark.serializers import NoOpSerializer
 from pyspark.sql import DataFrame
 from pyspark.sql.pandas.types import to_arrow_schema
+from pyspark.sql.types import StructType
 
 from spark_gpu_mf.executor.binding import bind
 from spark_gpu_mf.executor.single_task import run_on_ipc_messages
@@ -42,3 +44,19 @@ def map_in_arrow_rows(df: DataFrame, function: Callable, schema: str) -> List[di
     task = bind(run_on_ipc_messages, body=function, schema=to_arrow_schema(df.schema))
     return batches.mapPartitions(task).collect()
 
+
+
+def map_in_arrow(df: DataFrame, function: Callable, schema: str) -> DataFrame:
+    """``df.mapInArrow(function, schema)``, its input through ``toArrowBatchRdd`` when the
+    session allows it (same rows, the input faster).
+
+    The output comes back to the JVM as Python rows, which costs little only when ``function``
+    returns few rows (such as packed arrays); ``mapInArrow`` otherwise.
+    """
+    batches = arrow_batch_rdd(df)
+    if batches is None:
+        return df.mapInArrow(function, schema)
+    task = bind(run_on_ipc_messages, body=function, schema=to_arrow_schema(df.schema))
+    return df.sparkSession.createDataFrame(
+        batches.mapPartitions(task), StructType.fromDDL(schema)
+    )
