@@ -10,7 +10,9 @@ from spark_gpu_mf.jobs import benchmarking
 from spark_gpu_mf.jobs.common import JobError
 
 
-def test_held_out_rmse_scores_known_pairs_like_a_plain_loop():
+@pytest.mark.parametrize("pairs_per_slice", [1 << 20, 2], ids=["one-slice", "slices-of-2"])
+def test_held_out_rmse_scores_known_pairs_like_a_plain_loop(monkeypatch, pairs_per_slice):
+    monkeypatch.setattr(benchmarking, "_PAIRS_PER_SLICE", pairs_per_slice)
     rng = np.random.default_rng(0)
     user_ids, item_ids = np.array([2, 5, 9], np.int32), np.array([1, 4], np.int32)
     P = rng.normal(size=(3, 4)).astype(np.float32)

@@ -151,9 +151,17 @@ def held_out_rmse(users, items, test: Arrays) -> tuple[float, int]:
     )
     if not known.any():
         return float("nan"), 0
-    predicted = np.einsum("nk,nk->n", P[u[known]].astype(np.float64), Q[i[known]])
-    errors = rating[known].astype(np.float64) - predicted
-    return float(np.sqrt(np.mean(errors**2))), int(known.sum())
+    u, i, rating = u[known], i[known], rating[known]
+    squared = 0.0
+    # In slices: gathering every test pair's factors at once would take 12 GB at 12.5M pairs.
+    for start in range(0, len(u), _PAIRS_PER_SLICE):
+        part = slice(start, start + _PAIRS_PER_SLICE)
+        predicted = np.einsum("nk,nk->n", P[u[part]].astype(np.float64), Q[i[part]])
+        squared += float(np.sum((rating[part].astype(np.float64) - predicted) ** 2))
+    return float(np.sqrt(squared / len(u))), len(u)
+
+
+_PAIRS_PER_SLICE = 1 << 20
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
