@@ -17,7 +17,9 @@ ensure_cache_dir()
 __all__ = ["squared_error"]
 
 
-@njit(cache=True, nogil=True)
+# Reassociating the rank-long float64 dot lets LLVM vectorize it instead of waiting on each add
+# (docs/benchmarks.md); the sum stays float64 and only its last bits can move.
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _squared_error(indptr, indices, ratings, own, source):
     total = 0.0
     k = own.shape[1]

@@ -787,6 +787,10 @@ class _DriverBroadcast:
             for name in sides
         }  # fmt: skip
         self.stats: Dict[str, dict] = {}
+        # The side broadcast as the last half-iteration's source: its factors have not changed
+        # since, so it is also the next half-iteration's ``previous`` (the CG warm start), and
+        # the Python workers that read it already hold it.
+        self.last_source: Optional[tuple] = None
 
     def _layout(self, name: str, gram: bool):
         side = self.sides[name]
@@ -797,7 +801,14 @@ class _DriverBroadcast:
         trainer, sc = self.trainer, self.trainer.spark.sparkContext
         dst, src = self.sides[name], _other(name)
         source = sc.broadcast(self._layout(src, gram=True))
-        previous = sc.broadcast(self._layout(name, gram=False)) if self.config.warm_start else None
+        previous, kept, self.last_source = None, self.last_source, None
+        if self.config.warm_start and kept is not None and kept[0] == name:
+            previous = kept[1]
+        else:
+            if kept is not None:
+                kept[1].destroy()
+            if self.config.warm_start:
+                previous = sc.broadcast(self._layout(name, gram=False))
         trainer.describe(f"iteration {iteration}/{self.job.max_iter}: solve {name}s")
         try:
             solved = (
@@ -816,10 +827,13 @@ class _DriverBroadcast:
                 .toArrow()
                 .to_pylist()
             )
-        finally:
+        except BaseException:
             source.destroy()
+            raise
+        finally:
             if previous is not None:
                 previous.destroy()
+        self.last_source = (src, source)
         rank = self.job.rank
         factors = {r["block"]: np.frombuffer(r["factors"], np.float32).reshape(-1, rank)
                    for r in solved}  # fmt: skip
@@ -838,6 +852,9 @@ class _DriverBroadcast:
 
     def factor_frames(self):
         trainer, spark = self.trainer, self.trainer.spark
+        if self.last_source is not None:
+            self.last_source[1].destroy()
+            self.last_source = None
         frames = []
         for name in (USERS, ITEMS):
             blocks = self.sides[name].block_ids
