@@ -229,6 +229,43 @@ def test_each_block_sends_one_message_per_partition_of_the_other_side():
                     assert len(payload) == len(ids) * 2 * 4
 
 
+def test_one_pass_packs_each_sides_ratings_for_its_partitions_in_input_order():
+    """``pack_ratings`` keys both sides from one batch: per side and partition key, the ratings
+    of the blocks that partition holds (block ``b`` in partition ``b mod partitions``), in the
+    batch's order, nothing lost or repeated."""
+    import numpy as np
+    import pyarrow as pa
+
+    from spark_gpu_mf.executor.blocks import PackedSide, pack_ratings
+
+    rng = np.random.default_rng(3)
+    users, items = rng.integers(0, 50, 400), rng.integers(0, 20, 400)
+    ratings = rng.random(400).astype(np.float32)
+    batch = pa.record_batch({"user": pa.array(users, pa.int32()),
+                             "item": pa.array(items, pa.int32()),
+                             "rating": pa.array(ratings)})  # fmt: skip
+    sides = [PackedSide("user", "item", 4, (10, 11)), PackedSide("item", "user", 3, (20, 21, 22))]
+    rows = pa.Table.from_batches(list(pack_ratings(iter([batch]), sides))).to_pylist()
+    columns = {"user": users, "item": items}
+    for index, side in enumerate(sides):
+        keys, others = columns[side.key_col], columns[side.other_col]
+        partition = (keys % side.num_blocks) % len(side.partition_keys)
+        packed = {r["pkey"]: r for r in rows if r["side"] == index}
+        assert len(packed) == len([r for r in rows if r["side"] == index])
+        assert set(packed) == {side.partition_keys[p] for p in np.unique(partition)}
+        for p, key in enumerate(side.partition_keys):
+            if key not in packed:
+                continue
+            mine = partition == p
+            np.testing.assert_array_equal(np.frombuffer(packed[key]["keys"], np.int32), keys[mine])
+            np.testing.assert_array_equal(
+                np.frombuffer(packed[key]["others"], np.int32), others[mine]
+            )
+            np.testing.assert_array_equal(
+                np.frombuffer(packed[key]["ratings"], np.float32), ratings[mine]
+            )
+
+
 def test_a_side_too_wide_for_one_task_falls_back_to_the_distributed_dataflow(spark):
     """The single task checks the factor size itself (the driver only counts the ratings): when
     a side's factors exceed broadcastThreshold it stops, and the messages dataflow fits the

@@ -176,14 +176,15 @@ def pack_ratings(
     moving ratings from the JVM into Python costs more than packing them.
     """
     for batch in batches:
-        columns = {
-            name: batch.column(name).to_numpy(zero_copy_only=False).astype(dtype)
-            for name, dtype in ((sides[0].key_col, np.int32), (sides[0].other_col, np.int32),
-                                ("rating", np.float32))
-        }  # fmt: skip
+        names = {name for side in sides for name in (side.key_col, side.other_col)}
+        ids = {
+            name: batch.column(name).to_numpy(zero_copy_only=False).astype(np.int32)
+            for name in names
+        }
+        ratings = batch.column("rating").to_numpy(zero_copy_only=False).astype(np.float32)
         out = {"side": [], "pkey": [], "keys": [], "others": [], "ratings": []}
         for index, side in enumerate(sides):
-            keys, others = columns[side.key_col], columns[side.other_col]
+            keys, others = ids[side.key_col], ids[side.other_col]
             num_partitions = len(side.partition_keys)
             pkeys = np.asarray(side.partition_keys, np.int32)
             partition = np.mod(np.mod(keys, side.num_blocks), num_partitions)
@@ -196,7 +197,7 @@ def pack_ratings(
                 out["pkey"].append(int(pkeys[partition[part[0]]]))
                 out["keys"].append(to_bytes(keys[part]))
                 out["others"].append(to_bytes(others[part]))
-                out["ratings"].append(to_bytes(columns["rating"][part]))
+                out["ratings"].append(to_bytes(ratings[part]))
         yield pa.RecordBatch.from_pydict(out, schema=_PACKED_ARROW)
 
 
