@@ -149,7 +149,6 @@ def build_blocks(keys, others, ratings, num_blocks, num_other_blocks) -> list:
     ]
 
 
-
 PACKED_SCHEMA = "side int, pkey int, keys binary, others binary, ratings binary"
 
 

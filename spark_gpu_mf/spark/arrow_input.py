@@ -45,7 +45,6 @@ def map_in_arrow_rows(df: DataFrame, function: Callable, schema: str) -> List[di
     return batches.mapPartitions(task).collect()
 
 
-
 def map_in_arrow(df: DataFrame, function: Callable, schema: str) -> DataFrame:
     """``df.mapInArrow(function, schema)``, its input through ``toArrowBatchRdd`` when the
     session allows it (same rows, the input faster).
@@ -57,6 +56,4 @@ def map_in_arrow(df: DataFrame, function: Callable, schema: str) -> DataFrame:
     if batches is None:
         return df.mapInArrow(function, schema)
     task = bind(run_on_ipc_messages, body=function, schema=to_arrow_schema(df.schema))
-    return df.sparkSession.createDataFrame(
-        batches.mapPartitions(task), StructType.fromDDL(schema)
-    )
+    return df.sparkSession.createDataFrame(batches.mapPartitions(task), StructType.fromDDL(schema))
