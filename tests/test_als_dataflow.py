@@ -34,8 +34,9 @@ def test_half_iterations_shuffle_only_the_messages(spark, monkeypatch):
 
 
 @pytest.mark.parametrize("keep_adaptive", [False, True], ids=["default", "adaptiveExecution"])
-def test_the_distributed_fit_runs_without_aqe_and_restores_the_session(spark, monkeypatch,
-                                                                       keep_adaptive):
+def test_the_distributed_fit_runs_without_aqe_and_restores_the_session(
+    spark, monkeypatch, keep_adaptive
+):
     """AQE is off while the exchange plans its half-iterations (unless
     ``spark.gpumf.als.adaptiveExecution`` keeps it), and the session's own setting is back
     afterwards, whether it was set or not."""
@@ -229,41 +230,81 @@ def test_each_block_sends_one_message_per_partition_of_the_other_side():
                     assert len(payload) == len(ids) * 2 * 4
 
 
-def test_one_pass_packs_each_sides_ratings_for_its_partitions_in_input_order():
-    """``pack_ratings`` keys both sides from one batch: per side and partition key, the ratings
-    of the blocks that partition holds (block ``b`` in partition ``b mod partitions``), in the
-    batch's order, nothing lost or repeated."""
+def _packing_case():
     import numpy as np
     import pyarrow as pa
 
-    from spark_gpu_mf.executor.blocks import PackedSide, pack_ratings
+    from spark_gpu_mf.executor.blocks import PackedSide
 
     rng = np.random.default_rng(3)
-    users, items = rng.integers(0, 50, 400), rng.integers(0, 20, 400)
+    users, items = rng.integers(-3, 50, 400), rng.integers(0, 20, 400)
     ratings = rng.random(400).astype(np.float32)
     batch = pa.record_batch({"user": pa.array(users, pa.int32()),
                              "item": pa.array(items, pa.int32()),
                              "rating": pa.array(ratings)})  # fmt: skip
-    sides = [PackedSide("user", "item", 4, (10, 11)), PackedSide("item", "user", 3, (20, 21, 22))]
+    sides = [
+        PackedSide("user", "item", 4, 3, (10, 11)),
+        PackedSide("item", "user", 3, 4, (20, 21, 22)),
+    ]
+    return {"user": users, "item": items}, ratings, batch, sides
+
+
+def test_one_pass_packs_each_sides_ratings_for_its_partitions_in_input_order():
+    """``pack_ratings`` keys both sides from one batch: per side and partition, the ratings of
+    the blocks that partition holds (block ``b`` = ``id mod blocks``, non-negative as in Spark,
+    in partition ``b mod partitions``), in the batch's order, nothing lost or repeated."""
+    import numpy as np
+    import pyarrow as pa
+
+    from spark_gpu_mf.executor.blocks import pack_ratings
+
+    columns, ratings, batch, sides = _packing_case()
     rows = pa.Table.from_batches(list(pack_ratings(iter([batch]), sides))).to_pylist()
-    columns = {"user": users, "item": items}
     for index, side in enumerate(sides):
         keys, others = columns[side.key_col], columns[side.other_col]
-        partition = (keys % side.num_blocks) % len(side.partition_keys)
-        packed = {r["pkey"]: r for r in rows if r["side"] == index}
+        partition = np.mod(np.mod(keys, side.num_blocks), side.num_partitions)
+        packed = {r["part"]: r for r in rows if r["side"] == index}
         assert len(packed) == len([r for r in rows if r["side"] == index])
-        assert set(packed) == {side.partition_keys[p] for p in np.unique(partition)}
-        for p, key in enumerate(side.partition_keys):
-            if key not in packed:
-                continue
+        assert set(packed) == set(np.unique(partition).tolist())
+        for p, row in packed.items():
             mine = partition == p
-            np.testing.assert_array_equal(np.frombuffer(packed[key]["keys"], np.int32), keys[mine])
-            np.testing.assert_array_equal(
-                np.frombuffer(packed[key]["others"], np.int32), others[mine]
-            )
-            np.testing.assert_array_equal(
-                np.frombuffer(packed[key]["ratings"], np.float32), ratings[mine]
-            )
+            np.testing.assert_array_equal(np.frombuffer(row["keys"], np.int32), keys[mine])
+            np.testing.assert_array_equal(np.frombuffer(row["others"], np.int32), others[mine])
+            np.testing.assert_array_equal(np.frombuffer(row["ratings"], np.float32), ratings[mine])
+
+
+def test_one_task_builds_both_sides_blocks_of_a_partition_as_build_block_does():
+    """``build_packed_blocks`` gets partition ``p``'s packed ratings of both sides (one shuffle
+    for both) and returns each side's blocks of that partition, equal to ``build_block`` of
+    that block's ratings, keyed by the side's partition key."""
+    import numpy as np
+    import pyarrow as pa
+
+    from spark_gpu_mf.executor.blocks import build_block, build_packed_blocks, pack_ratings
+
+    columns, ratings, batch, sides = _packing_case()
+    halves = [batch.slice(0, 150), batch.slice(150)]
+    packed = pa.Table.from_batches(list(pack_ratings(iter(halves), sides)))
+    part = np.asarray(packed.column("part"))
+    for p in range(3):
+        group = packed.filter(pa.array(part == p))
+        built = build_packed_blocks(group, sides).to_pylist()
+        for index, side in enumerate(sides):
+            keys, others = columns[side.key_col], columns[side.other_col]
+            blocks = np.mod(keys, side.num_blocks)
+            expected = [b for b in range(side.num_blocks)
+                        if b % side.num_partitions == p and (blocks == b).any()]  # fmt: skip
+            mine = [r for r in built if r["side"] == index]
+            assert [r["block"] for r in mine] == expected
+            for row in mine:
+                b = row["block"]
+                assert row["pkey"] == side.partition_keys[p]
+                reference = build_block(
+                    b, keys[blocks == b], others[blocks == b], ratings[blocks == b],
+                    side.num_other_blocks,
+                )  # fmt: skip
+                for column, value in reference.items():
+                    assert row[column] == value, column
 
 
 def test_a_side_too_wide_for_one_task_falls_back_to_the_distributed_dataflow(spark):

@@ -149,79 +149,94 @@ def build_blocks(keys, others, ratings, num_blocks, num_other_blocks) -> list:
     ]
 
 
-PACKED_SCHEMA = "side int, pkey int, keys binary, others binary, ratings binary"
+PACKED_SCHEMA = "side int, part int, keys binary, others binary, ratings binary"
+
+# A built block of either side: ``side`` indexes the ``PackedSide`` list of the build.
+BUILT_SCHEMA = "side int, " + BLOCK_SCHEMA
+_BUILT_ARROW = pa.schema([("side", pa.int32())] + list(BLOCK_ARROW))
 
 
 @dataclass(frozen=True)
 class PackedSide:
-    """How ``pack_ratings`` keys one side: its id column, the other side's, its block count,
-    and the keys of its partitions (block ``b`` goes to partition ``b mod len(...)``)."""
+    """How one side's ratings are packed and built: its id column, the other side's, both
+    sides' block counts, and the keys of its partitions (block ``b`` goes to partition
+    ``b mod len(partition_keys)``)."""
 
     key_col: str
     other_col: str
     num_blocks: int
+    num_other_blocks: int
     partition_keys: Sequence[int]
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self.partition_keys)
 
 
 def pack_ratings(
     batches: Iterator[pa.RecordBatch], sides: Sequence[PackedSide]
 ) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: each Arrow batch of ratings as one row per side and partition key.
+    """mapInArrow body: each Arrow batch of ratings as one row per side and partition.
 
-    The row holds the batch's ratings of that key's blocks as three packed arrays, so the
+    The row holds the batch's ratings of the blocks that partition ``part`` of side ``side``
+    (an index into ``sides``) holds, as three packed arrays in the batch's order, so the
     shuffle that brings a partition's ratings together moves a few large binary values instead
     of one row per rating (which Spark hashes, serializes and, for the grouping, sorts). Both
-    sides are packed from one read of the ratings (``side`` is the index into ``sides``):
-    moving ratings from the JVM into Python costs more than packing them.
+    sides are packed from one read of the ratings: moving ratings from the JVM into Python costs
+    more than packing them.
     """
+    names = {name for side in sides for name in (side.key_col, side.other_col)}
     for batch in batches:
-        names = {name for side in sides for name in (side.key_col, side.other_col)}
         ids = {
-            name: batch.column(name).to_numpy(zero_copy_only=False).astype(np.int32)
+            name: batch.column(name).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
             for name in names
         }
-        ratings = batch.column("rating").to_numpy(zero_copy_only=False).astype(np.float32)
-        out = {"side": [], "pkey": [], "keys": [], "others": [], "ratings": []}
+        ratings = (
+            batch.column("rating").to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        )
+        out = {"side": [], "part": [], "keys": [], "others": [], "ratings": []}
         for index, side in enumerate(sides):
-            keys, others = ids[side.key_col], ids[side.other_col]
-            num_partitions = len(side.partition_keys)
-            pkeys = np.asarray(side.partition_keys, np.int32)
-            partition = np.mod(np.mod(keys, side.num_blocks), num_partitions)
-            order, sorted_partition = stable_argsort(partition, num_partitions)
-            bounds = np.flatnonzero(np.diff(sorted_partition)) + 1
-            for part in np.split(order, bounds):
-                if len(part) == 0:
-                    continue
-                out["side"].append(index)
-                out["pkey"].append(int(pkeys[partition[part[0]]]))
-                out["keys"].append(to_bytes(keys[part]))
-                out["others"].append(to_bytes(others[part]))
-                out["ratings"].append(to_bytes(ratings[part]))
+            bounds, keys, others, grouped = group_by_block(
+                ids[side.key_col], ids[side.other_col], ratings, side.num_blocks,
+                side.num_partitions,
+            )  # fmt: skip
+            for part, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+                if hi > lo:
+                    out["side"].append(index)
+                    out["part"].append(part)
+                    out["keys"].append(keys[lo:hi].tobytes())
+                    out["others"].append(others[lo:hi].tobytes())
+                    out["ratings"].append(grouped[lo:hi].tobytes())
         yield pa.RecordBatch.from_pydict(out, schema=_PACKED_ARROW)
 
 
 _PACKED_ARROW = pa.schema(
-    [("side", pa.int32()), ("pkey", pa.int32()), ("keys", pa.binary()), ("others", pa.binary()),
+    [("side", pa.int32()), ("part", pa.int32()), ("keys", pa.binary()), ("others", pa.binary()),
      ("ratings", pa.binary())]
 )  # fmt: skip
 
 
-def build_packed_blocks(table: pa.Table, num_blocks: int, num_other_blocks: int) -> pa.Table:
-    """Arrow groupBy body: one partition key's packed ratings (``pack_ratings``) to blocks."""
-    if table.num_rows == 0:
-        return pa.Table.from_pylist([], schema=BLOCK_ARROW)
+def build_packed_blocks(table: pa.Table, sides: Sequence[PackedSide]) -> pa.Table:
+    """Arrow groupBy body: one partition's packed ratings (``pack_ratings``) of each side to
+    that side's blocks, each row keyed by the side's partition key of its block."""
+    rows = []
+    side_of_row = table.column("side").to_numpy()
+    for index, side in enumerate(sides):
+        mine = table.filter(pa.array(side_of_row == index))
+        if mine.num_rows == 0:
+            continue
 
-    def joined(column, dtype):
-        return np.concatenate([from_bytes(v, dtype) for v in table.column(column).to_pylist()])
+        def joined(column, dtype):
+            return np.concatenate([from_bytes(v, dtype) for v in mine.column(column).to_pylist()])
 
-    pkey = int(table.column("pkey")[0].as_py())
-    rows = build_blocks(
-        joined("keys", np.int32),
-        joined("others", np.int32),
-        joined("ratings", np.float32),
-        num_blocks,
-        num_other_blocks,
-    )
-    for row in rows:
-        row["pkey"] = pkey
-    return pa.Table.from_pylist(rows, schema=BLOCK_ARROW)
+        for row in build_blocks(
+            joined("keys", np.int32),
+            joined("others", np.int32),
+            joined("ratings", np.float32),
+            side.num_blocks,
+            side.num_other_blocks,
+        ):
+            row["side"] = index
+            row["pkey"] = side.partition_keys[row["block"] % side.num_partitions]
+            rows.append(row)
+    return pa.Table.from_pylist(rows, schema=_BUILT_ARROW)

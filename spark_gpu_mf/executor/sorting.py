@@ -10,6 +10,8 @@ blocks built in a thread pool run in parallel.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 from numba import njit
 
@@ -109,32 +111,42 @@ def unique_inverse(keys: np.ndarray):
 
 
 @njit(cache=True, nogil=True)
-def _group_by_block(keys, others, ratings, num_blocks):
-    bounds = np.zeros(num_blocks + 1, np.int64)
+def _group_by_block(keys, others, ratings, num_blocks, num_groups):
+    bounds = np.zeros(num_groups + 1, np.int64)
     for key in keys:
-        bounds[key % num_blocks + 1] += 1
-    for b in range(num_blocks):
-        bounds[b + 1] += bounds[b]
+        bounds[key % num_blocks % num_groups + 1] += 1
+    for g in range(num_groups):
+        bounds[g + 1] += bounds[g]
     next_slot = bounds[:-1].copy()
     grouped_keys = np.empty_like(keys)
     grouped_others = np.empty_like(others)
     grouped_ratings = np.empty_like(ratings)
     for i in range(len(keys)):
-        b = keys[i] % num_blocks
-        j = next_slot[b]
-        next_slot[b] = j + 1
+        g = keys[i] % num_blocks % num_groups
+        j = next_slot[g]
+        next_slot[g] = j + 1
         grouped_keys[j] = keys[i]
         grouped_others[j] = others[i]
         grouped_ratings[j] = ratings[i]
     return bounds, grouped_keys, grouped_others, grouped_ratings
 
 
-def group_by_block(keys: np.ndarray, others: np.ndarray, ratings: np.ndarray, num_blocks: int):
-    """``(bounds, keys, others, ratings)`` regrouped so that block ``b``'s ratings (``key mod
-    num_blocks == b``, non-negative as Spark's partitioner) are ``bounds[b]:bounds[b + 1]``,
-    in their input order. One counting pass and one scatter, instead of an argsort and three
-    gathers."""
+def group_by_block(
+    keys: np.ndarray,
+    others: np.ndarray,
+    ratings: np.ndarray,
+    num_blocks: int,
+    num_groups: Optional[int] = None,
+):
+    """``(bounds, keys, others, ratings)`` regrouped so that group ``g``'s ratings are
+    ``bounds[g]:bounds[g + 1]``, in their input order.
+
+    A rating's block is ``key mod num_blocks`` (non-negative, as Spark's partitioner) and its
+    group ``block mod num_groups``: by default each block is a group; with fewer groups, a
+    group is the blocks one partition holds. One counting pass and one scatter, instead of an
+    argsort and three gathers.
+    """
     return _group_by_block(
         np.ascontiguousarray(keys), np.ascontiguousarray(others), np.ascontiguousarray(ratings),
-        int(num_blocks),
+        int(num_blocks), int(num_blocks if num_groups is None else num_groups),
     )  # fmt: skip

@@ -51,7 +51,7 @@ from spark_gpu_mf.executor.alternation import (
 )
 from spark_gpu_mf.executor.binding import bind, bind_pair
 from spark_gpu_mf.executor.blocks import (
-    BLOCK_SCHEMA,
+    BUILT_SCHEMA,
     PACKED_SCHEMA,
     PackedSide,
     build_packed_blocks,
@@ -471,7 +471,13 @@ class _Trainer:
             _IN_DRIVER.release()
 
     def _build_sides(self, user_seed: int, item_seed: int) -> Dict[str, Side]:
-        """Both sides' blocks, cached under the partitioning their cogroups use; one job."""
+        """Both sides' blocks, each cached on its own; one job.
+
+        The ratings are read once and packed for both sides; one shuffle brings partition
+        ``p`` of both sides together, where one Python task builds both sides' blocks. The
+        blocks are not yet placed by a partitioning Spark knows: the driver broadcast reads
+        them where they are, and ``_Exchange`` places them (``Side.placed``).
+        """
         job = self.job
         parallelism = session.default_parallelism(self.spark)
         specs = {
@@ -479,54 +485,48 @@ class _Trainer:
             ITEMS: ("item", "user", job.num_item_blocks, job.num_user_blocks, item_seed),
         }
         packing = [
-            PackedSide(key, other, num_blocks, partition_keys(min(num_blocks, parallelism)))
-            for key, other, num_blocks, _, _ in specs.values()
+            PackedSide(
+                key, other, num_blocks, num_other, partition_keys(min(num_blocks, parallelism))
+            )
+            for key, other, num_blocks, num_other, _ in specs.values()
         ]
-        # Both sides' packed ratings from one read of the ratings, kept until the blocks are.
-        packed = self.persist(
-            map_in_arrow(
-                self.ratings.select("user", "item", "rating"),
-                bind(pack_ratings, sides=packing),
-                PACKED_SCHEMA,
-            )
+        num_build = max(side.num_partitions for side in packing)
+        packed = map_in_arrow(
+            self.ratings.select("user", "item", "rating"),
+            bind(pack_ratings, sides=packing),
+            PACKED_SCHEMA,
         )
-        frames = {}
-        for index, (name, (_, _, num_blocks, num_other, _)) in enumerate(specs.items()):
-            num_partitions = len(packing[index].partition_keys)
-            blocks = (
-                packed.filter(F.col("side") == index)
-                .drop("side")
-                .repartition(num_partitions, "pkey")
-                .groupBy("pkey")
-                .applyInArrow(
-                    bind(build_packed_blocks, num_blocks=num_blocks, num_other_blocks=num_other),
-                    BLOCK_SCHEMA,
-                )
-            )
-            # Placed by a partitioning Spark knows (hash of pkey), so that each half-iteration's
-            # cogroup shuffles only the messages, never the blocks.
-            placed = self.persist(blocks.repartition(num_partitions, "pkey"))
-            frames[name] = (placed, num_partitions)
+        bkey = key_of_block(F.col("part"), num_build)
+        built = self.persist(
+            packed.withColumn("bkey", bkey)
+            .repartition(num_build, "bkey")
+            .groupBy("bkey")
+            .applyInArrow(bind(build_packed_blocks, sides=packing), BUILT_SCHEMA)
+        )
+        frames = {
+            name: self.persist(built.filter(F.col("side") == index).drop("side"))
+            for index, name in enumerate(specs)
+        }
         self.describe("build user and item blocks")
         meta = (
-            frames[USERS][0]
+            frames[USERS]
             .select(F.lit(USERS).alias("side"), "block", "num_rows", "nnz", "positives")
             .unionByName(
-                frames[ITEMS][0].select(
+                frames[ITEMS].select(
                     F.lit(ITEMS).alias("side"), "block", "num_rows", "nnz", "positives"
                 )
             )
             .collect()
         )
-        self.unpersist(packed)
+        self.unpersist(built)
         sides = {}
-        for name, (_, _, num_blocks, _, seed) in specs.items():
+        for index, (name, (_, _, num_blocks, _, seed)) in enumerate(specs.items()):
             rows = [r for r in meta if r.side == name]
             sides[name] = Side(
                 name=name,
-                blocks=frames[name][0],
+                blocks=frames[name],
                 num_blocks=num_blocks,
-                num_partitions=frames[name][1],
+                num_partitions=packing[index].num_partitions,
                 block_ids=sorted(int(r.block) for r in rows),
                 num_rows={int(r.block): int(r.num_rows) for r in rows},
                 nnz=sum(int(r.nnz) for r in rows),
@@ -587,14 +587,14 @@ class _Exchange:
     def __init__(self, trainer: _Trainer, sides: Dict[str, Side], whole_blocks: bool):
         self.trainer = trainer
         self.job = trainer.job
-        self.sides = sides
+        self.replaced: List[DataFrame] = []
+        self.sides = {name: self._placed(side) for name, side in sides.items()}
         self.routes = {
             name: Route(other_keys=sides[_other(name)].keys, whole_blocks=whole_blocks)
             for name in sides
         }
         self.settings = {n: trainer.settings(side.num_partitions) for n, side in sides.items()}
         self.checkpoint_dir = session.checkpoint_dir(trainer.spark)
-        self.replaced: List[DataFrame] = []
         # The items' starting factors are read only by a warm start (or as the model, after
         # zero iterations); persisting is lazy, so an unread outbox costs nothing.
         self.outbox: Dict[str, DataFrame] = {
@@ -602,6 +602,16 @@ class _Exchange:
             ITEMS: self._initial_outbox(ITEMS, send=False),
         }
         self._warn_if_never_checkpointed()
+
+    def _placed(self, side: Side) -> Side:
+        """``side`` with its blocks placed by a partitioning Spark knows (hash of ``pkey``), so
+        that each half-iteration's cogroup shuffles only the messages, never the blocks.
+
+        Lazy: the first iteration's query places them, and its end frees the unplaced copy.
+        """
+        placed = self.trainer.persist(side.blocks.repartition(side.num_partitions, "pkey"))
+        self.replaced.append(side.blocks)
+        return replace(side, blocks=placed)
 
     def _initial_outbox(self, name: str, send: bool) -> DataFrame:
         """Spark's starting factors of a side: sent on (users), or kept for the CG warm start.
