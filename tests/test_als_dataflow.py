@@ -113,6 +113,59 @@ def test_every_iteration_costs_the_same_tasks(spark, name):
     assert tasks[3] - tasks[2] == tasks[2] - tasks[1] > 0
 
 
+def test_a_built_cache_gives_its_row_count_without_a_job(spark):
+    """``cached_row_count``: the rows of a fully built cache (and of a projection of it), and
+    None where Spark has not counted them (no cache, a cache not built yet, a filter)."""
+    from spark_gpu_mf.spark import session
+    from spark_gpu_mf.validation import validated_ratings
+
+    def frame():
+        return spark.range(1000).selectExpr(
+            "cast(id % 17 as int) u", "cast(id % 5 as int) i", "cast(id as float) r"
+        )
+
+    assert session.cached_row_count(validated_ratings(frame(), "u", "i", "r")) is None
+    cached = frame().cache()
+    try:
+        assert session.cached_row_count(validated_ratings(cached, "u", "i", "r")) is None
+        assert cached.count() == 1000
+        assert session.cached_row_count(validated_ratings(cached, "u", "i", "r")) == 1000
+        assert session.cached_row_count(cached.filter("u > 3")) is None
+    finally:
+        cached.unpersist()
+
+
+def _job_descriptions(spark, since: int) -> list:
+    store = spark.sparkContext._jsc.sc().statusStore()
+    jobs = store.jobsList(None)
+    found = []
+    for index in range(jobs.size()):
+        job = jobs.apply(index)
+        if job.jobId() >= since and job.description().isDefined():
+            found.append(job.description().get())
+    return found
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "uncached"])
+def test_a_distributed_fit_of_a_built_cache_runs_no_count_job(spark, cached):
+    """Above singleTaskMaxRatings a cached input's own row count decides the dataflow; an
+    uncached input is counted (as it is cached for the fit)."""
+    ratings = datasets.generate_dataframe(spark, 3000, seed=5)
+    if cached:
+        ratings = ratings.cache()
+        ratings.count()
+    first = spark.sparkContext.statusTracker().getJobIdsForGroup()
+    since = max(first, default=-1) + 1
+    try:
+        with dataflow_confs(spark, "broadcast"):
+            model = ALS(rank=4, maxIter=1, seed=1).fit(ratings)
+    finally:
+        ratings.unpersist()
+    assert model.summary.details["numRatings"] == 3000
+    counted = [d for d in _job_descriptions(spark, since) if d.endswith("count ratings")]
+    assert bool(counted) == (not cached)
+
+
 def test_small_fits_run_in_one_task_whatever_the_number_of_iterations(spark):
     ratings = datasets.generate_dataframe(spark, 4000, seed=3).cache()
     ratings.count()
@@ -275,8 +328,8 @@ def test_one_pass_packs_each_sides_ratings_for_its_partitions_in_input_order():
 
 def test_one_task_builds_both_sides_blocks_of_a_partition_as_build_block_does():
     """``build_packed_blocks`` gets partition ``p``'s packed ratings of both sides (one shuffle
-    for both) and returns each side's blocks of that partition, equal to ``build_block`` of
-    that block's ratings, keyed by the side's partition key."""
+    for both) and returns each side's blocks of that partition, equal to
+    ``build_block`` of that block's ratings, keyed by the side's partition key."""
     import numpy as np
     import pyarrow as pa
 
@@ -288,7 +341,9 @@ def test_one_task_builds_both_sides_blocks_of_a_partition_as_build_block_does():
     part = np.asarray(packed.column("part"))
     for p in range(3):
         group = packed.filter(pa.array(part == p))
-        built = build_packed_blocks(group, sides).to_pylist()
+        built = pa.Table.from_batches(
+            list(build_packed_blocks(iter(group.to_batches()), sides))
+        ).to_pylist()
         for index, side in enumerate(sides):
             keys, others = columns[side.key_col], columns[side.other_col]
             blocks = np.mod(keys, side.num_blocks)

@@ -352,13 +352,19 @@ class _Trainer:
         user_seed, item_seed = factor_seeds(job.seed)
         if not job.input_cached:
             self.ratings = self.persist(self.ratings)
-        self.describe("count ratings")
-        num_ratings = self.ratings.count()
-        if num_ratings == 0:
-            raise illegal_argument(f"requirement failed: No ratings available from {self.ratings}")
         trained = None
-        if num_ratings <= job.single_task_max_ratings:
-            trained = self._run_single_task(user_seed, item_seed, started, num_ratings)
+        # A cached input that counted more ratings than one task takes needs no count job: the
+        # distributed dataflow counts them as it builds its blocks.
+        known = session.cached_row_count(self.ratings)
+        if known is None or known <= job.single_task_max_ratings:
+            self.describe("count ratings")
+            num_ratings = self.ratings.count()
+            if num_ratings == 0:
+                raise illegal_argument(
+                    f"requirement failed: No ratings available from {self.ratings}"
+                )
+            if num_ratings <= job.single_task_max_ratings:
+                trained = self._run_single_task(user_seed, item_seed, started, num_ratings)
         if trained is None:
             with self._without_adaptive_execution():
                 trained = self._run_distributed(user_seed, item_seed, started)
@@ -498,10 +504,9 @@ class _Trainer:
         )
         bkey = key_of_block(F.col("part"), num_build)
         built = self.persist(
-            packed.withColumn("bkey", bkey)
-            .repartition(num_build, "bkey")
-            .groupBy("bkey")
-            .applyInArrow(bind(build_packed_blocks, sides=packing), BUILT_SCHEMA)
+            packed.repartition(num_build, bkey).mapInArrow(
+                bind(build_packed_blocks, sides=packing), BUILT_SCHEMA
+            )
         )
         frames = {
             name: self.persist(built.filter(F.col("side") == index).drop("side"))

@@ -14,7 +14,7 @@ import re
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from spark_gpu_mf import conf
@@ -57,6 +57,28 @@ def default_parallelism(spark: SparkSession) -> int:
     if key not in _PARALLELISM:
         _PARALLELISM[key] = range_partitions(spark)
     return _PARALLELISM[key]
+
+
+def cached_row_count(df: DataFrame) -> Optional[int]:
+    """The rows of ``df`` as its cache counted them while it was built, without a job; None
+    when unknown (not a projection of a fully cached DataFrame, or Spark Connect).
+
+    An upper bound rather than an exact count: a cached partition that was evicted and computed
+    again is counted again.
+    """
+    jdf = getattr(df, "_jdf", None)
+    if jdf is None:
+        return None
+    try:
+        plan = jdf.queryExecution().optimizedPlan()
+        while plan.nodeName() == "Project":
+            plan = plan.child()
+        if plan.nodeName() != "InMemoryRelation":
+            return None
+        rows = plan.stats().rowCount()
+        return int(str(rows.get())) if rows.isDefined() else None
+    except Exception:  # noqa: BLE001 - py4j errors of an unexpected plan: count instead
+        return None
 
 
 def range_partitions(spark: SparkSession) -> int:
