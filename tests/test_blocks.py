@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from spark_gpu_mf.executor.blocks import build_block, build_blocks
-from spark_gpu_mf.executor.sorting import group_by_block, stable_argsort, unique_inverse
+from spark_gpu_mf.executor.sorting import (
+    csr_by_row,
+    group_by_block,
+    stable_argsort,
+    unique_inverse,
+)
 
 
 @pytest.mark.parametrize(
@@ -38,6 +43,24 @@ def test_unique_inverse_matches_numpy_for_dense_and_sparse_ids(span):
     expected, expected_inverse = np.unique(keys, return_inverse=True)
     np.testing.assert_array_equal(unique, expected)
     np.testing.assert_array_equal(inverse, expected_inverse)
+
+
+@pytest.mark.parametrize("num_rows,num_columns", [(1, 1), (7, 3000), (2000, 5)])
+def test_csr_by_row_orders_entries_as_a_stable_lexsort(num_rows, num_columns):
+    """Each row's entries by column, duplicates of one (row, column) in their input order: the
+    order ``np.lexsort`` (stable) gives, which the solves' sums follow bit for bit."""
+    rng = np.random.default_rng(num_rows)
+    rows = rng.integers(0, num_rows, 6000)
+    columns = rng.integers(0, num_columns, 6000)
+    values = rng.normal(size=6000).astype(np.float32)
+    indptr, indices, ordered = csr_by_row(rows, columns, values, num_rows, num_columns)
+    order = np.lexsort((columns, rows))
+    np.testing.assert_array_equal(
+        indptr, np.r_[0, np.cumsum(np.bincount(rows, minlength=num_rows))]
+    )
+    np.testing.assert_array_equal(indices, columns[order])
+    np.testing.assert_array_equal(ordered, values[order])
+    assert indptr.dtype == np.int64 and indices.dtype == np.int32 and ordered.dtype == np.float32
 
 
 def test_group_by_block_keeps_input_order_within_a_block_and_negative_ids_where_spark_does():

@@ -25,7 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from spark_gpu_mf.executor.sorting import group_by_block, stable_argsort, unique_inverse
+from spark_gpu_mf.executor.sorting import (
+    csr_by_row,
+    group_by_block,
+    stable_argsort,
+    unique_inverse,
+)
 
 BLOCK_SCHEMA = (
     "pkey int, block int, num_rows int, nnz long, positives long, ids binary, indptr binary, "
@@ -113,9 +118,7 @@ def build_block(
     columns = position[other_rank]
 
     num_rows, num_needed = len(ids), len(needed_ids)
-    order, _ = stable_argsort(rows * num_needed + columns, num_rows * num_needed)
-    indptr = np.zeros(num_rows + 1, np.int64)
-    np.cumsum(np.bincount(rows, minlength=num_rows), out=indptr[1:])
+    indptr, indices, values = csr_by_row(rows, columns, ratings, num_rows, num_needed)
 
     # Rows of this block each block of the other side needs, sorted by (other block, row).
     out_keys, _ = unique_inverse(unique_blocks[other_rank] * num_rows + rows)
@@ -130,8 +133,8 @@ def build_block(
         "positives": int(np.count_nonzero(ratings > 0)),
         "ids": to_bytes(ids),
         "indptr": to_bytes(indptr),
-        "indices": to_bytes(columns[order].astype(np.int32)),
-        "ratings": to_bytes(ratings[order].astype(np.float32)),
+        "indices": to_bytes(indices),
+        "ratings": to_bytes(values),
         "needed_ids": to_bytes(needed_ids),
         "needed_counts": to_bytes(needed_counts),
         "out_offsets": to_bytes(out_offsets),

@@ -19,7 +19,7 @@ from spark_gpu_mf.backends.numba_cache import ensure_cache_dir
 
 ensure_cache_dir()
 
-__all__ = ["group_by_block", "stable_argsort", "unique_inverse"]
+__all__ = ["csr_by_row", "group_by_block", "stable_argsort", "unique_inverse"]
 
 # Digits of at most 16 bits keep the counts (512 KB) in L2. A key range up to 2^18 is still
 # cheaper in one pass than in two.
@@ -149,4 +149,54 @@ def group_by_block(
     return _group_by_block(
         np.ascontiguousarray(keys), np.ascontiguousarray(others), np.ascontiguousarray(ratings),
         int(num_blocks), int(num_blocks if num_groups is None else num_groups),
+    )  # fmt: skip
+
+
+@njit(cache=True, nogil=True)
+def _csr_by_row(rows, columns, values, num_rows, num_columns):
+    n = len(rows)
+    starts = np.zeros(num_columns + 1, np.int64)
+    for i in range(n):
+        starts[columns[i] + 1] += 1
+    for c in range(num_columns):
+        starts[c + 1] += starts[c]
+    by_column_rows = np.empty(n, np.int64)
+    by_column_columns = np.empty(n, np.int32)
+    by_column_values = np.empty(n, np.float32)
+    for i in range(n):
+        j = starts[columns[i]]
+        starts[columns[i]] = j + 1
+        by_column_rows[j] = rows[i]
+        by_column_columns[j] = columns[i]
+        by_column_values[j] = values[i]
+    indptr = np.zeros(num_rows + 1, np.int64)
+    for i in range(n):
+        indptr[rows[i] + 1] += 1
+    for r in range(num_rows):
+        indptr[r + 1] += indptr[r]
+    next_slot = indptr[:-1].copy()
+    indices = np.empty(n, np.int32)
+    ordered = np.empty(n, np.float32)
+    for j in range(n):
+        r = by_column_rows[j]
+        k = next_slot[r]
+        next_slot[r] = k + 1
+        indices[k] = by_column_columns[j]
+        ordered[k] = by_column_values[j]
+    return indptr, indices, ordered
+
+
+def csr_by_row(
+    rows: np.ndarray, columns: np.ndarray, values: np.ndarray, num_rows: int, num_columns: int
+):
+    """``(indptr int64, indices int32, values float32)``: the CSR matrix of the entries
+    ``(rows[i], columns[i], values[i])``, each row's entries by column, entries of equal
+    ``(row, column)`` in their input order (as ``np.lexsort((columns, rows))`` orders them).
+
+    Two stable counting sorts (by column, then by row) that move the entries themselves, not
+    an int64 key and permutation to gather from afterwards.
+    """
+    return _csr_by_row(
+        np.ascontiguousarray(rows, np.int64), np.ascontiguousarray(columns, np.int64),
+        np.ascontiguousarray(values, np.float32), int(num_rows), int(num_columns),
     )  # fmt: skip

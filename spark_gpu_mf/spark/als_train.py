@@ -121,10 +121,14 @@ class AlsJob:
 
 @dataclass
 class Side:
-    """One side (users or items) of the factorization: its cached blocks and their layout."""
+    """One side (users or items) of the factorization: its cached blocks and their layout.
+
+    ``blocks`` reads the cached DataFrame ``cache``, which the two sides may share.
+    """
 
     name: str
     blocks: DataFrame
+    cache: DataFrame
     num_blocks: int
     num_partitions: int
     block_ids: List[int]
@@ -477,12 +481,14 @@ class _Trainer:
             _IN_DRIVER.release()
 
     def _build_sides(self, user_seed: int, item_seed: int) -> Dict[str, Side]:
-        """Both sides' blocks, each cached on its own; one job.
+        """Both sides' blocks in one cache; one job.
 
         The ratings are read once and packed for both sides; one shuffle brings partition
-        ``p`` of both sides together, where one Python task builds both sides' blocks. The
-        blocks are not yet placed by a partitioning Spark knows: the driver broadcast reads
-        them where they are, and ``_Exchange`` places them (``Side.placed``).
+        ``p`` of both sides together, where one Python task builds both sides' blocks. Each
+        side reads its own rows of the cache: a block of more than 4 MiB is a cached batch of
+        its own, which a scan of the other side skips by its statistics. The blocks are not
+        yet placed by a partitioning Spark knows: the driver broadcast reads them where they
+        are, and ``_Exchange`` places them.
         """
         job = self.job
         parallelism = session.default_parallelism(self.spark)
@@ -509,7 +515,7 @@ class _Trainer:
             )
         )
         frames = {
-            name: self.persist(built.filter(F.col("side") == index).drop("side"))
+            name: built.filter(F.col("side") == index).drop("side")
             for index, name in enumerate(specs)
         }
         self.describe("build user and item blocks")
@@ -523,13 +529,13 @@ class _Trainer:
             )
             .collect()
         )
-        self.unpersist(built)
         sides = {}
         for index, (name, (_, _, num_blocks, _, seed)) in enumerate(specs.items()):
             rows = [r for r in meta if r.side == name]
             sides[name] = Side(
                 name=name,
                 blocks=frames[name],
+                cache=built,
                 num_blocks=num_blocks,
                 num_partitions=packing[index].num_partitions,
                 block_ids=sorted(int(r.block) for r in rows),
@@ -612,11 +618,12 @@ class _Exchange:
         """``side`` with its blocks placed by a partitioning Spark knows (hash of ``pkey``), so
         that each half-iteration's cogroup shuffles only the messages, never the blocks.
 
-        Lazy: the first iteration's query places them, and its end frees the unplaced copy.
+        Lazy: the first iteration's query places them, and its end frees the unplaced cache.
         """
         placed = self.trainer.persist(side.blocks.repartition(side.num_partitions, "pkey"))
-        self.replaced.append(side.blocks)
-        return replace(side, blocks=placed)
+        if side.cache not in self.replaced:
+            self.replaced.append(side.cache)
+        return replace(side, blocks=placed, cache=placed)
 
     def _initial_outbox(self, name: str, send: bool) -> DataFrame:
         """Spark's starting factors of a side: sent on (users), or kept for the CG warm start.
