@@ -262,7 +262,7 @@ def _send(
 def _starting_outbox(rows, rank, side_seed, route, implicit, initial=None) -> _Outbox:
     out = _Outbox()
     for row in rows:
-        block = Block.from_row(row)
+        block = Block.for_sending(row)
         factors = starting_factors({block.block: len(block.ids)}, rank, side_seed)[block.block]
         factors = warm_started(block.ids, factors, initial)
         _send(out, block, factors, int(row["pkey"]), route, implicit)
@@ -278,9 +278,11 @@ def initial_outbox(
 ) -> Iterator[pa.RecordBatch]:
     """mapInArrow body: Spark's starting factors of every block, sent like a solve's."""
     for batch in batches:
-        yield from _starting_outbox(
-            batch.to_pylist(), rank, side_seed, route, implicit
-        ).table().to_batches()
+        yield from (
+            _starting_outbox(batch.to_pylist(), rank, side_seed, route, implicit)
+            .table()
+            .to_batches()
+        )
 
 
 def warm_outbox(
@@ -303,9 +305,7 @@ def warm_outbox(
         factors = flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), rank)
         order = np.argsort(ids, kind="stable")
         known = (ids[order], factors[order])
-    return _starting_outbox(
-        blocks.to_pylist(), rank, side_seed, route, implicit, known
-    ).table()
+    return _starting_outbox(blocks.to_pylist(), rank, side_seed, route, implicit, known).table()
 
 
 def _views(column) -> list:

@@ -39,6 +39,9 @@ BLOCK_SCHEMA = (
 )
 
 
+# The columns a block's starting factors are sent from: the ratings stay in the cache.
+SENDING_COLUMNS = ("pkey", "block", "ids", "out_offsets", "out_rows")
+
 BLOCK_ARROW = pa.schema(
     [("pkey", pa.int32()), ("block", pa.int32()), ("num_rows", pa.int32()), ("nnz", pa.int64()),
      ("positives", pa.int64())]
@@ -89,6 +92,23 @@ class Block:
             ratings=from_bytes(row["ratings"], np.float32),
             needed_ids=from_bytes(row["needed_ids"], np.int32),
             needed_counts=from_bytes(row["needed_counts"], np.int32),
+            out_offsets=from_bytes(row["out_offsets"], np.int64),
+            out_rows=from_bytes(row["out_rows"], np.int32),
+        )
+
+    @classmethod
+    def for_sending(cls, row) -> Block:
+        """A block from a row of ``SENDING_COLUMNS`` only: what sending its factors to the
+        other side reads (its ids and out rows), without its ratings (left empty)."""
+        empty = np.zeros(0, np.int32)
+        return cls(
+            block=int(row["block"]),
+            ids=from_bytes(row["ids"], np.int32),
+            indptr=np.zeros(1, np.int64),
+            indices=empty,
+            ratings=np.zeros(0, np.float32),
+            needed_ids=empty,
+            needed_counts=empty,
             out_offsets=from_bytes(row["out_offsets"], np.int64),
             out_rows=from_bytes(row["out_rows"], np.int32),
         )

@@ -53,6 +53,7 @@ from spark_gpu_mf.executor.binding import bind, bind_pair
 from spark_gpu_mf.executor.blocks import (
     BUILT_SCHEMA,
     PACKED_SCHEMA,
+    SENDING_COLUMNS,
     PackedSide,
     build_packed_blocks,
     pack_ratings,
@@ -639,17 +640,17 @@ class _Exchange:
             "implicit": self.job.implicit,
         }
         initial = None if self.trainer.initial is None else self.trainer.initial[name]
+        # Sending reads a block's ids and out rows only: its ratings stay in the cache.
+        blocks = side.blocks.select(*SENDING_COLUMNS)
         if initial is None:
-            outbox = side.blocks.mapInArrow(
-                bind(als_tasks.initial_outbox, **settings), OUTBOX_SCHEMA
-            )
+            outbox = blocks.mapInArrow(bind(als_tasks.initial_outbox, **settings), OUTBOX_SCHEMA)
         else:
             block = F.pmod(F.col("id"), F.lit(side.num_blocks))
             keyed = initial.select(
                 key_of_block(block, side.num_partitions).alias("pkey"), "id", "features"
             )
             outbox = (
-                side.blocks.groupBy("pkey")
+                blocks.groupBy("pkey")
                 .cogroup(keyed.groupBy("pkey"))
                 .applyInArrow(bind_pair(als_tasks.warm_outbox, **settings), OUTBOX_SCHEMA)
             )
