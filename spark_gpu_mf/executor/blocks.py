@@ -254,15 +254,10 @@ def build_packed_blocks(
     for index, side in enumerate(sides):
         for part in np.unique(part_of_row[side_of_row == index]):
             mine = table.filter(pa.array((side_of_row == index) & (part_of_row == part)))
-
-            def joined(column, dtype, mine=mine):
-                values = mine.column(column).to_pylist()
-                return np.concatenate([from_bytes(v, dtype) for v in values])
-
             for row in build_blocks(
-                joined("keys", np.int32),
-                joined("others", np.int32),
-                joined("ratings", np.float32),
+                _joined(mine, "keys", np.int32),
+                _joined(mine, "others", np.int32),
+                _joined(mine, "ratings", np.float32),
                 side.num_blocks,
                 side.num_other_blocks,
             ):
@@ -270,3 +265,8 @@ def build_packed_blocks(
                 row["pkey"] = side.partition_keys[row["block"] % side.num_partitions]
                 # One batch per block: a binary column holds at most 2 GiB.
                 yield pa.RecordBatch.from_pylist([row], schema=_BUILT_ARROW)
+
+
+def _joined(table: pa.Table, column: str, dtype) -> np.ndarray:
+    """A packed binary column's arrays, end to end."""
+    return np.concatenate([from_bytes(v, dtype) for v in table.column(column).to_pylist()])
