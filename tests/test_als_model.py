@@ -197,6 +197,36 @@ def test_metadata_has_sparks_layout_and_params(spark, fitted, tmp_path):
         )
 
 
+def test_loading_a_model_reads_on_the_driver_what_sparks_readers_read(spark, fitted, tmp_path):
+    """A classic session loads a model without a job: the metadata's first line and the
+    schema the Parquet writer stored are read on the driver, and equal what
+    ``spark.read.text`` and the schema inference give, for our saved model and Spark's."""
+    from spark_gpu_mf.spark import session
+
+    tracker = spark.sparkContext.statusTracker()
+    for name, model in zip(("ours", "spark"), fitted):
+        path = str(tmp_path / name)
+        model.save(path)
+        metadata = f"{path}/metadata"
+        assert session.first_line(spark, metadata) == spark.read.text(metadata).first().value
+        for part in ("userFactors", "itemFactors"):
+            stored = session.stored_parquet_schema(spark, f"{path}/{part}")
+            inferred = spark.read.parquet(f"{path}/{part}").schema
+            assert spark.read.schema(stored).parquet(f"{path}/{part}").schema == inferred
+        before = set(tracker.getJobIdsForGroup())
+        loaded = ALSModel.load(path)
+        assert set(tracker.getJobIdsForGroup()) == before, name
+        for got, want in ((loaded.userFactors, model.userFactors),
+                          (loaded.itemFactors, model.itemFactors)):  # fmt: skip
+            for a, b in zip(collect_factors(got), collect_factors(want)):
+                np.testing.assert_array_equal(a, b)
+    # A compressed text file is read through its codec, as Spark reads it.
+    lines = spark.createDataFrame([("first",), ("second",)], "value string").coalesce(1)
+    lines.write.option("compression", "gzip").text(str(tmp_path / "gz"))
+    assert session.first_line(spark, str(tmp_path / "gz")) == "first"
+    assert session.first_line(spark, str(tmp_path / "nowhere")) is None
+
+
 def test_sparks_saved_model_loads_as_ours(spark, fitted, ratings, tmp_path):
     _, theirs = fitted
     path = str(tmp_path / "spark")

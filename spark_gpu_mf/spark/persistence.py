@@ -235,22 +235,11 @@ def load_metadata(
     """The metadata JSON of a saved ML instance, checked like Spark's ``DefaultParamsReader``
     (``also_accepted``: other classes this loader reads)."""
     metadata_path = f"{path.rstrip('/')}/metadata"
+    line = session.first_line(spark, metadata_path)
+    if line is None:
+        line = _first_line_by_job(spark, path, metadata_path)
     try:
-        lines = spark.read.text(metadata_path).collect()
-    except Exception:  # noqa: BLE001 - a missing path; asked only now (a round trip on Connect)
-        if not path_exists(spark, path):
-            raise DamagedModelError(
-                f"No saved model at {path}: the path does not exist."
-            ) from None
-        if not path_exists(spark, metadata_path):
-            raise DamagedModelError(
-                f"Cannot load the model at {path}: {metadata_path} is missing."
-            ) from None
-        raise
-    if not lines:
-        raise DamagedModelError(f"Cannot load the model at {path}: {metadata_path} is empty.")
-    try:
-        metadata = json.loads(lines[0].value)
+        metadata = json.loads(line)
     except ValueError as e:
         raise DamagedModelError(
             f"Cannot load the model at {path}: {metadata_path} is not valid JSON ({e})."
@@ -266,6 +255,24 @@ def load_metadata(
             f"{metadata['class']}"
         )
     return metadata
+
+
+def _first_line_by_job(spark: SparkSession, path: str, metadata_path: str) -> str:
+    """The metadata's first line through a job (Spark Connect, or no line found on the
+    driver), with a clear error for a missing or empty metadata directory."""
+    try:
+        lines = spark.read.text(metadata_path).limit(1).collect()
+    except Exception:  # noqa: BLE001 - a missing path; asked only now (a round trip on Connect)
+        if not path_exists(spark, path):
+            raise DamagedModelError(f"No saved model at {path}: the path does not exist.") from None
+        if not path_exists(spark, metadata_path):
+            raise DamagedModelError(
+                f"Cannot load the model at {path}: {metadata_path} is missing."
+            ) from None
+        raise
+    if not lines:
+        raise DamagedModelError(f"Cannot load the model at {path}: {metadata_path} is empty.")
+    return lines[0].value
 
 
 _INDEXED_ID_TYPES = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.StringType)
@@ -289,7 +296,9 @@ def _has_factor_schema(schema: T.StructType, indexed: bool) -> bool:
 def _read_factors(spark: SparkSession, path: str, name: str, indexed: bool = False):
     factor_path = f"{path.rstrip('/')}/{name}"
     try:
-        df = spark.read.parquet(factor_path)
+        # The schema the writer stored, when the driver can read it: no inference job.
+        stored = session.stored_parquet_schema(spark, factor_path)
+        df = (spark.read if stored is None else spark.read.schema(stored)).parquet(factor_path)
         schema = df.schema  # Connect reads lazily: its errors come here
     except Exception as e:  # noqa: BLE001 - re-raised with the path and part named
         if not path_exists(spark, factor_path):

@@ -9,6 +9,7 @@ nowhere else.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from typing import Iterator, Optional
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import StructType
 
 from spark_gpu_mf import conf
 
@@ -148,6 +150,64 @@ def _filesystem(spark: SparkSession, path: str):
     jvm = spark.sparkContext._jvm
     hpath = jvm.org.apache.hadoop.fs.Path(path)
     return hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hpath
+
+
+def _written_files(spark: SparkSession, path: str) -> list:
+    """The files a Spark writer left in the directory ``path`` (not ``_SUCCESS`` or hidden
+    ones), in name order; none when it is not a directory."""
+    fs, hpath = _filesystem(spark, path)
+    if not fs.exists(hpath) or not fs.getFileStatus(hpath).isDirectory():
+        return []
+    files = [s.getPath() for s in fs.listStatus(hpath) if s.isFile()]
+    return sorted(
+        (f for f in files if not f.getName().startswith(("_", "."))), key=lambda f: f.getName()
+    )
+
+
+def first_line(spark: SparkSession, path: str) -> Optional[str]:
+    """The first line of the text files a Spark writer left in the directory ``path``, read
+    on the driver: what ``spark.read.text(path).first()`` reads, without its job. None on
+    Connect, or when there is no line."""
+    if is_connect(spark):
+        return None
+    jvm, conf = spark.sparkContext._jvm, spark.sparkContext._jsc.hadoopConfiguration()
+    codecs = jvm.org.apache.hadoop.io.compress.CompressionCodecFactory(conf)
+    for file in _written_files(spark, path):
+        stream = file.getFileSystem(conf).open(file)
+        codec = codecs.getCodec(file)
+        if codec is not None:
+            stream = codec.createInputStream(stream)
+        reader = jvm.java.io.BufferedReader(jvm.java.io.InputStreamReader(stream, "UTF-8"))
+        try:
+            line = reader.readLine()
+        finally:
+            reader.close()
+        if line is not None:
+            return line
+    return None
+
+
+def stored_parquet_schema(spark: SparkSession, path: str) -> Optional[StructType]:
+    """The Spark schema a Spark writer kept in the footer of the first Parquet file in the
+    directory ``path``: what ``spark.read.parquet(path)`` infers, read on the driver without
+    the job schema inference runs. None on Connect, or when that file has none."""
+    if is_connect(spark):
+        return None
+    files = [f for f in _written_files(spark, path) if f.getName().endswith(".parquet")]
+    if not files:
+        return None
+    jvm, conf = spark.sparkContext._jvm, spark.sparkContext._jsc.hadoopConfiguration()
+    parquet = jvm.org.apache.parquet.hadoop
+    reader = parquet.ParquetFileReader.open(parquet.util.HadoopInputFile.fromPath(files[0], conf))
+    try:
+        stored = reader.getFooter().getFileMetaData().getKeyValueMetaData().get(_SPARK_SCHEMA_KEY)
+    finally:
+        reader.close()
+    return None if stored is None else StructType.fromJson(json.loads(stored))
+
+
+# Where Spark's Parquet writer keeps a file's Spark schema (``ParquetReadSupport``).
+_SPARK_SCHEMA_KEY = "org.apache.spark.sql.parquet.row.metadata"
 
 
 def path_exists(spark: SparkSession, path: str) -> bool:
