@@ -239,15 +239,15 @@ def test_each_block_sends_one_message_per_partition_of_the_other_side():
     import pyarrow as pa
 
     from spark_gpu_mf.executor import als_tasks
-    from spark_gpu_mf.executor.blocks import BLOCK_ARROW, Block, build_blocks
+    from spark_gpu_mf.executor.blocks import Block, build_blocks
 
     rng = np.random.default_rng(0)
     users, items = rng.integers(0, 40, 500), rng.integers(0, 30, 500)
     ratings = rng.random(500).astype(np.float32)
     rows = build_blocks(users, items, ratings, 4, 3)
     for row in rows:
-        row["pkey"] = 7
-    batch = pa.Table.from_pylist(rows, schema=BLOCK_ARROW).to_batches()
+        row.update(pkey=7, known_rows=b"", known_factors=b"")
+    batch = pa.Table.from_pylist(rows).to_batches()
     for whole in (True, False):
         route = als_tasks.Route(other_keys=(11, 12), whole_blocks=whole)
         out = pa.Table.from_batches(
@@ -323,7 +323,8 @@ def test_one_pass_packs_each_sides_ratings_for_its_partitions_in_input_order():
             mine = partition == p
             np.testing.assert_array_equal(np.frombuffer(row["keys"], np.int32), keys[mine])
             np.testing.assert_array_equal(np.frombuffer(row["others"], np.int32), others[mine])
-            np.testing.assert_array_equal(np.frombuffer(row["ratings"], np.float32), ratings[mine])
+            np.testing.assert_array_equal(np.frombuffer(row["values"], np.float32), ratings[mine])
+            assert row["known"] is False
 
 
 def test_one_task_builds_both_sides_blocks_of_a_partition_as_build_block_does():
@@ -342,7 +343,7 @@ def test_one_task_builds_both_sides_blocks_of_a_partition_as_build_block_does():
     for p in range(3):
         group = packed.filter(pa.array(part == p))
         built = pa.Table.from_batches(
-            list(build_packed_blocks(iter(group.to_batches()), sides))
+            list(build_packed_blocks(iter(group.to_batches()), sides, rank=2))
         ).to_pylist()
         for index, side in enumerate(sides):
             keys, others = columns[side.key_col], columns[side.other_col]
@@ -360,6 +361,109 @@ def test_one_task_builds_both_sides_blocks_of_a_partition_as_build_block_does():
                 )  # fmt: skip
                 for column, value in reference.items():
                     assert row[column] == value, column
+                assert row["known_rows"] == row["known_factors"] == b""
+
+
+def test_a_warm_starts_factors_reach_the_blocks_holding_their_ids():
+    """``pack_known_factors`` packs a model's factors like the ratings, and the build gives
+    each block the rows of it the model knows with their factors, equal to a lookup of the
+    model by id: ids the ratings lack are left out, new ids get none, negative ids count."""
+    import numpy as np
+    import pyarrow as pa
+
+    from spark_gpu_mf.executor.blocks import (
+        build_packed_blocks,
+        factor_table,
+        known_of_row,
+        pack_known_factors,
+        pack_ratings,
+    )
+
+    columns, ratings, batch, sides = _packing_case()
+    rng = np.random.default_rng(5)
+    model = {}
+    for index, side in enumerate(sides):
+        ids = np.unique(columns[side.key_col])
+        kept = rng.permutation(ids)[: len(ids) * 2 // 3]  # the others are new today
+        ids = np.concatenate([kept, [1000 + index, -77]])  # ids today's ratings lack
+        model[index] = dict(zip(ids.tolist(), rng.standard_normal((len(ids), 3), np.float32)))
+    known = pa.concat_tables(
+        factor_table(np.array(list(m)), np.array(list(m.values()))).append_column(
+            "side", pa.array([index] * len(m), pa.int32())
+        )
+        for index, m in model.items()
+    ).select(["side", "id", "features"])
+    packed = pa.Table.from_batches(
+        list(pack_ratings(iter([batch]), sides))
+        + list(pack_known_factors(iter(known.to_batches(max_chunksize=50)), sides, rank=3))
+    )
+    part = np.asarray(packed.column("part"))
+    checked = 0
+    for p in range(3):
+        group = packed.filter(pa.array(part == p))
+        built = pa.Table.from_batches(
+            list(build_packed_blocks(iter(group.to_batches()), sides, rank=3))
+        ).to_pylist()
+        for row in built:
+            ids = np.frombuffer(row["ids"], np.int32)
+            rows, factors = known_of_row(row, rank=3)
+            in_model = [j for j, i in enumerate(ids.tolist()) if i in model[row["side"]]]
+            np.testing.assert_array_equal(rows, in_model)
+            expected = [model[row["side"]][ids[j]] for j in in_model]
+            np.testing.assert_array_equal(factors, np.reshape(expected, (-1, 3)))
+            checked += len(rows)
+    assert checked == sum(len(m) - 2 for m in model.values())
+
+
+def test_a_damaged_initial_model_fails_the_build_with_its_rank():
+    import pyarrow as pa
+    import pytest
+
+    from spark_gpu_mf.executor.blocks import pack_known_factors
+
+    _, _, _, sides = _packing_case()
+    known = pa.table({
+        "side": pa.array([0, 0], pa.int32()),
+        "id": pa.array([1, 2], pa.int32()),
+        "features": pa.array([[1.0, 2.0], [3.0]], pa.list_(pa.float32())),
+    })  # fmt: skip
+    with pytest.raises(ValueError, match="factor row of 1 features .* its rank is 2"):
+        list(pack_known_factors(iter(known.to_batches()), sides, rank=2))
+
+
+def test_a_blocks_starting_outbox_takes_the_known_rows_from_the_model():
+    """``initial_outbox`` sends Spark's starting factors of a block with the known rows the
+    build gave it replaced: equal to ``initial_factors`` with those rows overwritten."""
+    import numpy as np
+    import pyarrow as pa
+
+    from spark_gpu_mf.backends.spark_random import initial_factors
+    from spark_gpu_mf.executor import als_tasks
+    from spark_gpu_mf.executor.blocks import build_blocks
+
+    rng = np.random.default_rng(1)
+    users, items = rng.integers(0, 40, 300), rng.integers(0, 30, 300)
+    rows = build_blocks(users, items, rng.random(300).astype(np.float32), 4, 3)
+    known = {}
+    for row in rows:
+        n = row["num_rows"]
+        picked = np.sort(rng.choice(n, n // 2, replace=False)).astype(np.int32)
+        factors = rng.standard_normal((len(picked), 5), np.float32)
+        known[row["block"]] = (picked, factors)
+        row.update(pkey=7, known_rows=picked.tobytes(), known_factors=factors.tobytes())
+    route = als_tasks.Route(other_keys=(11,), whole_blocks=True)
+    out = pa.Table.from_batches(
+        list(als_tasks.initial_outbox(iter(pa.Table.from_pylist(rows).to_batches()), rank=5,
+                                      side_seed=9, route=route, implicit=False))
+    ).to_pylist()  # fmt: skip
+    owns = {r["src"]: np.frombuffer(r["payload"], np.float32).reshape(-1, 5)
+            for r in out if r["kind"] == als_tasks.OWN}  # fmt: skip
+    assert sorted(owns) == sorted(known)
+    for row in rows:
+        expected = initial_factors(row["num_rows"], 5, 9, row["block"]).copy()
+        picked, factors = known[row["block"]]
+        expected[picked] = factors
+        np.testing.assert_array_equal(owns[row["block"]], expected)
 
 
 def test_a_side_too_wide_for_one_task_falls_back_to_the_distributed_dataflow(spark):

@@ -36,8 +36,8 @@ from spark_gpu_mf.backends.numpy_backend import take_phase_seconds
 from spark_gpu_mf.backends.residuals import squared_error
 from spark_gpu_mf.backends.solve_config import SolveConfig
 from spark_gpu_mf.errors import InconsistentBlocksError
-from spark_gpu_mf.executor.alternation import starting_factors, warm_started
-from spark_gpu_mf.executor.blocks import Block, factor_table, from_bytes, to_bytes
+from spark_gpu_mf.executor.alternation import starting_factors, with_known_rows
+from spark_gpu_mf.executor.blocks import Block, factor_table, from_bytes, known_of_row, to_bytes
 from spark_gpu_mf.executor.runtime import BackendChoice, executor_backend, limit_blas_threads
 
 FACTORS, GRAM, OWN, STATS = 0, 1, 2, 3
@@ -259,16 +259,6 @@ def _send(
     out.add(own_key, block.block, block.block, OWN, to_bytes(block.ids), to_bytes(factors))
 
 
-def _starting_outbox(rows, rank, side_seed, route, implicit, initial=None) -> _Outbox:
-    out = _Outbox()
-    for row in rows:
-        block = Block.for_sending(row)
-        factors = starting_factors({block.block: len(block.ids)}, rank, side_seed)[block.block]
-        factors = warm_started(block.ids, factors, initial)
-        _send(out, block, factors, int(row["pkey"]), route, implicit)
-    return out
-
-
 def initial_outbox(
     batches: Iterator[pa.RecordBatch],
     rank: int,
@@ -276,36 +266,16 @@ def initial_outbox(
     route: Route,
     implicit: bool,
 ) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: Spark's starting factors of every block, sent like a solve's."""
+    """mapInArrow body: the starting factors of every block (rows of ``STARTING_COLUMNS``),
+    sent like a solve's: Spark's, with the rows a warm start's model knows taken from it."""
     for batch in batches:
-        yield from (
-            _starting_outbox(batch.to_pylist(), rank, side_seed, route, implicit)
-            .table()
-            .to_batches()
-        )
-
-
-def warm_outbox(
-    blocks: pa.Table,
-    initial: pa.Table,
-    rank: int,
-    side_seed: int,
-    route: Route,
-    implicit: bool,
-) -> pa.Table:
-    """Arrow cogroup body (one partition key): ``initial_outbox`` of a warm start.
-
-    ``initial`` holds the initial model's ``(id, features)`` rows whose ids map to this
-    partition's blocks; those rows start from them, the others from Spark's starting factors.
-    """
-    known = None
-    if initial.num_rows:
-        ids = initial.column("id").to_numpy().astype(np.int32)
-        flat = initial.column("features").combine_chunks().flatten()
-        factors = flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), rank)
-        order = np.argsort(ids, kind="stable")
-        known = (ids[order], factors[order])
-    return _starting_outbox(blocks.to_pylist(), rank, side_seed, route, implicit, known).table()
+        out = _Outbox()
+        for row in batch.to_pylist():
+            block = Block.for_sending(row)
+            factors = starting_factors({block.block: len(block.ids)}, rank, side_seed)
+            factors = with_known_rows(factors[block.block], *known_of_row(row, rank))
+            _send(out, block, factors, int(row["pkey"]), route, implicit)
+        yield from out.table().to_batches()
 
 
 def _views(column) -> list:

@@ -56,6 +56,26 @@ def starting_factors(num_rows: Mapping[int, int], rank: int, seed: int) -> Dict[
 Initial = Tuple[np.ndarray, np.ndarray]
 
 
+def known_rows(ids: np.ndarray, initial: Optional[Initial]) -> Tuple[np.ndarray, np.ndarray]:
+    """``(rows int32, factors float32 (k, rank))``: the rows of a block (sorted ``ids``) that
+    ``initial`` has factors for, and those factors (none without ``initial``)."""
+    if initial is None or len(initial[0]) == 0 or len(ids) == 0:
+        return np.zeros(0, np.int32), np.zeros((0, 0), np.float32)
+    known_ids, known_factors = initial
+    position = np.minimum(np.searchsorted(known_ids, ids), len(known_ids) - 1)
+    rows = np.flatnonzero(known_ids[position] == ids).astype(np.int32)
+    return rows, known_factors[position[rows]]
+
+
+def with_known_rows(factors: np.ndarray, rows: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """``factors`` with ``rows`` replaced by ``known`` (a copy; ``factors`` when none are)."""
+    if len(rows) == 0:
+        return factors
+    out = np.array(factors, np.float32, copy=True)
+    out[rows] = known
+    return out
+
+
 def warm_started(ids: np.ndarray, factors: np.ndarray, initial: Optional[Initial]) -> np.ndarray:
     """One block's starting factors with the rows ``initial`` knows taken from it.
 
@@ -63,16 +83,7 @@ def warm_started(ids: np.ndarray, factors: np.ndarray, initial: Optional[Initial
     the initial model has no id for keep those, so a warm start differs from a cold one only
     in the known rows.
     """
-    if initial is None or len(initial[0]) == 0 or len(ids) == 0:
-        return factors
-    known_ids, known_factors = initial
-    position = np.minimum(np.searchsorted(known_ids, ids), len(known_ids) - 1)
-    known = known_ids[position] == ids
-    if not known.any():
-        return factors
-    out = np.array(factors, np.float32, copy=True)
-    out[known] = known_factors[position[known]]
-    return out
+    return with_known_rows(factors, *known_rows(ids, initial))
 
 
 def sorted_initial(ids: np.ndarray, factors: np.ndarray) -> Initial:

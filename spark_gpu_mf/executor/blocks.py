@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from spark_gpu_mf.executor.alternation import known_rows
 from spark_gpu_mf.executor.sorting import (
     csr_by_row,
     group_by_block,
@@ -172,11 +173,19 @@ def build_blocks(keys, others, ratings, num_blocks, num_other_blocks) -> list:
     ]
 
 
-PACKED_SCHEMA = "side int, part int, keys binary, others binary, ratings binary"
+# ``known`` rows carry a warm start's factors (``pack_known_factors``), the others ratings.
+PACKED_SCHEMA = "side int, part int, known boolean, keys binary, others binary, values binary"
 
-# A built block of either side: ``side`` indexes the ``PackedSide`` list of the build.
-BUILT_SCHEMA = "side int, " + BLOCK_SCHEMA
-_BUILT_ARROW = pa.schema([("side", pa.int32())] + list(BLOCK_ARROW))
+# A built block of either side (``side`` indexes the ``PackedSide`` list of the build), with
+# the rows of it a warm start's model knows and their factors there (empty on a cold fit).
+KNOWN_COLUMNS = ("known_rows", "known_factors")
+BUILT_SCHEMA = "side int, " + BLOCK_SCHEMA + ", known_rows binary, known_factors binary"
+_BUILT_ARROW = pa.schema(
+    [("side", pa.int32())] + list(BLOCK_ARROW) + [(name, pa.binary()) for name in KNOWN_COLUMNS]
+)
+
+# What a block's starting factors are made from: what sending reads, and the known rows.
+STARTING_COLUMNS = SENDING_COLUMNS + KNOWN_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -217,7 +226,7 @@ def pack_ratings(
         ratings = (
             batch.column("rating").to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         )
-        out = {"side": [], "part": [], "keys": [], "others": [], "ratings": []}
+        out = {name: [] for name in _PACKED_ARROW.names}
         for index, side in enumerate(sides):
             bounds, keys, others, grouped = group_by_block(
                 ids[side.key_col], ids[side.other_col], ratings, side.num_blocks,
@@ -227,46 +236,131 @@ def pack_ratings(
                 if hi > lo:
                     out["side"].append(index)
                     out["part"].append(part)
+                    out["known"].append(False)
                     out["keys"].append(keys[lo:hi].tobytes())
                     out["others"].append(others[lo:hi].tobytes())
-                    out["ratings"].append(grouped[lo:hi].tobytes())
+                    out["values"].append(grouped[lo:hi].tobytes())
         yield pa.RecordBatch.from_pydict(out, schema=_PACKED_ARROW)
 
 
 _PACKED_ARROW = pa.schema(
-    [("side", pa.int32()), ("part", pa.int32()), ("keys", pa.binary()), ("others", pa.binary()),
-     ("ratings", pa.binary())]
+    [("side", pa.int32()), ("part", pa.int32()), ("known", pa.bool_()), ("keys", pa.binary()),
+     ("others", pa.binary()), ("values", pa.binary())]
 )  # fmt: skip
 
 
+def pack_known_factors(
+    batches: Iterator[pa.RecordBatch], sides: Sequence[PackedSide], rank: int
+) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: a warm start's factors, ``(side int, id int, features array<float>)``
+    with ``side`` an index into ``sides``, packed like ``pack_ratings``: one ``known`` row per
+    side and partition, its ``keys`` the ids and its ``values`` their factors, so that the
+    build's shuffle brings them to the task building the blocks that hold those ids.
+    """
+    for batch in batches:
+        side_of_row = batch.column("side").to_numpy(zero_copy_only=False)
+        ids = batch.column("id").to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+        factors = _factor_matrix(batch.column("features"), rank)
+        out = {name: [] for name in _PACKED_ARROW.names}
+        for index, side in enumerate(sides):
+            mine = np.flatnonzero(side_of_row == index)
+            part = np.mod(np.mod(ids[mine], side.num_blocks), side.num_partitions)
+            order = np.argsort(part, kind="stable")
+            mine, part = mine[order], part[order]
+            bounds = np.searchsorted(part, np.arange(side.num_partitions + 1))
+            for p, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+                if hi > lo:
+                    rows = mine[lo:hi]
+                    out["side"].append(index)
+                    out["part"].append(p)
+                    out["known"].append(True)
+                    out["keys"].append(ids[rows].tobytes())
+                    out["others"].append(b"")
+                    out["values"].append(factors[rows].tobytes())
+        yield pa.RecordBatch.from_pydict(out, schema=_PACKED_ARROW)
+
+
+def _factor_matrix(features: pa.Array, rank: int) -> np.ndarray:
+    """A factor column (list<float>) as a float32 ``(rows, rank)`` matrix; a row that is null
+    or holds another number of features than ``rank`` is a damaged model."""
+    lengths = features.value_lengths().fill_null(-1).to_numpy(zero_copy_only=False)
+    if np.any(lengths != rank):
+        raise ValueError(
+            f"initialModel has a factor row of {int(lengths[lengths != rank][0])} features "
+            f"(-1: null), but its rank is {rank}: the model is damaged."
+        )
+    flat = features.flatten().to_numpy(zero_copy_only=False)
+    return flat.astype(np.float32, copy=False).reshape(len(features), rank)
+
+
 def build_packed_blocks(
-    batches: Iterator[pa.RecordBatch], sides: Sequence[PackedSide]
+    batches: Iterator[pa.RecordBatch], sides: Sequence[PackedSide], rank: int
 ) -> Iterator[pa.RecordBatch]:
     """mapInArrow body: a partition's packed ratings (``pack_ratings``) to the blocks of each
     side and partition they hold, each block keyed by its side's partition key.
 
     The shuffle puts partition ``p`` of both sides in one task; grouping by ``(side, part)``
-    here instead of Spark's ``groupBy`` spares the JVM a sort of every packed rating.
+    here instead of Spark's ``groupBy`` spares the JVM a sort of every packed rating. A warm
+    start's factors of the partition (``pack_known_factors``) come with them: each block gets
+    the rows of it they know, so that its starting factors need no join and no driver.
     """
     table = pa.Table.from_batches(list(batches), schema=_PACKED_ARROW)
     side_of_row = table.column("side").to_numpy()
     part_of_row = table.column("part").to_numpy()
+    known_of_row = table.column("known").to_numpy(zero_copy_only=False)
+    keys, others, values = (table.column(name) for name in ("keys", "others", "values"))
     for index, side in enumerate(sides):
-        for part in np.unique(part_of_row[side_of_row == index]):
-            mine = table.filter(pa.array((side_of_row == index) & (part_of_row == part)))
+        ours = side_of_row == index
+        for part in np.unique(part_of_row[ours & ~known_of_row]):
+            here = ours & (part_of_row == part)
+            rated, known = here & ~known_of_row, here & known_of_row
+            initial = None
+            if known.any():
+                initial = _sorted_by_id(
+                    _joined(keys, known, np.int32),
+                    _joined(values, known, np.float32).reshape(-1, rank),
+                )
             for row in build_blocks(
-                _joined(mine, "keys", np.int32),
-                _joined(mine, "others", np.int32),
-                _joined(mine, "ratings", np.float32),
+                _joined(keys, rated, np.int32),
+                _joined(others, rated, np.int32),
+                _joined(values, rated, np.float32),
                 side.num_blocks,
                 side.num_other_blocks,
             ):
+                rows, factors = known_rows(from_bytes(row["ids"], np.int32), initial)
                 row["side"] = index
                 row["pkey"] = side.partition_keys[row["block"] % side.num_partitions]
+                row["known_rows"] = to_bytes(rows)
+                row["known_factors"] = to_bytes(factors)
                 # One batch per block: a binary column holds at most 2 GiB.
                 yield pa.RecordBatch.from_pylist([row], schema=_BUILT_ARROW)
 
 
-def _joined(table: pa.Table, column: str, dtype) -> np.ndarray:
-    """A packed binary column's arrays, end to end."""
-    return np.concatenate([from_bytes(v, dtype) for v in table.column(column).to_pylist()])
+def known_of_row(row, rank: int) -> tuple:
+    """``(rows, factors (k, rank))`` of a built block's ``KNOWN_COLUMNS``: the rows a warm
+    start's model knows and their factors there (none on a cold fit)."""
+    return (
+        from_bytes(row["known_rows"], np.int32),
+        from_bytes(row["known_factors"], np.float32).reshape(-1, rank),
+    )
+
+
+def _sorted_by_id(ids: np.ndarray, factors: np.ndarray) -> tuple:
+    order = np.argsort(ids, kind="stable")
+    return ids[order], factors[order]
+
+
+def _joined(column: pa.ChunkedArray, selected: np.ndarray, dtype) -> np.ndarray:
+    """The packed arrays in the ``selected`` rows (a mask) of a binary column, end to end:
+    one copy, read from the Arrow buffers in place."""
+    pieces, start = [], 0
+    for chunk in column.chunks:
+        mine = np.flatnonzero(selected[start : start + len(chunk)])
+        start += len(chunk)
+        if len(mine) == 0:
+            continue
+        _, offsets, data = chunk.buffers()
+        offsets = np.frombuffer(offsets, np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+        data = np.frombuffer(data, np.uint8)
+        pieces.extend(data[offsets[j] : offsets[j + 1]] for j in mine)
+    return np.concatenate(pieces).view(dtype) if pieces else np.zeros(0, dtype)

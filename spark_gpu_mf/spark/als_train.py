@@ -47,15 +47,18 @@ from spark_gpu_mf.executor.alternation import (
     rmse,
     sorted_initial,
     starting_factors,
-    warm_started,
+    with_known_rows,
 )
 from spark_gpu_mf.executor.binding import bind, bind_pair
 from spark_gpu_mf.executor.blocks import (
     BUILT_SCHEMA,
+    KNOWN_COLUMNS,
     PACKED_SCHEMA,
-    SENDING_COLUMNS,
+    STARTING_COLUMNS,
     PackedSide,
     build_packed_blocks,
+    known_of_row,
+    pack_known_factors,
     pack_ratings,
 )
 from spark_gpu_mf.executor.runtime import BackendChoice
@@ -124,12 +127,15 @@ class AlsJob:
 class Side:
     """One side (users or items) of the factorization: its cached blocks and their layout.
 
-    ``blocks`` reads the cached DataFrame ``cache``, which the two sides may share.
+    ``blocks`` reads the cached DataFrame ``cache``, which the two sides may share;
+    ``starting`` reads the built blocks' ``STARTING_COLUMNS``, what starting factors are made
+    from (a warm start's known rows included).
     """
 
     name: str
     blocks: DataFrame
     cache: DataFrame
+    starting: DataFrame
     num_blocks: int
     num_partitions: int
     block_ids: List[int]
@@ -338,8 +344,9 @@ class _Trainer:
 
     def initial_arrays(self) -> Optional[dict]:
         """The warm start's factors on the driver, ``{side: (ids, factors)}`` sorted by id, for
-        the dataflows that hold whole factor matrices in one process anyway (single task,
-        driver broadcast); the message dataflow never collects them."""
+        the single task, which holds whole factor matrices in one process anyway. The
+        distributed dataflows never collect them: the block build gives each block its known
+        rows."""
         if self.initial is None:
             return None
         if self._initial_arrays is None:
@@ -490,6 +497,10 @@ class _Trainer:
         its own, which a scan of the other side skips by its statistics. The blocks are not
         yet placed by a partitioning Spark knows: the driver broadcast reads them where they
         are, and ``_Exchange`` places them.
+
+        A warm start's model factors take the same shuffle, so each block also holds the rows
+        of it the model knows (``KNOWN_COLUMNS``): the starting factors read them from there,
+        the solves never do. The model's factors are neither joined nor collected.
         """
         job = self.job
         parallelism = session.default_parallelism(self.spark)
@@ -509,16 +520,26 @@ class _Trainer:
             bind(pack_ratings, sides=packing),
             PACKED_SCHEMA,
         )
+        if self.initial is not None:
+            users, items = (
+                self.initial[name].select(F.lit(index).alias("side"), "id", "features")
+                for index, name in enumerate(specs)
+            )
+            # At most a task per core: each Parquet file would be a task of its own.
+            known = users.unionByName(items).coalesce(parallelism)
+            packed = packed.unionByName(
+                map_in_arrow(
+                    known, bind(pack_known_factors, sides=packing, rank=job.rank), PACKED_SCHEMA
+                )
+            )
         bkey = key_of_block(F.col("part"), num_build)
         built = self.persist(
             packed.repartition(num_build, bkey).mapInArrow(
-                bind(build_packed_blocks, sides=packing), BUILT_SCHEMA
+                bind(build_packed_blocks, sides=packing, rank=job.rank), BUILT_SCHEMA
             )
         )
-        frames = {
-            name: built.filter(F.col("side") == index).drop("side")
-            for index, name in enumerate(specs)
-        }
+        of_side = {name: built.filter(F.col("side") == index) for index, name in enumerate(specs)}
+        frames = {name: rows.drop("side", *KNOWN_COLUMNS) for name, rows in of_side.items()}
         self.describe("build user and item blocks")
         meta = (
             frames[USERS]
@@ -537,6 +558,7 @@ class _Trainer:
                 name=name,
                 blocks=frames[name],
                 cache=built,
+                starting=of_side[name].select(*STARTING_COLUMNS),
                 num_blocks=num_blocks,
                 num_partitions=packing[index].num_partitions,
                 block_ids=sorted(int(r.block) for r in rows),
@@ -629,8 +651,8 @@ class _Exchange:
     def _initial_outbox(self, name: str, send: bool) -> DataFrame:
         """Spark's starting factors of a side: sent on (users), or kept for the CG warm start.
 
-        With an initial model, its factors go to the blocks that hold their ids by a cogroup
-        on the blocks' partition key, never through the driver.
+        With an initial model, the rows it knows start from its factors, which the block build
+        gave each block: no join, and nothing through the driver.
         """
         side = self.sides[name]
         settings = {
@@ -639,21 +661,8 @@ class _Exchange:
             "route": self.routes[name],
             "implicit": self.job.implicit,
         }
-        initial = None if self.trainer.initial is None else self.trainer.initial[name]
-        # Sending reads a block's ids and out rows only: its ratings stay in the cache.
-        blocks = side.blocks.select(*SENDING_COLUMNS)
-        if initial is None:
-            outbox = blocks.mapInArrow(bind(als_tasks.initial_outbox, **settings), OUTBOX_SCHEMA)
-        else:
-            block = F.pmod(F.col("id"), F.lit(side.num_blocks))
-            keyed = initial.select(
-                key_of_block(block, side.num_partitions).alias("pkey"), "id", "features"
-            )
-            outbox = (
-                blocks.groupBy("pkey")
-                .cogroup(keyed.groupBy("pkey"))
-                .applyInArrow(bind_pair(als_tasks.warm_outbox, **settings), OUTBOX_SCHEMA)
-            )
+        # The built blocks' ids, out rows and known rows: their ratings stay in the cache.
+        outbox = side.starting.mapInArrow(bind(als_tasks.initial_outbox, **settings), OUTBOX_SCHEMA)
         if not send:
             outbox = outbox.filter(F.col("kind") == OWN)
         return self.trainer.persist(outbox)
@@ -787,20 +796,23 @@ class _DriverBroadcast:
         self.config = self.job.solve_config()
         self.settings = {n: trainer.settings(side.num_partitions) for n, side in sides.items()}
         trainer.describe("collect block ids")
+        columns = ("block", "ids") + KNOWN_COLUMNS
         rows = (
-            sides[USERS].blocks.select(F.lit(USERS).alias("side"), "block", "ids")
-            .unionByName(sides[ITEMS].blocks.select(F.lit(ITEMS).alias("side"), "block", "ids"))
-            .collect()
+            sides[USERS].starting.select(F.lit(USERS).alias("side"), *columns)
+            .unionByName(sides[ITEMS].starting.select(F.lit(ITEMS).alias("side"), *columns))
+            .toArrow()
+            .to_pylist()
         )  # fmt: skip
+        of_side = {name: {r["block"]: r for r in rows if r["side"] == name} for name in sides}
         self.ids = {
-            name: {int(r.block): np.frombuffer(r.ids, np.int32) for r in rows if r.side == name}
-            for name in sides
+            name: {b: np.frombuffer(r["ids"], np.int32) for b, r in blocks.items()}
+            for name, blocks in of_side.items()
         }
-        initial = trainer.initial_arrays() or {}
+        rank = self.job.rank
         self.factors = {
             name: {
-                b: warm_started(self.ids[name][b], f, initial.get(name))
-                for b, f in starting_factors(side.num_rows, self.job.rank, side.seed).items()
+                b: with_known_rows(f, *known_of_row(of_side[name][b], rank))
+                for b, f in starting_factors(side.num_rows, rank, side.seed).items()
             }
             for name, side in sides.items()
         }
