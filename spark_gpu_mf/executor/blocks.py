@@ -226,21 +226,33 @@ def pack_ratings(
         ratings = (
             batch.column("rating").to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         )
-        out = {name: [] for name in _PACKED_ARROW.names}
         for index, side in enumerate(sides):
             bounds, keys, others, grouped = group_by_block(
                 ids[side.key_col], ids[side.other_col], ratings, side.num_blocks,
                 side.num_partitions,
             )  # fmt: skip
-            for part, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-                if hi > lo:
-                    out["side"].append(index)
-                    out["part"].append(part)
-                    out["known"].append(False)
-                    out["keys"].append(keys[lo:hi].tobytes())
-                    out["others"].append(others[lo:hi].tobytes())
-                    out["values"].append(grouped[lo:hi].tobytes())
-        yield pa.RecordBatch.from_pydict(out, schema=_PACKED_ARROW)
+            yield _packed_batch(index, bounds, keys, others, grouped, known=False)
+
+
+def _packed_batch(side, bounds, keys, others, values, known) -> pa.RecordBatch:
+    """One packed row per non-empty range ``bounds[p]:bounds[p + 1]`` (partition ``p``) of
+    ``keys``, ``others`` (None: empty values) and ``values`` (rows of it when a matrix),
+    whose binary values are views of the arrays rather than copies."""
+    parts = np.flatnonzero(bounds[1:] > bounds[:-1])
+    starts = np.append(bounds[:-1][parts], bounds[-1])  # empty ranges between add nothing
+    columns = [
+        pa.array(np.full(len(parts), side, np.int32)),
+        pa.array(parts.astype(np.int32)),
+        pa.array(np.full(len(parts), known)),
+    ]
+    for array in (keys, others, values):
+        if array is None:
+            array, offsets = np.zeros(0, np.uint8), np.zeros(len(parts) + 1, np.int32)
+        else:
+            offsets = (starts * (array.nbytes // max(len(array), 1))).astype(np.int32)
+        buffers = [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(array))]
+        columns.append(pa.Array.from_buffers(pa.binary(), len(parts), buffers))
+    return pa.RecordBatch.from_arrays(columns, schema=_PACKED_ARROW)
 
 
 _PACKED_ARROW = pa.schema(
@@ -261,23 +273,13 @@ def pack_known_factors(
         side_of_row = batch.column("side").to_numpy(zero_copy_only=False)
         ids = batch.column("id").to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
         factors = _factor_matrix(batch.column("features"), rank)
-        out = {name: [] for name in _PACKED_ARROW.names}
         for index, side in enumerate(sides):
             mine = np.flatnonzero(side_of_row == index)
             part = np.mod(np.mod(ids[mine], side.num_blocks), side.num_partitions)
             order = np.argsort(part, kind="stable")
-            mine, part = mine[order], part[order]
-            bounds = np.searchsorted(part, np.arange(side.num_partitions + 1))
-            for p, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-                if hi > lo:
-                    rows = mine[lo:hi]
-                    out["side"].append(index)
-                    out["part"].append(p)
-                    out["known"].append(True)
-                    out["keys"].append(ids[rows].tobytes())
-                    out["others"].append(b"")
-                    out["values"].append(factors[rows].tobytes())
-        yield pa.RecordBatch.from_pydict(out, schema=_PACKED_ARROW)
+            mine = mine[order]
+            bounds = np.searchsorted(part[order], np.arange(side.num_partitions + 1))
+            yield _packed_batch(index, bounds, ids[mine], None, factors[mine], known=True)
 
 
 def _factor_matrix(features: pa.Array, rank: int) -> np.ndarray:
@@ -333,7 +335,7 @@ def build_packed_blocks(
                 row["known_rows"] = to_bytes(rows)
                 row["known_factors"] = to_bytes(factors)
                 # One batch per block: a binary column holds at most 2 GiB.
-                yield pa.RecordBatch.from_pylist([row], schema=_BUILT_ARROW)
+                yield _one_row_batch(row, _BUILT_ARROW)
 
 
 def known_of_row(row, rank: int) -> tuple:
@@ -343,6 +345,21 @@ def known_of_row(row, rank: int) -> tuple:
         from_bytes(row["known_rows"], np.int32),
         from_bytes(row["known_factors"], np.float32).reshape(-1, rank),
     )
+
+
+def _one_row_batch(row: dict, schema: pa.Schema) -> pa.RecordBatch:
+    """``pa.RecordBatch.from_pylist([row], schema)`` whose binary values are views of the
+    row's bytes instead of copies (a block's arrays are most of a task's memory)."""
+    columns = []
+    for field in schema:
+        value = row[field.name]
+        if field.type == pa.binary():
+            data = pa.py_buffer(value)
+            offsets = pa.py_buffer(np.array([0, data.size], np.int32))
+            columns.append(pa.Array.from_buffers(pa.binary(), 1, [None, offsets, data]))
+        else:
+            columns.append(pa.array([value], field.type))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
 def _sorted_by_id(ids: np.ndarray, factors: np.ndarray) -> tuple:
