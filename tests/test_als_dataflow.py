@@ -431,6 +431,18 @@ def test_a_damaged_initial_model_fails_the_build_with_its_rank():
         list(pack_known_factors(iter(known.to_batches()), sides, rank=2))
 
 
+def test_a_packed_column_over_2_gib_fails_instead_of_wrapping_its_offsets():
+    """Arrow binary offsets are int32: more bytes in one column would wrap around silently."""
+    import numpy as np
+    import pytest
+
+    from spark_gpu_mf.executor.blocks import _binary_array
+
+    assert _binary_array(np.array([0, 2, 5]), b"abcde").to_pylist() == [b"ab", b"cde"]
+    with pytest.raises(ValueError, match="at most 2 GiB"):
+        _binary_array(np.array([0, 2**31]), b"x")
+
+
 def test_a_blocks_starting_outbox_takes_the_known_rows_from_the_model():
     """``initial_outbox`` sends Spark's starting factors of a block with the known rows the
     build gave it replaced: equal to ``initial_factors`` with those rows overwritten."""

@@ -247,12 +247,24 @@ def _packed_batch(side, bounds, keys, others, values, known) -> pa.RecordBatch:
     ]
     for array in (keys, others, values):
         if array is None:
-            array, offsets = np.zeros(0, np.uint8), np.zeros(len(parts) + 1, np.int32)
+            array, offsets = np.zeros(0, np.uint8), np.zeros(len(parts) + 1, np.int64)
         else:
-            offsets = (starts * (array.nbytes // max(len(array), 1))).astype(np.int32)
-        buffers = [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(array))]
-        columns.append(pa.Array.from_buffers(pa.binary(), len(parts), buffers))
+            offsets = starts * (array.nbytes // max(len(array), 1))
+            array = np.ascontiguousarray(array)
+        columns.append(_binary_array(offsets, array))
     return pa.RecordBatch.from_arrays(columns, schema=_PACKED_ARROW)
+
+
+def _binary_array(offsets: np.ndarray, data) -> pa.Array:
+    """An Arrow binary array of the byte ranges ``offsets[i]:offsets[i + 1]`` of ``data`` (an
+    array or bytes), viewed in place."""
+    if offsets[-1] > np.iinfo(np.int32).max:
+        raise ValueError(
+            f"{int(offsets[-1])} bytes in one Arrow binary column (at most 2 GiB): lower "
+            "spark.sql.execution.arrow.maxRecordsPerBatch, or use more blocks."
+        )
+    buffers = [None, pa.py_buffer(np.asarray(offsets, np.int32)), pa.py_buffer(data)]
+    return pa.Array.from_buffers(pa.binary(), len(offsets) - 1, buffers)
 
 
 _PACKED_ARROW = pa.schema(
@@ -354,9 +366,7 @@ def _one_row_batch(row: dict, schema: pa.Schema) -> pa.RecordBatch:
     for field in schema:
         value = row[field.name]
         if field.type == pa.binary():
-            data = pa.py_buffer(value)
-            offsets = pa.py_buffer(np.array([0, data.size], np.int32))
-            columns.append(pa.Array.from_buffers(pa.binary(), 1, [None, offsets, data]))
+            columns.append(_binary_array(np.array([0, len(value)]), value))
         else:
             columns.append(pa.array([value], field.type))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
