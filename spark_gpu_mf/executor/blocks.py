@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from spark_gpu_mf.executor.alternation import known_rows
+from spark_gpu_mf.executor.alternation import known_rows, sorted_initial
 from spark_gpu_mf.executor.sorting import (
     csr_by_row,
     group_by_block,
@@ -330,7 +330,7 @@ def build_packed_blocks(
             rated, known = here & ~known_of_row, here & known_of_row
             initial = None
             if known.any():
-                initial = _sorted_by_id(
+                initial = sorted_initial(
                     _joined(keys, known, np.int32),
                     _joined(values, known, np.float32).reshape(-1, rank),
                 )
@@ -370,11 +370,6 @@ def _one_row_batch(row: dict, schema: pa.Schema) -> pa.RecordBatch:
         else:
             columns.append(pa.array([value], field.type))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
-
-
-def _sorted_by_id(ids: np.ndarray, factors: np.ndarray) -> tuple:
-    order = np.argsort(ids, kind="stable")
-    return ids[order], factors[order]
 
 
 def _joined(column: pa.ChunkedArray, selected: np.ndarray, dtype) -> np.ndarray:
