@@ -106,6 +106,9 @@ TASK_GPU_AMOUNT = ConfKey(
 # Spark's own key for adaptive query execution, which ALS's distributed dataflow turns off for
 # its own queries while it fits unless ALS_ADAPTIVE_EXECUTION says otherwise.
 SQL_ADAPTIVE_ENABLED = "spark.sql.adaptive.enabled"
+# Spark's own key for the rows of an Arrow batch, which the block build's read of the ratings
+# sets for itself (``spark.arrow_input``).
+ARROW_MAX_RECORDS_PER_BATCH = "spark.sql.execution.arrow.maxRecordsPerBatch"
 ALS_ADAPTIVE_EXECUTION = ConfKey(
     "spark.gpumf.als.adaptiveExecution",
     "false",

@@ -524,13 +524,42 @@ def test_both_arrow_roads_into_a_task_give_it_the_same_batches(spark, monkeypatc
     assert arrow_input.arrow_batch_rdd(ratings) is not None  # the fast road is open here
     fast = arrow_input.map_in_arrow_rows(ratings, _batch_summary, schema)
     fast_frame = arrow_input.map_in_arrow(ratings, _batch_summary, schema)
-    monkeypatch.setattr(arrow_input, "arrow_batch_rdd", lambda df: None)
+    monkeypatch.setattr(arrow_input, "arrow_batch_rdd", lambda df, batch_rows=None: None)
     slow = arrow_input.map_in_arrow_rows(ratings, _batch_summary, schema)
     slow_frame = arrow_input.map_in_arrow(ratings, _batch_summary, schema)
     assert fast == slow
     assert sum(r["rows"] for r in fast) == 25_000 and len(fast) > 1
     assert fast_frame.schema == slow_frame.schema
     assert [r.asDict() for r in fast_frame.collect()] == slow
+
+
+def test_the_fast_road_reads_batches_of_the_rows_asked_and_leaves_the_conf_as_it_was(spark):
+    """``batch_rows`` sizes the batches of ``toArrowBatchRdd`` for one call: the session's
+    ``maxRecordsPerBatch`` (set or unset) is what it was, and sizes the next call's batches."""
+    from spark_gpu_mf import conf
+    from spark_gpu_mf.spark import arrow_input
+
+    key = conf.ARROW_MAX_RECORDS_PER_BATCH
+    ratings = datasets.generate_dataframe(spark, 25_000, seed=5).coalesce(1)
+    schema = "rows long, user_sum long"
+    before = spark.conf.get(key, None)
+    try:
+        for setting in (None, "7000"):
+            if setting is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, setting)
+            asked = arrow_input.map_in_arrow(ratings, _batch_summary, schema, batch_rows=4096)
+            assert spark.conf.get(key, None) == setting
+            sizes = [r.rows for r in asked.collect()]
+            assert sizes == [4096] * 6 + [25_000 - 6 * 4096]
+        default = arrow_input.map_in_arrow(ratings, _batch_summary, schema)
+        assert [r.rows for r in default.collect()] == [7000] * 3 + [4000]
+    finally:
+        if before is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, before)
 
 
 def test_a_single_task_fit_is_the_same_whichever_road_its_input_takes(spark, monkeypatch):
@@ -541,7 +570,7 @@ def test_a_single_task_fit_is_the_same_whichever_road_its_input_takes(spark, mon
     ratings = datasets.generate_dataframe(spark, 3000, seed=6).repartition(3).cache()
     with dataflow_confs(spark, "single task"), in_a_task(spark):
         fast = ALS(rank=4, maxIter=3, seed=1).fit(ratings)
-        monkeypatch.setattr(arrow_input, "arrow_batch_rdd", lambda df: None)
+        monkeypatch.setattr(arrow_input, "arrow_batch_rdd", lambda df, batch_rows=None: None)
         slow = ALS(rank=4, maxIter=3, seed=1).fit(ratings)
     assert fast.summary.details["singleTaskIn"] == slow.summary.details["singleTaskIn"] == "task"
     for side in ("userFactors", "itemFactors"):

@@ -188,6 +188,12 @@ _BUILT_ARROW = pa.schema(
 STARTING_COLUMNS = SENDING_COLUMNS + KNOWN_COLUMNS
 
 
+# Rows of ratings per Arrow batch that ``pack_ratings`` asks for where the session lets it
+# choose: its cost per batch (two counting sorts and one packed row per side and partition)
+# favours batches larger than Spark's default 10,000 (docs/benchmarks.md); 1.5 MB each.
+PACK_BATCH_ROWS = 1 << 17
+
+
 @dataclass(frozen=True)
 class PackedSide:
     """How one side's ratings are packed and built: its id column, the other side's, both

@@ -53,6 +53,7 @@ from spark_gpu_mf.executor.binding import bind, bind_pair
 from spark_gpu_mf.executor.blocks import (
     BUILT_SCHEMA,
     KNOWN_COLUMNS,
+    PACK_BATCH_ROWS,
     PACKED_SCHEMA,
     STARTING_COLUMNS,
     PackedSide,
@@ -519,6 +520,7 @@ class _Trainer:
             self.ratings.select("user", "item", "rating"),
             bind(pack_ratings, sides=packing),
             PACKED_SCHEMA,
+            batch_rows=PACK_BATCH_ROWS,
         )
         if self.initial is not None:
             users, items = (

@@ -18,18 +18,27 @@ from pyspark.sql import DataFrame
 from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import StructType
 
+from spark_gpu_mf import conf
 from spark_gpu_mf.executor.binding import bind
 from spark_gpu_mf.executor.single_task import run_on_ipc_messages
+from spark_gpu_mf.spark.session import runtime_confs
 
 
-def arrow_batch_rdd(df: DataFrame) -> Optional[RDD]:
+def arrow_batch_rdd(df: DataFrame, batch_rows: Optional[int] = None) -> Optional[RDD]:
     """An RDD of ``df``'s partitions as serialized Arrow record batches (bytes), or ``None``
-    where the session has no JVM ``Dataset`` to ask (Spark Connect)."""
+    where the session has no JVM ``Dataset`` to ask (Spark Connect).
+
+    ``batch_rows``: rows per batch instead of ``spark.sql.execution.arrow.maxRecordsPerBatch``.
+    The JVM reads that conf when it plans the RDD, so it is set for this call only; the plan
+    of ``df`` itself is not re-planned when ``df`` is cached.
+    """
     jdf = getattr(df, "_jdf", None)
     if jdf is None:
         return None
+    rows = {} if batch_rows is None else {conf.ARROW_MAX_RECORDS_PER_BATCH: str(batch_rows)}
     try:
-        jrdd = jdf.toArrowBatchRdd().toJavaRDD()
+        with runtime_confs(df.sparkSession, rows):
+            jrdd = jdf.toArrowBatchRdd().toJavaRDD()
     except Exception:  # noqa: BLE001 - py4j raises plain Py4JError for a missing method
         return None
     return RDD(jrdd, df.sparkSession.sparkContext, NoOpSerializer())
@@ -45,14 +54,16 @@ def map_in_arrow_rows(df: DataFrame, function: Callable, schema: str) -> List[di
     return batches.mapPartitions(task).collect()
 
 
-def map_in_arrow(df: DataFrame, function: Callable, schema: str) -> DataFrame:
+def map_in_arrow(
+    df: DataFrame, function: Callable, schema: str, batch_rows: Optional[int] = None
+) -> DataFrame:
     """``df.mapInArrow(function, schema)``, its input through ``toArrowBatchRdd`` when the
-    session allows it (same rows, the input faster).
+    session allows it (same rows, the input faster), in batches of ``batch_rows`` there.
 
     The output comes back to the JVM as Python rows, which costs little only when ``function``
     returns few rows (such as packed arrays); ``mapInArrow`` otherwise.
     """
-    batches = arrow_batch_rdd(df)
+    batches = arrow_batch_rdd(df, batch_rows)
     if batches is None:
         return df.mapInArrow(function, schema)
     task = bind(run_on_ipc_messages, body=function, schema=to_arrow_schema(df.schema))
