@@ -373,26 +373,13 @@ def test_a_warm_starts_factors_reach_the_blocks_holding_their_ids():
 
     from spark_gpu_mf.executor.blocks import (
         build_packed_blocks,
-        factor_table,
         known_of_row,
         pack_known_factors,
         pack_ratings,
     )
 
     columns, ratings, batch, sides = _packing_case()
-    rng = np.random.default_rng(5)
-    model = {}
-    for index, side in enumerate(sides):
-        ids = np.unique(columns[side.key_col])
-        kept = rng.permutation(ids)[: len(ids) * 2 // 3]  # the others are new today
-        ids = np.concatenate([kept, [1000 + index, -77]])  # ids today's ratings lack
-        model[index] = dict(zip(ids.tolist(), rng.standard_normal((len(ids), 3), np.float32)))
-    known = pa.concat_tables(
-        factor_table(np.array(list(m)), np.array(list(m.values()))).append_column(
-            "side", pa.array([index] * len(m), pa.int32())
-        )
-        for index, m in model.items()
-    ).select(["side", "id", "features"])
+    model, known = _known_case(columns, sides)
     packed = pa.Table.from_batches(
         list(pack_ratings(iter([batch]), sides))
         + list(pack_known_factors(iter(known.to_batches(max_chunksize=50)), sides, rank=3))
@@ -413,6 +400,73 @@ def test_a_warm_starts_factors_reach_the_blocks_holding_their_ids():
             np.testing.assert_array_equal(factors, np.reshape(expected, (-1, 3)))
             checked += len(rows)
     assert checked == sum(len(m) - 2 for m in model.values())
+
+
+def _known_case(columns, sides, rank=3):
+    """A warm start's model of the packing case: ``({side: {id: factors}}, its Arrow table
+    (side, id, features))``, with two thirds of today's ids, and ids today's ratings lack."""
+    import numpy as np
+    import pyarrow as pa
+
+    from spark_gpu_mf.executor.blocks import factor_table
+
+    rng = np.random.default_rng(5)
+    model = {}
+    for index, side in enumerate(sides):
+        ids = np.unique(columns[side.key_col])
+        kept = rng.permutation(ids)[: len(ids) * 2 // 3]  # the others are new today
+        ids = np.concatenate([kept, [1000 + index, -77]])  # ids today's ratings lack
+        model[index] = dict(zip(ids.tolist(), rng.standard_normal((len(ids), rank), np.float32)))
+    known = pa.concat_tables(
+        factor_table(np.array(list(m)), np.array(list(m.values()))).append_column(
+            "side", pa.array([index] * len(m), pa.int32())
+        )
+        for index, m in model.items()
+    ).select(["side", "id", "features"])
+    return model, known
+
+
+def test_the_rdd_roads_keyed_rows_build_the_blocks_of_the_dataframe_road():
+    """Classic sessions shuffle the packed rows as ``(part, row)`` pairs (``keyed_by_part``)
+    and build with ``build_keyed_blocks``; Spark Connect shuffles them as a DataFrame and
+    builds with ``build_packed_blocks``. For the same rows of a partition, ratings and a warm
+    start's factors alike, both give the same blocks."""
+    import numpy as np
+    import pyarrow as pa
+
+    from spark_gpu_mf.executor.binding import bind
+    from spark_gpu_mf.executor.blocks import (
+        build_keyed_blocks,
+        build_packed_blocks,
+        build_partition,
+        keyed_by_part,
+        pack_known_factors,
+        pack_ratings,
+    )
+
+    columns, _, batch, sides = _packing_case()
+    _, known = _known_case(columns, sides)
+    packs = [
+        (bind(pack_ratings, sides=sides), [batch.slice(0, 150), batch.slice(150)]),
+        (bind(pack_known_factors, sides=sides, rank=3), known.to_batches(max_chunksize=50)),
+    ]
+    pairs = [pair for pack, batches in packs for pair in keyed_by_part(iter(batches), pack)]
+    packed = pa.Table.from_batches(
+        [packed for pack, batches in packs for packed in pack(iter(batches))]
+    )
+    assert [part for part, _ in pairs] == packed.column("part").to_pylist()
+    built = 0
+    for p in range(3):
+        keyed = list(build_keyed_blocks(
+            iter([pair for pair in pairs if build_partition(pair[0]) == p]), sides, rank=3
+        ))  # fmt: skip
+        group = packed.filter(pa.array(np.asarray(packed.column("part")) == p))
+        framed = pa.Table.from_batches(
+            list(build_packed_blocks(iter(group.to_batches()), sides, rank=3))
+        ).to_pylist()
+        assert keyed == framed
+        built += len(keyed)
+    assert built > 0 and list(build_keyed_blocks(iter([]), sides, rank=3)) == []
 
 
 def test_a_damaged_initial_model_fails_the_build_with_its_rank():
@@ -513,24 +567,27 @@ def _batch_summary(batches):
         yield pa.RecordBatch.from_pydict({"rows": [len(users)], "user_sum": [int(users.sum())]})
 
 
+def _batch_summary_rows(batches):
+    for summary in _batch_summary(batches):
+        yield from summary.to_pylist()
+
+
 def test_both_arrow_roads_into_a_task_give_it_the_same_batches(spark, monkeypatch):
-    """``map_in_arrow_rows`` and ``map_in_arrow`` feed a mapInArrow body from
-    ``toArrowBatchRdd`` in classic Spark and through ``mapInArrow`` where that is missing: the
-    same rows in the same batches, and the same DataFrame."""
+    """``map_in_arrow_rows`` feeds a mapInArrow body from ``toArrowBatchRdd`` in classic
+    Spark and through ``mapInArrow`` where that is missing: the same rows in the same
+    batches. ``arrow_batches_rdd`` gives a body the batches of the first road."""
     from spark_gpu_mf.spark import arrow_input
 
     ratings = datasets.generate_dataframe(spark, 25_000, seed=5).repartition(3).coalesce(1)
     schema = "rows long, user_sum long"
     assert arrow_input.arrow_batch_rdd(ratings) is not None  # the fast road is open here
     fast = arrow_input.map_in_arrow_rows(ratings, _batch_summary, schema)
-    fast_frame = arrow_input.map_in_arrow(ratings, _batch_summary, schema)
+    batches = arrow_input.arrow_batches_rdd(ratings, _batch_summary_rows).collect()
     monkeypatch.setattr(arrow_input, "arrow_batch_rdd", lambda df, batch_rows=None: None)
     slow = arrow_input.map_in_arrow_rows(ratings, _batch_summary, schema)
-    slow_frame = arrow_input.map_in_arrow(ratings, _batch_summary, schema)
-    assert fast == slow
+    assert arrow_input.arrow_batches_rdd(ratings, _batch_summary_rows) is None
+    assert fast == slow == batches
     assert sum(r["rows"] for r in fast) == 25_000 and len(fast) > 1
-    assert fast_frame.schema == slow_frame.schema
-    assert [r.asDict() for r in fast_frame.collect()] == slow
 
 
 def test_the_fast_road_reads_batches_of_the_rows_asked_and_leaves_the_conf_as_it_was(spark):
@@ -541,7 +598,6 @@ def test_the_fast_road_reads_batches_of_the_rows_asked_and_leaves_the_conf_as_it
 
     key = conf.ARROW_MAX_RECORDS_PER_BATCH
     ratings = datasets.generate_dataframe(spark, 25_000, seed=5).coalesce(1)
-    schema = "rows long, user_sum long"
     before = spark.conf.get(key, None)
     try:
         for setting in (None, "7000"):
@@ -549,17 +605,59 @@ def test_the_fast_road_reads_batches_of_the_rows_asked_and_leaves_the_conf_as_it
                 spark.conf.unset(key)
             else:
                 spark.conf.set(key, setting)
-            asked = arrow_input.map_in_arrow(ratings, _batch_summary, schema, batch_rows=4096)
+            asked = arrow_input.arrow_batches_rdd(ratings, _batch_summary_rows, batch_rows=4096)
             assert spark.conf.get(key, None) == setting
-            sizes = [r.rows for r in asked.collect()]
-            assert sizes == [4096] * 6 + [25_000 - 6 * 4096]
-        default = arrow_input.map_in_arrow(ratings, _batch_summary, schema)
-        assert [r.rows for r in default.collect()] == [7000] * 3 + [4000]
+            assert [r["rows"] for r in asked.collect()] == [4096] * 6 + [25_000 - 6 * 4096]
+        default = arrow_input.arrow_batches_rdd(ratings, _batch_summary_rows)
+        assert [r["rows"] for r in default.collect()] == [7000] * 3 + [4000]
     finally:
         if before is None:
             spark.conf.unset(key)
         else:
             spark.conf.set(key, before)
+
+
+@pytest.mark.parametrize("dataflow", ["broadcast", "messages"], indirect=True)
+def test_a_distributed_fit_is_the_same_whichever_road_its_block_build_takes(
+    spark, monkeypatch, dataflow
+):
+    """A classic session shuffles the packed ratings and a warm start's factors as an RDD,
+    Spark Connect as a DataFrame: the same blocks, so the same factors bit for bit, cold and
+    warm."""
+    import numpy as np
+
+    from spark_gpu_mf.spark import als_train, arrow_input
+
+    ratings = datasets.generate_dataframe(spark, 3000, seed=6).repartition(3).cache()
+    initial = ALS(rank=4, maxIter=1, seed=3).fit(ratings)
+    roads = []
+    original = als_train.arrow_batches_rdd
+
+    def watched(*args, **kwargs):
+        rdd = original(*args, **kwargs)
+        roads.append("rdd" if rdd is not None else "frame")
+        return rdd
+
+    monkeypatch.setattr(als_train, "arrow_batches_rdd", watched)
+    fits = {}
+    for road in ("rdd", "frame"):
+        if road == "frame":
+            monkeypatch.setattr(arrow_input, "arrow_batch_rdd", lambda df, batch_rows=None: None)
+        fits[road] = [
+            ALS(rank=4, maxIter=2, seed=1).fit(ratings),
+            ALS(rank=4, maxIter=1, seed=1, initialModel=initial).fit(ratings),
+        ]
+    # Ratings, ratings, known factors; then ratings twice: known factors follow the ratings.
+    assert roads == ["rdd"] * 3 + ["frame"] * 2
+    for model in fits["rdd"] + fits["frame"]:
+        assert model.summary.details["dataflow"] == dataflow
+    for rdd_model, frame_model in zip(fits["rdd"], fits["frame"]):
+        for side in ("userFactors", "itemFactors"):
+            ours, theirs = (
+                np.stack(getattr(m, side).orderBy("id").toPandas()["features"])
+                for m in (rdd_model, frame_model)
+            )
+            np.testing.assert_array_equal(ours, theirs)
 
 
 def test_a_single_task_fit_is_the_same_whichever_road_its_input_takes(spark, monkeypatch):

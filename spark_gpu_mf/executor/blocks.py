@@ -325,6 +325,43 @@ def build_packed_blocks(
     the rows of it they know, so that its starting factors need no join and no driver.
     """
     table = pa.Table.from_batches(list(batches), schema=_PACKED_ARROW)
+    for row in _built_rows(table, sides, rank):
+        # One batch per block: a binary column holds at most 2 GiB.
+        yield _one_row_batch(row, _BUILT_ARROW)
+
+
+def keyed_by_part(batches: Iterator[pa.RecordBatch], pack) -> Iterator[tuple]:
+    """RDD ``mapPartitions`` body: the packed rows ``pack`` (``pack_ratings`` or
+    ``pack_known_factors``, bound) makes of ``batches``, as ``(part, row)`` pairs for an RDD
+    shuffle by ``part``, which moves them as pickled bytes the JVM never converts."""
+    for batch in pack(batches):
+        columns = [batch.column(name).to_pylist() for name in _PACKED_ARROW.names]
+        for row in zip(*columns):
+            yield row[1], row
+
+
+def build_partition(part: int) -> int:
+    """RDD ``partitionBy`` function: a packed row keyed by its ``part`` is built in the task of
+    partition ``part``, where the same partition of the other side is built too."""
+    return part
+
+
+def build_keyed_blocks(
+    pairs: Iterator[tuple], sides: Sequence[PackedSide], rank: int
+) -> Iterator[dict]:
+    """RDD ``mapPartitions`` body: :func:`build_packed_blocks` of the ``(part, row)`` pairs
+    of :func:`keyed_by_part` that a shuffle brought together, its blocks as dict rows."""
+    rows = [row for _, row in pairs]
+    columns = list(zip(*rows)) if rows else [()] * len(_PACKED_ARROW)
+    table = pa.table(
+        [pa.array(column, field.type) for column, field in zip(columns, _PACKED_ARROW)],
+        schema=_PACKED_ARROW,
+    )
+    yield from _built_rows(table, sides, rank)
+
+
+def _built_rows(table: pa.Table, sides: Sequence[PackedSide], rank: int) -> Iterator[dict]:
+    """The blocks (``BUILT_SCHEMA`` dict rows) of the packed rows in ``table``."""
     side_of_row = table.column("side").to_numpy()
     part_of_row = table.column("part").to_numpy()
     known_of_row = table.column("known").to_numpy(zero_copy_only=False)
@@ -352,8 +389,7 @@ def build_packed_blocks(
                 row["pkey"] = side.partition_keys[row["block"] % side.num_partitions]
                 row["known_rows"] = to_bytes(rows)
                 row["known_factors"] = to_bytes(factors)
-                # One batch per block: a binary column holds at most 2 GiB.
-                yield _one_row_batch(row, _BUILT_ARROW)
+                yield row
 
 
 def known_of_row(row, rank: int) -> tuple:

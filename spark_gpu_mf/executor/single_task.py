@@ -294,11 +294,15 @@ def compile_kernels() -> None:
         warm_up(settings, training_rmse=True)
 
 
+def on_ipc_messages(messages: Iterator[bytes], body, schema: pa.Schema) -> Iterator:
+    """RDD ``mapPartitions`` body: what ``body`` yields for the record batches that arrive as
+    Arrow IPC messages (``Dataset.toArrowBatchRdd``)."""
+    return body(pa.ipc.read_record_batch(pa.py_buffer(m), schema) for m in messages)
+
+
 def run_on_ipc_messages(messages: Iterator[bytes], body, schema: pa.Schema) -> Iterator[dict]:
-    """RDD ``mapPartitions`` body: ``body`` (a mapInArrow body) over record batches that
-    arrive as Arrow IPC messages (``Dataset.toArrowBatchRdd``), its output as dict rows."""
-    batches = (pa.ipc.read_record_batch(pa.py_buffer(m), schema) for m in messages)
-    for batch in body(batches):
+    """:func:`on_ipc_messages` of a mapInArrow ``body``, its output batches as dict rows."""
+    for batch in on_ipc_messages(messages, body, schema):
         yield from batch.to_pylist()
 
 

@@ -13,6 +13,7 @@ plans cut to one node) give the same factors sooner.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
 import numpy as np
-from pyspark import StorageLevel
+from pyspark import RDD, StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -57,14 +58,17 @@ from spark_gpu_mf.executor.blocks import (
     PACKED_SCHEMA,
     STARTING_COLUMNS,
     PackedSide,
+    build_keyed_blocks,
     build_packed_blocks,
+    build_partition,
+    keyed_by_part,
     known_of_row,
     pack_known_factors,
     pack_ratings,
 )
 from spark_gpu_mf.executor.runtime import BackendChoice
 from spark_gpu_mf.spark import session
-from spark_gpu_mf.spark.arrow_input import map_in_arrow, map_in_arrow_rows
+from spark_gpu_mf.spark.arrow_input import arrow_batches_rdd, map_in_arrow_rows
 from spark_gpu_mf.spark.factors import (
     FACTORS_SCHEMA,
     collect_factors_of_sides,
@@ -516,12 +520,7 @@ class _Trainer:
             for key, other, num_blocks, num_other, _ in specs.values()
         ]
         num_build = max(side.num_partitions for side in packing)
-        packed = map_in_arrow(
-            self.ratings.select("user", "item", "rating"),
-            bind(pack_ratings, sides=packing),
-            PACKED_SCHEMA,
-            batch_rows=PACK_BATCH_ROWS,
-        )
+        known = None
         if self.initial is not None:
             users, items = (
                 self.initial[name].select(F.lit(index).alias("side"), "id", "features")
@@ -529,17 +528,7 @@ class _Trainer:
             )
             # At most a task per core: each Parquet file would be a task of its own.
             known = users.unionByName(items).coalesce(parallelism)
-            packed = packed.unionByName(
-                map_in_arrow(
-                    known, bind(pack_known_factors, sides=packing, rank=job.rank), PACKED_SCHEMA
-                )
-            )
-        bkey = key_of_block(F.col("part"), num_build)
-        built = self.persist(
-            packed.repartition(num_build, bkey).mapInArrow(
-                bind(build_packed_blocks, sides=packing, rank=job.rank), BUILT_SCHEMA
-            )
-        )
+        built = self.persist(self._built_blocks(packing, num_build, known))
         of_side = {name: built.filter(F.col("side") == index) for index, name in enumerate(specs)}
         frames = {name: rows.drop("side", *KNOWN_COLUMNS) for name, rows in of_side.items()}
         self.describe("build user and item blocks")
@@ -570,6 +559,50 @@ class _Trainer:
                 seed=seed,
             )
         return sides
+
+    def _built_blocks(
+        self, packing: List[PackedSide], num_build: int, known: Optional[DataFrame]
+    ) -> DataFrame:
+        """Both sides' blocks (``BUILT_SCHEMA``), from the ratings and the ``known`` factors of
+        a warm start, packed and shuffled by partition.
+
+        On a classic session the packed rows take an RDD shuffle: the JVM moves them as
+        pickled bytes, where a DataFrame would turn them into rows and back into Arrow
+        (docs/benchmarks.md). Spark Connect has no RDDs, so there they take ``mapInArrow``
+        and ``repartition``; both roads build the same blocks.
+        """
+        ratings = self.ratings.select("user", "item", "rating")
+        pack_ratings_ = bind(pack_ratings, sides=packing)
+        pack_known = bind(pack_known_factors, sides=packing, rank=self.job.rank)
+        pairs = [
+            arrow_batches_rdd(
+                ratings, bind(keyed_by_part, pack=pack_ratings_), batch_rows=PACK_BATCH_ROWS
+            )
+        ]
+        if pairs[0] is not None and known is not None:
+            pairs.append(arrow_batches_rdd(known, bind(keyed_by_part, pack=pack_known)))
+        if None not in pairs:
+            # Each input shuffled on its own, so that its keying runs in the Python worker
+            # that packs it; shuffles by one partitioner unite partition by partition.
+            shuffled = functools.reduce(
+                RDD.union, (rdd.partitionBy(num_build, build_partition) for rdd in pairs)
+            )
+            if shuffled.getNumPartitions() != num_build:  # each task must see all of its part
+                raise RuntimeError(
+                    f"ALS: the block build's shuffle has {shuffled.getNumPartitions()} "
+                    f"partitions, not {num_build}"
+                )
+            blocks = shuffled.mapPartitions(
+                bind(build_keyed_blocks, sides=packing, rank=self.job.rank)
+            )
+            return self.spark.createDataFrame(blocks, BUILT_SCHEMA)
+        packed = ratings.mapInArrow(pack_ratings_, PACKED_SCHEMA)
+        if known is not None:
+            packed = packed.unionByName(known.mapInArrow(pack_known, PACKED_SCHEMA))
+        bkey = key_of_block(F.col("part"), num_build)
+        return packed.repartition(num_build, bkey).mapInArrow(
+            bind(build_packed_blocks, sides=packing, rank=self.job.rank), BUILT_SCHEMA
+        )
 
     def _run_distributed(self, user_seed: int, item_seed: int, started: float):
         job = self.job

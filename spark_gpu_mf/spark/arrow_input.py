@@ -16,11 +16,10 @@ from pyspark.rdd import RDD
 from pyspark.serializers import NoOpSerializer
 from pyspark.sql import DataFrame
 from pyspark.sql.pandas.types import to_arrow_schema
-from pyspark.sql.types import StructType
 
 from spark_gpu_mf import conf
 from spark_gpu_mf.executor.binding import bind
-from spark_gpu_mf.executor.single_task import run_on_ipc_messages
+from spark_gpu_mf.executor.single_task import on_ipc_messages, run_on_ipc_messages
 from spark_gpu_mf.spark.session import runtime_confs
 
 
@@ -54,17 +53,15 @@ def map_in_arrow_rows(df: DataFrame, function: Callable, schema: str) -> List[di
     return batches.mapPartitions(task).collect()
 
 
-def map_in_arrow(
-    df: DataFrame, function: Callable, schema: str, batch_rows: Optional[int] = None
-) -> DataFrame:
-    """``df.mapInArrow(function, schema)``, its input through ``toArrowBatchRdd`` when the
-    session allows it (same rows, the input faster), in batches of ``batch_rows`` there.
-
-    The output comes back to the JVM as Python rows, which costs little only when ``function``
-    returns few rows (such as packed arrays); ``mapInArrow`` otherwise.
-    """
+def arrow_batches_rdd(
+    df: DataFrame, function: Callable, batch_rows: Optional[int] = None
+) -> Optional[RDD]:
+    """An RDD of what ``function`` yields for each partition of ``df`` as Arrow record batches
+    (of ``batch_rows`` rows), through ``toArrowBatchRdd``; ``None`` where the session has no
+    JVM ``Dataset`` (Spark Connect)."""
     batches = arrow_batch_rdd(df, batch_rows)
     if batches is None:
-        return df.mapInArrow(function, schema)
-    task = bind(run_on_ipc_messages, body=function, schema=to_arrow_schema(df.schema))
-    return df.sparkSession.createDataFrame(batches.mapPartitions(task), StructType.fromDDL(schema))
+        return None
+    return batches.mapPartitions(
+        bind(on_ipc_messages, body=function, schema=to_arrow_schema(df.schema))
+    )
