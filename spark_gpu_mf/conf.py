@@ -106,9 +106,11 @@ TASK_GPU_AMOUNT = ConfKey(
 # Spark's own key for adaptive query execution, which ALS's distributed dataflow turns off for
 # its own queries while it fits unless ALS_ADAPTIVE_EXECUTION says otherwise.
 SQL_ADAPTIVE_ENABLED = "spark.sql.adaptive.enabled"
-# Spark's own key for the rows of an Arrow batch, which the block build's read of the ratings
-# sets for itself (``spark.arrow_input``).
+# Spark's own keys for the rows of an Arrow batch, which the block build's read of the ratings
+# sets for itself (``spark.arrow_input``), and for the size under which ``createDataFrame`` of
+# Arrow data makes a local relation; ``datasets`` sets both for the frames it makes.
 ARROW_MAX_RECORDS_PER_BATCH = "spark.sql.execution.arrow.maxRecordsPerBatch"
+ARROW_LOCAL_RELATION_THRESHOLD = "spark.sql.execution.arrow.localRelationThreshold"
 ALS_ADAPTIVE_EXECUTION = ConfKey(
     "spark.gpumf.als.adaptiveExecution",
     "false",

@@ -800,12 +800,14 @@ def _create_from_arrow(spark: SparkSession, table, schema, num_partitions: int |
     instead converts the data to rows in the driver, a local relation that is 5-10x slower to
     create and scan (1M rows: 3 s against 0.4 s). Both are set for this call only.
     """
+    from spark_gpu_mf import conf
+    from spark_gpu_mf.spark.session import runtime_confs
+
     batches = num_partitions or _default_parallelism(spark)
     temporary = {
-        "spark.sql.execution.arrow.maxRecordsPerBatch": str(max(1, -(-len(table) // batches))),
-        "spark.sql.execution.arrow.localRelationThreshold": "0",
+        conf.ARROW_MAX_RECORDS_PER_BATCH: str(max(1, -(-len(table) // batches))),
+        conf.ARROW_LOCAL_RELATION_THRESHOLD: "0",
     }
-    from spark_gpu_mf.spark.session import runtime_confs
 
     with runtime_confs(spark, temporary):
         return spark.createDataFrame(table, schema=schema)
