@@ -575,17 +575,17 @@ def _batch_summary_rows(batches):
 def test_both_arrow_roads_into_a_task_give_it_the_same_batches(spark, monkeypatch):
     """``map_in_arrow_rows`` feeds a mapInArrow body from ``toArrowBatchRdd`` in classic
     Spark and through ``mapInArrow`` where that is missing: the same rows in the same
-    batches. ``arrow_batches_rdd`` gives a body the batches of the first road."""
+    batches. ``map_arrow_batches`` gives a body the batches of the first road."""
     from spark_gpu_mf.spark import arrow_input
 
     ratings = datasets.generate_dataframe(spark, 25_000, seed=5).repartition(3).coalesce(1)
     schema = "rows long, user_sum long"
     assert arrow_input.arrow_batch_rdd(ratings) is not None  # the fast road is open here
     fast = arrow_input.map_in_arrow_rows(ratings, _batch_summary, schema)
-    batches = arrow_input.arrow_batches_rdd(ratings, _batch_summary_rows).collect()
+    batches = arrow_input.map_arrow_batches(ratings, _batch_summary_rows).collect()
     monkeypatch.setattr(arrow_input, "arrow_batch_rdd", lambda df, batch_rows=None: None)
     slow = arrow_input.map_in_arrow_rows(ratings, _batch_summary, schema)
-    assert arrow_input.arrow_batches_rdd(ratings, _batch_summary_rows) is None
+    assert arrow_input.map_arrow_batches(ratings, _batch_summary_rows) is None
     assert fast == slow == batches
     assert sum(r["rows"] for r in fast) == 25_000 and len(fast) > 1
 
@@ -605,10 +605,10 @@ def test_the_fast_road_reads_batches_of_the_rows_asked_and_leaves_the_conf_as_it
                 spark.conf.unset(key)
             else:
                 spark.conf.set(key, setting)
-            asked = arrow_input.arrow_batches_rdd(ratings, _batch_summary_rows, batch_rows=4096)
+            asked = arrow_input.map_arrow_batches(ratings, _batch_summary_rows, batch_rows=4096)
             assert spark.conf.get(key, None) == setting
             assert [r["rows"] for r in asked.collect()] == [4096] * 6 + [25_000 - 6 * 4096]
-        default = arrow_input.arrow_batches_rdd(ratings, _batch_summary_rows)
+        default = arrow_input.map_arrow_batches(ratings, _batch_summary_rows)
         assert [r["rows"] for r in default.collect()] == [7000] * 3 + [4000]
     finally:
         if before is None:
@@ -631,14 +631,14 @@ def test_a_distributed_fit_is_the_same_whichever_road_its_block_build_takes(
     ratings = datasets.generate_dataframe(spark, 3000, seed=6).repartition(3).cache()
     initial = ALS(rank=4, maxIter=1, seed=3).fit(ratings)
     roads = []
-    original = als_train.arrow_batches_rdd
+    original = als_train.map_arrow_batches
 
     def watched(*args, **kwargs):
         rdd = original(*args, **kwargs)
         roads.append("rdd" if rdd is not None else "frame")
         return rdd
 
-    monkeypatch.setattr(als_train, "arrow_batches_rdd", watched)
+    monkeypatch.setattr(als_train, "map_arrow_batches", watched)
     fits = {}
     for road in ("rdd", "frame"):
         if road == "frame":

@@ -68,7 +68,7 @@ from spark_gpu_mf.executor.blocks import (
 )
 from spark_gpu_mf.executor.runtime import BackendChoice
 from spark_gpu_mf.spark import session
-from spark_gpu_mf.spark.arrow_input import arrow_batches_rdd, map_in_arrow_rows
+from spark_gpu_mf.spark.arrow_input import map_arrow_batches, map_in_arrow_rows
 from spark_gpu_mf.spark.factors import (
     FACTORS_SCHEMA,
     collect_factors_of_sides,
@@ -575,12 +575,12 @@ class _Trainer:
         pack_ratings_ = bind(pack_ratings, sides=packing)
         pack_known = bind(pack_known_factors, sides=packing, rank=self.job.rank)
         pairs = [
-            arrow_batches_rdd(
+            map_arrow_batches(
                 ratings, bind(keyed_by_part, pack=pack_ratings_), batch_rows=PACK_BATCH_ROWS
             )
         ]
         if pairs[0] is not None and known is not None:
-            pairs.append(arrow_batches_rdd(known, bind(keyed_by_part, pack=pack_known)))
+            pairs.append(map_arrow_batches(known, bind(keyed_by_part, pack=pack_known)))
         if None not in pairs:
             # Each input shuffled on its own, so that its keying runs in the Python worker
             # that packs it; shuffles by one partitioner unite partition by partition.

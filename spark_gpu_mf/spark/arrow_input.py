@@ -53,7 +53,7 @@ def map_in_arrow_rows(df: DataFrame, function: Callable, schema: str) -> List[di
     return batches.mapPartitions(task).collect()
 
 
-def arrow_batches_rdd(
+def map_arrow_batches(
     df: DataFrame, function: Callable, batch_rows: Optional[int] = None
 ) -> Optional[RDD]:
     """An RDD of what ``function`` yields for each partition of ``df`` as Arrow record batches
