@@ -334,10 +334,11 @@ def keyed_by_part(batches: Iterator[pa.RecordBatch], pack) -> Iterator[tuple]:
     """RDD ``mapPartitions`` body: the packed rows ``pack`` (``pack_ratings`` or
     ``pack_known_factors``, bound) makes of ``batches``, as ``(part, row)`` pairs for an RDD
     shuffle by ``part``, which moves them as pickled bytes the JVM never converts."""
+    part = _PACKED_ARROW.get_field_index("part")
     for batch in pack(batches):
         columns = [batch.column(name).to_pylist() for name in _PACKED_ARROW.names]
         for row in zip(*columns):
-            yield row[1], row
+            yield row[part], row
 
 
 def build_partition(part: int) -> int:
